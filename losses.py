@@ -1,0 +1,187 @@
+"""Segmentation losses (dice, focal, dice+focal, cross-entropy, hierarchical) with class weights and label 255 ignored.
+
+Every loss takes logits (B, C, H, W) and a target (B, H, W) of class ids, computes in float32
+(``logits.float()``), and treats pixels labelled ``ignore_index`` (255) as absent: they add nothing to any
+sum, dice denominators included, so changing the logits there changes neither the value nor the gradient.
+No loss loops over classes in Python or reads values back to the host, so they run inside a CUDA graph
+or a compiled step without syncs.
+
+Class weights ``w`` (length C, positive) enter every loss as a weighted mean:
+
+- dice: ``sum_c w_c * L_c / sum_c w_c`` over the classes that count (those present in the batch target);
+- focal and cross-entropy: ``sum_i w[y_i] * l_i / sum_i w[y_i]`` over the valid pixels ``i``, the same
+  reduction as ``nn.CrossEntropyLoss(weight=w, ignore_index=255)``.
+
+Without weights every ``w_c`` is 1. A batch whose pixels are all ignored gives a loss of 0 (not nan) that
+still backpropagates (zero gradients).
+
+Hierarchical heads: the binary (clean / any damage) and coarse (4 damage groups) labels are derived from
+the fine mask with ``COARSE_OF_FINE``; see ``HierarchicalLoss``.
+"""
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOSSES = ("dicefocal", "dice", "focal", "ce")
+COARSE_OF_FINE = torch.tensor([0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3])
+COARSE_NAMES = ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
+BINARY_NAMES = ["Clean", "Damage"]
+
+
+@lru_cache(maxsize=None)
+def _label_tables(device, ignore_index):
+    """Lookup tables over all 256 byte values: fine id -> coarse id and fine id -> binary id.
+
+    Cached per device so the copy to the GPU happens once, not every step. Ids outside 0..15 map to
+    ``ignore_index``.
+    """
+    coarse = torch.full((256,), ignore_index, dtype=torch.long)
+    coarse[: len(COARSE_OF_FINE)] = COARSE_OF_FINE
+    binary = torch.where(coarse == ignore_index, coarse, (coarse != 0).long())
+    return coarse.to(device), binary.to(device)
+
+
+def hierarchy_targets(mask, ignore_index=255):
+    """Targets for the three heads from a fine mask (B, H, W): dict(fine, coarse, binary).
+
+    coarse: 0 Clean, 1 Structural loss, 2 Surface deposits, 3 Additions & optical (``COARSE_OF_FINE``);
+    binary: 0 clean, 1 any damage. Pixels labelled ``ignore_index`` stay ``ignore_index`` in every head.
+    """
+    coarse, binary = _label_tables(mask.device, ignore_index)
+    index = mask.long()
+    return {"fine": mask, "coarse": coarse[index], "binary": binary[index]}
+
+
+def _as_weight(weight):
+    return None if weight is None else torch.as_tensor(weight, dtype=torch.float32).flatten().clone()
+
+
+def _checked_weight(weight, num_classes):
+    if weight is not None and weight.numel() != num_classes:
+        raise ValueError(f"class weights have {weight.numel()} entries but the logits have {num_classes} classes")
+    return weight
+
+
+def _valid_target(target, ignore_index):
+    """(valid mask (B, H, W) bool, target with ignored pixels replaced by class 0 so it can index)."""
+    target = target.long()
+    valid = target != ignore_index
+    return valid, target.masked_fill(~valid, 0)
+
+
+class DiceLoss(nn.Module):
+    """Multiclass soft dice, each class pooled over the whole batch and all valid pixels.
+
+    With p = softmax(logits) and t the one-hot target, sums over valid pixels of the batch give, per class c,
+    ``dice_c = (2 * sum(p_c * t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)`` and ``L_c = 1 - dice_c``.
+
+    Classes absent from the batch target (no valid pixel labelled c) are left out of the mean: their dice
+    would be ``smooth / (sum(p_c) + smooth)``, close to 0 for any predicted mass over thousands of pixels,
+    a near-constant penalty with almost no gradient that drowns the classes actually present. Probability
+    mass predicted for an absent class is still penalised, because softmax takes it from the present
+    classes and lowers their intersections. The loss is ``sum_c w_c * L_c / sum_c w_c`` over present classes;
+    a batch with no valid pixel gives 0.
+    """
+
+    def __init__(self, weight=None, smooth=1.0, ignore_index=255):
+        super().__init__()
+        self.register_buffer("weight", _as_weight(weight))
+        self.smooth = smooth
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        logits = logits.float()
+        weight = _checked_weight(self.weight, logits.shape[1])
+        valid, target = _valid_target(target, self.ignore_index)
+        valid = valid.unsqueeze(1).float()
+        probs = logits.softmax(1) * valid
+        one_hot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0) * valid
+        dims = (0, 2, 3)
+        intersection = (probs * one_hot).sum(dims)
+        target_sum = one_hot.sum(dims)
+        dice = (2 * intersection + self.smooth) / (probs.sum(dims) + target_sum + self.smooth)
+        counted = (target_sum > 0).float()
+        if weight is not None:
+            counted = counted * weight
+        return ((1 - dice) * counted).sum() / counted.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al. 2017) with a class-weighted mean over valid pixels.
+
+    Per valid pixel i with true class y_i and p_i = softmax(logits)[y_i]:
+    ``l_i = -(1 - p_i) ** gamma * log(p_i)``; the loss is ``sum_i w[y_i] * l_i / sum_i w[y_i]``.
+    With ``gamma=0`` this is exactly ``nn.CrossEntropyLoss(weight=w, ignore_index=255)``, except that an
+    all-ignored batch gives 0 instead of nan. Classes absent from the batch simply have no pixels; no
+    special rule is needed.
+    """
+
+    def __init__(self, weight=None, gamma=2.0, ignore_index=255):
+        super().__init__()
+        self.register_buffer("weight", _as_weight(weight))
+        self.gamma = gamma
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        logits = logits.float()
+        weight = _checked_weight(self.weight, logits.shape[1])
+        valid, target = _valid_target(target, self.ignore_index)
+        nll = -logits.log_softmax(1).gather(1, target.unsqueeze(1)).squeeze(1)
+        if self.gamma:
+            # 1 - p via expm1 stays accurate near p = 1; the floor keeps the gradient of (1 - p) ** gamma
+            # finite for gamma < 1 when p rounds to exactly 1.
+            nll = (-torch.expm1(-nll)).clamp_min(1e-12).pow(self.gamma) * nll
+        pixel_weight = valid.float() if weight is None else weight[target] * valid
+        return (pixel_weight * nll).sum() / pixel_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class DiceFocalLoss(nn.Module):
+    """``dice_weight * DiceLoss + focal_weight * FocalLoss``, both with the same class weights (0.5 / 0.5)."""
+
+    def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=255):
+        super().__init__()
+        self.dice = DiceLoss(weight, ignore_index=ignore_index)
+        self.focal = FocalLoss(weight, ignore_index=ignore_index)
+        self.dice_weight = dice_weight
+        self.focal_weight = focal_weight
+
+    def forward(self, logits, target):
+        return self.dice_weight * self.dice(logits, target) + self.focal_weight * self.focal(logits, target)
+
+
+def build_loss(name, class_weights=None):
+    """Loss module by ``--loss`` name: dicefocal | dice | focal | ce (ce = FocalLoss with gamma 0)."""
+    if name == "dicefocal":
+        return DiceFocalLoss(class_weights)
+    if name == "dice":
+        return DiceLoss(class_weights)
+    if name == "focal":
+        return FocalLoss(class_weights)
+    if name == "ce":
+        return FocalLoss(class_weights, gamma=0.0)
+    raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+
+
+class HierarchicalLoss(nn.Module):
+    """``head_weights[0] * binary + head_weights[1] * coarse + head_weights[2] * fine`` (0.2, 0.3, 0.5).
+
+    Each head uses the loss ``name``; the binary and coarse targets come from ``hierarchy_targets``.
+    ``class_weights`` (16 fine classes) apply to the fine head only; the binary and coarse heads are
+    unweighted, since fine weights have no single meaning for a merged group.
+    """
+
+    def __init__(self, name, class_weights=None, head_weights=(0.2, 0.3, 0.5)):
+        super().__init__()
+        self.binary = build_loss(name)
+        self.coarse = build_loss(name)
+        self.fine = build_loss(name, class_weights)
+        self.head_weights = tuple(head_weights)
+
+    def forward(self, outputs, target):
+        targets = hierarchy_targets(target)
+        binary_weight, coarse_weight, fine_weight = self.head_weights
+        return (binary_weight * self.binary(outputs["binary"], targets["binary"])
+                + coarse_weight * self.coarse(outputs["coarse"], targets["coarse"])
+                + fine_weight * self.fine(outputs["fine"], targets["fine"]))

@@ -1,0 +1,146 @@
+# Sourced by the slurm/ scripts: environment and dataset checks, train.py flag lookup, job
+# submission, and a launcher wrapper that turns SIGTERM into checkpoint-then-requeue.
+# Expects REPO (the repository root) to be set by the sourcing script.
+
+if [ -n "${VENV:-}" ]; then
+    # Activation scripts are not written for `set -u`.
+    set +u
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate"
+    set -u
+fi
+PYTHON=${PYTHON:-python}
+LOG_DIR=${LOG_DIR:-$REPO/logs}
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+check_env() {
+    local script=$1
+    command -v "$PYTHON" >/dev/null 2>&1 \
+        || die "$script: '$PYTHON' not found; activate the environment or set PYTHON=/path/to/venv/bin/python (or VENV=/path/to/venv)"
+    "$PYTHON" -c 'import torch' >/dev/null 2>&1 \
+        || die "$script: $PYTHON cannot import torch; run 'pip install -r requirements.txt' in that environment or set PYTHON"
+    [ -f "$REPO/train.py" ] || die "$script: $REPO/train.py not found; set REPO=/path/to/the/repository"
+}
+
+check_data() {
+    local script=$1 data=$2
+    [ "$data" = synthetic ] && return 0
+    case $data in /*) ;; *) data=$REPO/$data ;; esac
+    [ -d "$data/images" ] \
+        || die "$script: data folder $2 has no images/; set DATA (or --data) to a folder with images/ and annotations/, or DATA=synthetic"
+}
+
+# flag_value FLAG DEFAULT ARGS...: the last value given for FLAG (as "FLAG V" or "FLAG=V"), else DEFAULT.
+flag_value() {
+    local flag=$1 value=$2
+    shift 2
+    while [ $# -gt 0 ]; do
+        case $1 in
+            "$flag")
+                if [ $# -ge 2 ]; then value=$2; shift; fi ;;
+            "$flag"=*)
+                value=${1#*=} ;;
+        esac
+        shift
+    done
+    printf '%s\n' "$value"
+}
+
+has_flag() {
+    local flag=$1 arg
+    shift
+    for arg in "$@"; do
+        case $arg in "$flag" | "$flag"=*) return 0 ;; esac
+    done
+    return 1
+}
+
+# submit SBATCH_ARGS...: submits and prints the bare job id ("--parsable" prints "id" or "id;cluster").
+submit() {
+    local out
+    command -v sbatch >/dev/null 2>&1 || die "sbatch not found; run this on a SLURM login node"
+    out=$(sbatch --parsable "$@") || die "sbatch $* failed"
+    out=${out%%;*}
+    [[ $out =~ ^[0-9]+$ ]] || die "sbatch printed '$out' instead of a job id"
+    printf '%s\n' "$out"
+}
+
+# prepare_training SCRIPT ARGS...: resolves encoder, data and run directory (flags win over the
+# ENCODER, DATA, RUN_DIR environment), checks them, and leaves train.py's arguments in TRAIN_ARGS.
+# With DRY_RUN=1 or --dry-run it runs `train.py ... --dry-run` in this process instead of returning.
+prepare_training() {
+    local script=$1
+    shift
+    ENCODER=$(flag_value --encoder "${ENCODER:-mit_b3}" "$@")
+    DATA=$(flag_value --data "${DATA:-synthetic}" "$@")
+    RUN_DIR=$(flag_value --run-dir "${RUN_DIR:-runs/$ENCODER-${SLURM_JOB_ID:-local}}" "$@")
+    cd "$REPO"
+    check_env "$script"
+    check_data "$script" "$DATA"
+    TRAIN_ARGS=("$@")
+    has_flag --run-dir "$@" || TRAIN_ARGS=(--run-dir "$RUN_DIR" "${TRAIN_ARGS[@]}")
+    has_flag --data "$@" || TRAIN_ARGS=(--data "$DATA" "${TRAIN_ARGS[@]}")
+    has_flag --encoder "$@" || TRAIN_ARGS=(--encoder "$ENCODER" "${TRAIN_ARGS[@]}")
+    if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ -f "$RUN_DIR/last.pt" ] && ! has_flag --resume "$@"; then
+        TRAIN_ARGS+=(--resume)
+    fi
+    if [ "${DRY_RUN:-0}" = 1 ] || has_flag --dry-run "$@"; then
+        has_flag --dry-run "$@" || TRAIN_ARGS+=(--dry-run)
+        echo "$script: dry run: $PYTHON train.py ${TRAIN_ARGS[*]}" >&2
+        exec "$PYTHON" train.py "${TRAIN_ARGS[@]}"
+    fi
+}
+
+# Copies everything this job prints into RUN_DIR/logs/, next to the checkpoints; requeued runs append.
+start_log() {
+    mkdir -p "$RUN_DIR/logs"
+    exec > >(tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID:-local}.log") 2>&1
+    echo "== $(date -Is) job ${SLURM_JOB_ID:-local} on $(hostname) restart ${SLURM_RESTART_COUNT:-0}: train.py ${TRAIN_ARGS[*]}"
+}
+
+# torchrun of the checked PYTHON's environment when it is not on PATH.
+torchrun_cmd() {
+    if [ -n "${TORCHRUN:-}" ]; then
+        TORCHRUN_CMD=("$TORCHRUN")
+    elif command -v torchrun >/dev/null 2>&1; then
+        TORCHRUN_CMD=(torchrun)
+    else
+        TORCHRUN_CMD=("$PYTHON" -m torch.distributed.run)
+    fi
+}
+
+gpus_per_node() {
+    if [ -n "${NPROC:-}" ]; then
+        echo "$NPROC"
+    elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    else
+        "$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))'
+    fi
+}
+
+# run_requeueable CMD...: runs CMD; on SIGTERM (Slurm sends it to this shell only, --signal=B:TERM)
+# forwards it so train.py checkpoints and exits, then requeues this job, which restarts with --resume.
+run_requeueable() {
+    local status=0
+    TERM_RECEIVED=0
+    "$@" &
+    LAUNCHER_PID=$!
+    trap 'TERM_RECEIVED=1; kill -TERM "$LAUNCHER_PID" 2>/dev/null || true' TERM
+    wait "$LAUNCHER_PID" || status=$?
+    if [ "$TERM_RECEIVED" = 1 ]; then
+        # The first wait returned because of the signal; this one collects the launcher's exit.
+        status=0
+        wait "$LAUNCHER_PID" || status=$?
+    fi
+    trap - TERM
+    if [ "$TERM_RECEIVED" = 1 ] && [ "${REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        echo "== $(date -Is) SIGTERM: train.py exited with $status after checkpointing; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue $SLURM_JOB_ID failed (job cancelled?)" >&2
+    fi
+    return "$status"
+}

@@ -1,0 +1,184 @@
+"""Class pixel frequencies -> class weights for the losses; the CLI writes them as JSON for train.py.
+
+With n_c the labelled pixels of class c (label 255 ignored) and f_c = n_c / sum(n), the raw weights are
+
+- ``inverse``                  1 / f_c
+- ``inverse_sqrt``             1 / sqrt(f_c)
+- ``inverse_sqrt_log_scaled``  ln(1 + 1 / sqrt(f_c))  (default; the earlier prototype's "balanced"
+  before its rescale-and-clip): the logarithm compresses the inverse square root, so on ARTeFACT the
+  rarest/commonest ratio is 7.7:1 where ``inverse`` gives about 62,000:1
+- ``median_frequency``         median(f) / f_c  (Eigen & Fergus 2015; median over present classes). The
+  median is a common factor, so after normalisation this equals ``inverse``; kept under its usual name
+- ``effective_number``         (1 - beta) / (1 - beta ** n_c), beta = 0.9999  (Cui et al. 2019). With
+  pixel counts every class above ~10^5 pixels gets almost the same weight; only the rare ones stand out
+- ``none``                     1
+
+Then, in this order:
+
+1. Cap: if max / min exceeds ``max_ratio`` (default 36, the ratio the earlier prototype trained well
+   with; its 734:1 collapsed), clip in log space to a window of width ``max_ratio`` centred on the
+   geometric mean of the extreme weights: the smallest weights are raised and the largest lowered by the
+   same factor, so max / min becomes exactly ``max_ratio``. Clipping keeps the order of the weights.
+   ``max_ratio=None`` (``--max-ratio inf``) turns the cap off.
+2. Normalise so the weights of the present classes average 1.
+3. Classes with no pixels get the largest weight of the present classes: they are at least as rare
+   as the rarest seen one, no inf or nan appears, and the cap still holds.
+
+So for every method a rarer class never gets a smaller weight than a commoner one.
+
+CLI: ``python weights.py --data DIR|synthetic --method M [--max-ratio 36] [--out FILE.json]``
+prints class, pixels, share and weight, and writes JSON (default DIR/class_weights-<method>.json).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, list_samples, read_mask, resolve_data
+
+METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
+DEFAULT_METHOD = "inverse_sqrt_log_scaled"
+DEFAULT_MAX_RATIO = 36.0
+
+
+def count_pixels(masks, num_classes=NUM_CLASSES):
+    """Pixels per class (int64, length num_classes) over masks: an (N, H, W) array or an iterable of arrays.
+
+    One ``np.bincount`` per array; label 255 is not counted. Labels num_classes..254 raise UserError.
+    """
+    if isinstance(masks, np.ndarray):
+        masks = [masks]
+    totals = np.zeros(256, dtype=np.int64)
+    for mask in masks:
+        mask = np.asarray(mask)
+        if mask.dtype != np.uint8:
+            if mask.size and (mask.min() < 0 or mask.max() > 255):
+                raise UserError(f"mask values {mask.min()}..{mask.max()} do not fit 0-255; masks hold class ids "
+                                f"0-{num_classes - 1} and {IGNORE_INDEX}")
+            mask = mask.astype(np.uint8)
+        totals += np.bincount(mask.ravel(), minlength=256)
+    bad = np.flatnonzero(totals[num_classes:IGNORE_INDEX]) + num_classes
+    if len(bad):
+        shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
+        raise UserError(f"mask labels {shown} are outside 0-{num_classes - 1} and {IGNORE_INDEX}; fix the masks")
+    return totals[:num_classes]
+
+
+def _raw_weights(counts, method, beta):
+    frequency = counts / counts.sum()
+    if method == "inverse":
+        return 1 / frequency
+    if method == "inverse_sqrt":
+        return 1 / np.sqrt(frequency)
+    if method == "inverse_sqrt_log_scaled":
+        return np.log1p(1 / np.sqrt(frequency))
+    if method == "median_frequency":
+        return np.median(frequency) / frequency
+    if method == "effective_number":
+        return (1 - beta) / -np.expm1(counts * np.log(beta))
+    return np.ones_like(frequency)
+
+
+def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, beta=0.9999):
+    """Class weights (float64, same length as counts): mean 1 over present classes, max / min <= max_ratio.
+
+    The formulas, the cap and the zero-count rule are in the module docstring.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown class-weight method {method!r}: choose one of {', '.join(METHODS)}")
+    if max_ratio is not None and not max_ratio >= 1:
+        raise UserError(f"--max-ratio {max_ratio}: must be at least 1 (inf for no cap)")
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts < 0).any():
+        raise ValueError(f"pixel counts must not be negative: {counts.tolist()}")
+    present = counts > 0
+    if not present.any():
+        raise UserError("no labelled pixels to weigh: every mask is empty or ignored (255); check --data")
+    weights = _raw_weights(counts[present], method, beta)
+    low, high = weights.min(), weights.max()
+    if max_ratio is not None and high > low * max_ratio:
+        centre, half_width = np.sqrt(low * high), np.sqrt(max_ratio)
+        weights = np.clip(weights, centre / half_width, centre * half_width)
+    weights = weights / weights.mean()
+    result = np.full(len(counts), weights.max())
+    result[present] = weights
+    return result
+
+
+def _class_names(num_classes):
+    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else [f"class {c}" for c in range(num_classes)]
+
+
+def save_weights(path, method, counts, weights, max_ratio):
+    """JSON with the method, cap, class names, pixel counts and weights; ``load_weights`` reads it back."""
+    record = {"method": method,
+              "max_ratio": None if max_ratio is None or np.isinf(max_ratio) else float(max_ratio),
+              "classes": _class_names(len(weights)),
+              "counts": [int(n) for n in counts],
+              "weights": [float(w) for w in weights]}
+    try:
+        Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror}); pass --out with a writable path") from None
+
+
+def load_weights(path, num_classes=NUM_CLASSES):
+    """Weights (float64, num_classes) from a JSON file written by ``save_weights``."""
+    fix = "write it with: python weights.py --data DIR --method METHOD"
+    try:
+        weights = np.asarray(json.loads(Path(path).read_text())["weights"], dtype=np.float64)
+    except FileNotFoundError:
+        raise UserError(f"{path}: class-weight file not found; {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a class-weight file ({exc!r}); {fix}") from None
+    if weights.shape != (num_classes,) or not np.isfinite(weights).all() or (weights <= 0).any():
+        raise UserError(f"{path}: needs {num_classes} finite positive weights, found {weights.tolist()}; {fix}")
+    return weights
+
+
+def resolve_class_weights(spec, masks, max_ratio=DEFAULT_MAX_RATIO):
+    """Weights for ``--class-weights``: a method name (computed from ``masks``) or a JSON file path."""
+    if spec in METHODS:
+        return compute_weights(count_pixels(masks), spec, max_ratio)
+    if spec.endswith(".json") or Path(spec).exists():
+        return load_weights(spec)
+    raise UserError(f"--class-weights {spec}: give a method ({', '.join(METHODS)}) or a .json file")
+
+
+def format_table(counts, weights):
+    """One line per class: id, name, pixels, share of labelled pixels in %, weight."""
+    share = 100 * np.asarray(counts) / max(int(np.sum(counts)), 1)
+    lines = [f"{'id':>2}  {'class':<14} {'pixels':>13} {'share %':>8} {'weight':>8}"]
+    for c, name in enumerate(_class_names(len(weights))):
+        lines.append(f"{c:>2}  {name:<14} {int(counts[c]):>13,} {share[c]:>8.4f} {weights[c]:>8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="dataset folder (images/ + annotations/) or 'synthetic'")
+    parser.add_argument("--synthetic-count", type=int, default=64, help="images in the synthetic set")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
+                        help="cap on max/min weight (inf for none)")
+    parser.add_argument("--out", help="JSON file to write (default DIR/class_weights-<method>.json)")
+    args = parser.parse_args(argv)
+    try:
+        root = resolve_data(args.data, synthetic_count=args.synthetic_count)
+        counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
+        max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
+        weights = compute_weights(counts, args.method, max_ratio)
+        out = Path(args.out) if args.out else Path(root) / f"class_weights-{args.method}.json"
+        save_weights(out, args.method, counts, weights, max_ratio)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(counts, weights))
+    print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
