@@ -57,6 +57,11 @@ def _strokes(size, draw_fn):
     return np.asarray(small, np.float32) / 255.0
 
 
+def _width(pixels, scale):
+    """Stroke width on the supersampled layer: never thinner than one output pixel, so thin damage stays labelled."""
+    return max(scale, int(round(pixels * scale)))
+
+
 def _paint(img, mask, alpha, colour, label, threshold=0.4):
     """Alpha-composite colour (RGB triple or per-pixel array) and label where coverage passes threshold."""
     a = alpha[..., None]
@@ -137,7 +142,7 @@ def _content(rng, size, content):
         for _ in range(rng.integers(2, 6)):
             cy, cx = rng.uniform(0.1, 0.9, 2) * size * s
             ry, rx = rng.uniform(0.06, 0.3, 2) * size * s
-            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=255, width=max(1, int(s * u)))
+            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=255, width=_width(u, s))
         for _ in range(rng.integers(1, 4)):
             cy, cx = rng.uniform(0.15, 0.85, 2) * size * s
             half, gap = rng.uniform(0.05, 0.15) * size * s, rng.uniform(2.5, 4.5) * u * s
@@ -146,7 +151,7 @@ def _content(rng, size, content):
             for k in range(int(2 * half / gap)):
                 off = (k * gap - half) * np.array([-np.sin(angle), np.cos(angle)])
                 draw.line((cx + off[0] - d[0], cy + off[1] - d[1], cx + off[0] + d[0], cy + off[1] + d[1]),
-                          fill=255, width=max(1, int(s * u)))
+                          fill=255, width=_width(u, s))
 
     _paint(img, np.zeros((size, size), np.uint8), 0.9 * _strokes(size, draw_lines), ink, 0)
     return img
@@ -190,8 +195,12 @@ def _material_loss(rng, img, mask, ctx):
     for _ in range(rng.integers(1, 4)):
         cy, cx = _point(rng, ctx["box"], 0.05)
         field = _blob(rng, yy, xx, cy, cx, rng.uniform(0.07, 0.19) * size, 0.3)
-        inside = (field < 1.0).astype(np.float32)
-        _paint(img, mask, inside, colour - grain, 1)
+        inside = field < 1.0
+        img[inside] = (colour - grain)[inside]
+        # A torn edge: the surrounding layer breaks off with a thin dark lip.
+        lip = inside & (field > 0.9)
+        img[lip] *= 0.6
+        mask[inside] = 1
 
 
 def _peel(rng, img, mask, ctx):
@@ -205,16 +214,21 @@ def _peel(rng, img, mask, ctx):
         inside = field < 1.0
         lifted = 0.45 * img + 0.55 * ground + 0.08
         img[inside] = np.clip(lifted[inside], 0, 1)
-        rim = inside & (field > 0.78)
-        img[rim] *= 0.35
+        # Lifted flakes catch light on one side and cast a shadow on the other.
+        rim = inside & (field > 0.75)
+        lit = (yy - fy) + (xx - fx) < -0.5 * size * 0.03
+        img[rim & lit] = img[rim & lit] * 0.7 + 0.3
+        img[rim & ~lit] *= 0.35
         mask[inside] = 2
 
 
 def _dust(rng, img, mask, ctx):
     size, u = ctx["size"], ctx["size"] / 128
     y0, x0, y1, x1 = ctx["box"]
-    light = rng.random() < 0.6
-    colour = _jitter(rng, (0.88, 0.87, 0.84) if light else (0.3, 0.28, 0.26), 0.03)
+    light = _jitter(rng, (0.9, 0.89, 0.86), 0.03)
+    dark = _jitter(rng, (0.22, 0.21, 0.2), 0.03)
+    # Dust is seen where it contrasts: pale specks on dark passages, grey specks on pale ones.
+    colour = np.where((img.mean(-1) < 0.55)[..., None], light, dark)
     cy, cx = _point(rng, ctx["box"], 0.0)
     spread = rng.uniform(0.15, 0.5) * size
 
@@ -222,7 +236,7 @@ def _dust(rng, img, mask, ctx):
         for _ in range(rng.integers(40, 140)):
             py = np.clip(cy + rng.normal(0, spread), y0, y1) * s
             px = np.clip(cx + rng.normal(0, spread), x0, x1) * s
-            r = rng.uniform(0.5, 1.3) * u * s
+            r = max(0.6, rng.uniform(0.5, 1.3) * u) * s
             draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
 
     _paint(img, mask, 0.9 * _strokes(size, specks), colour, 3)
@@ -242,7 +256,7 @@ def _scratch(rng, img, mask, ctx):
             t = np.linspace(-1, 1, 12)
             px = cx + t * half * np.cos(angle) - (1 - t ** 2) * bend * np.sin(angle)
             py = cy + t * half * np.sin(angle) + (1 - t ** 2) * bend * np.cos(angle)
-            width = max(1, int(round(rng.uniform(0.8, 1.6) * u * s)))
+            width = _width(rng.uniform(0.8, 1.6) * u, s)
             draw.line(list(zip(px * s, py * s)), fill=255, width=width)
 
     _paint(img, mask, 0.95 * _strokes(size, lines), colour, 4)
@@ -259,7 +273,7 @@ def _hair(rng, img, mask, ctx):
             turn = np.cumsum(rng.normal(0, 0.12, steps)) + rng.uniform(0, 2 * np.pi)
             py = cy + np.cumsum(np.sin(turn)) * 1.5 * u
             px = cx + np.cumsum(np.cos(turn)) * 1.5 * u
-            draw.line(list(zip(px * s, py * s)), fill=255, width=max(1, int(round(0.9 * u * s))), joint="curve")
+            draw.line(list(zip(px * s, py * s)), fill=255, width=_width(0.9 * u, s), joint="curve")
 
     _paint(img, mask, 0.95 * _strokes(size, curves), colour, 5)
 
@@ -271,8 +285,8 @@ def _dirt(rng, img, mask, ctx):
     field = field + 0.5 * (_noise(rng, size, 8, 2) - 0.5)
     inside = field < 1.0
     grain = _noise(rng, size, size // 2)
-    darkening = rng.uniform(0.35, 0.6) + 0.35 * grain
-    tint = _jitter(rng, (0.45, 0.38, 0.3), 0.04)
+    darkening = rng.uniform(0.3, 0.55) + 0.5 * (grain - 0.5) + 0.2
+    tint = _jitter(rng, (0.35, 0.34, 0.32), 0.03)
     dirty = img * darkening[..., None] * 0.7 + tint * darkening[..., None] * 0.3
     img[inside] = dirty[inside]
     mask[inside] = 6
@@ -286,26 +300,36 @@ def _fold(rng, img, mask, ctx):
     half = rng.uniform(0.02, 0.045) * size
     t = across / half
     band = np.abs(t) < 1.0
-    shade = 1.0 + rng.choice((-1, 1)) * 0.3 * np.clip(t, -1, 1) - 0.35 * np.exp(-(t * 4) ** 2)
+    shade = 1.0 + rng.choice((-1, 1)) * 0.4 * np.clip(t, -1, 1) - 0.45 * np.exp(-(t * 4) ** 2)
     img *= np.where(band, shade, 1.0)[..., None]
-    img[band] += 0.04
+    img[band] += 0.05
     np.clip(img, 0, 1, out=img)
     mask[band] = 7
 
 
 def _cursive_line(rng, x0, y0, length, height):
     """Polylines (one per word) of a handwritten line: a smooth curve through per-letter up/down strokes."""
-    letters = max(3, int(length / (0.6 * height)))
-    pitch = length / letters
-    heights = rng.uniform(0.35, 0.9, letters)
-    heights[rng.random(letters) < 0.2] *= 1.8
-    k = np.arange(letters)
-    xs = np.stack([x0 + (k + 0.15) * pitch, x0 + (k + rng.uniform(0.3, 0.7, letters)) * pitch,
-                   x0 + (k + 0.85) * pitch], 1).ravel()
-    ys = np.stack([np.full(letters, y0), y0 - heights * height,
-                   y0 - rng.uniform(0, 0.3, letters) * height], 1).ravel()
-    xs -= 0.35 * (y0 - ys) * rng.uniform(0.5, 1.0)
-    word = np.repeat(np.cumsum(rng.random(letters) < 0.25), 3)
+    xs, ys, word = [], [], []
+    x, w = x0, 0
+    while x < x0 + length:
+        pitch = height * rng.uniform(0.4, 0.9)
+        tall = rng.uniform(0.35, 0.8) * (1.9 if rng.random() < 0.2 else 1.0)
+        kind = rng.integers(3)
+        if kind == 0:
+            fx, fy = (0.1, 0.5, 0.9), (0.0, tall, 0.1)
+        elif kind == 1:
+            fx, fy = (0.1, 0.7, 0.2, 0.9), (0.0, tall, 0.5 * tall, 0.05)
+        else:
+            fx, fy = (0.1, 0.35, 0.6, 0.9), (0.0, tall, 0.1, 0.6 * tall)
+        xs += [x + f * pitch for f in fx]
+        ys += [y0 - f * height for f in fy]
+        word += [w] * len(fx)
+        x += pitch
+        if rng.random() < 0.2:
+            x += 0.6 * height
+            w += 1
+    xs, ys, word = np.array(xs), np.array(ys), np.array(word)
+    xs -= 0.35 * (y0 - ys) * rng.uniform(0.3, 1.0)
     words = []
     for w in np.unique(word):
         px, py = xs[word == w], ys[word == w]
@@ -336,14 +360,14 @@ def _writing(rng, img, mask, ctx):
             for word in _cursive_line(rng, left, top + k * 2.2 * height, width, height):
                 if len(word) > 1:
                     draw.line([tuple(p) for p in word * s], fill=255,
-                              width=max(1, int(round(1.1 * u * s))), joint="curve")
+                              width=_width(1.1 * u, s), joint="curve")
 
     _paint(img, mask, 0.95 * _strokes(size, lines), colour, 8)
 
 
 def _cracks(rng, img, mask, ctx):
     yy, xx, size, u = ctx["yy"], ctx["xx"], ctx["size"], ctx["size"] / 128
-    colour = _jitter(rng, (0.1, 0.08, 0.07), 0.03)
+    colour = _jitter(rng, (0.06, 0.05, 0.05), 0.02)
     cy, cx = _point(rng, ctx["box"])
     if rng.random() < 0.5:
         radius = rng.uniform(0.12, 0.25) * size
@@ -370,7 +394,7 @@ def _cracks(rng, img, mask, ctx):
                 py = y + np.cumsum(np.sin(turn)) * 2 * u
                 px = x + np.cumsum(np.cos(turn)) * 2 * u
                 draw.line([(x * s, y * s)] + list(zip(px * s, py * s)), fill=255,
-                          width=max(1, int(round(0.9 * u * s))))
+                          width=_width((1.5 if drawn == 0 else 0.9) * u, s))
                 drawn += 1
                 for k in rng.choice(steps, size=min(steps, 2), replace=False):
                     if rng.random() < 0.6 and length > 6 * u:
@@ -386,10 +410,10 @@ def _staining(rng, img, mask, ctx):
     cy, cx = _point(rng, ctx["box"], 0.05)
     field = _blob(rng, yy, xx, cy, cx, rng.uniform(0.12, 0.25) * size, 0.3)
     field = field + 0.3 * (_noise(rng, size, 5) - 0.5)
-    opacity = rng.uniform(0.45, 0.7)
+    opacity = rng.uniform(0.5, 0.8)
     alpha = np.clip((1.15 - field) / 0.5, 0, 1) * opacity
     tide = np.exp(-((field - 0.97) / 0.05) ** 2) * 0.25
-    colour = _jitter(rng, (0.62, 0.45, 0.2), 0.04)
+    colour = _jitter(rng, (0.72, 0.48, 0.14), 0.04)
     tint = 1.0 - alpha[..., None] * (1.0 - colour) - tide[..., None] * 0.5
     img *= tint
     mask[field < 1.0] = 10
@@ -397,7 +421,7 @@ def _staining(rng, img, mask, ctx):
 
 def _stamp(rng, img, mask, ctx):
     yy, xx, size, u = ctx["yy"], ctx["xx"], ctx["size"], ctx["size"] / 128
-    inks = ((0.72, 0.12, 0.16), (0.16, 0.22, 0.62), (0.45, 0.16, 0.5))
+    inks = ((0.8, 0.08, 0.12), (0.12, 0.2, 0.7), (0.5, 0.12, 0.6))
     colour = _jitter(rng, inks[rng.integers(3)], 0.04)
     cy, cx = _point(rng, ctx["box"])
     r = rng.uniform(0.06, 0.11) * size
@@ -407,7 +431,7 @@ def _stamp(rng, img, mask, ctx):
     def shape(draw, s):
         box = (cx - r, cy - r, cx + r, cy + r) if round_stamp else (cx - r, cy - r * aspect, cx + r, cy + r * aspect)
         inner = 0.72
-        w = max(1, int(round(1.6 * u * s)))
+        w = _width(1.6 * u, s)
         big = tuple(v * s for v in box)
         small = tuple(s * (c + inner * (v - c)) for v, c in zip(box, (cx, cy, cx, cy)))
         if round_stamp:
@@ -425,12 +449,14 @@ def _stamp(rng, img, mask, ctx):
             draw.line(((cx - 0.45 * r) * s, y * s, (cx + rng.uniform(0, 0.45) * r) * s, y * s), fill=255, width=w)
 
     texture = np.clip(0.3 + _noise(rng, size, size // 8, 2) * 1.2, 0, 1)
-    alpha = _strokes(size, shape) * texture * rng.uniform(0.7, 0.95)
-    _paint(img, mask, alpha, colour, 11, threshold=2.0)
+    alpha = _strokes(size, shape) * texture * rng.uniform(0.8, 1.0)
     if round_stamp:
         region = np.hypot(yy - cy, xx - cx) < r
     else:
         region = (np.abs(yy - cy) < r * aspect) & (np.abs(xx - cx) < r)
+    # Ink smudges faintly across the whole pad area, not only along the engraved lines.
+    alpha = np.maximum(alpha, region * texture * rng.uniform(0.2, 0.35))
+    _paint(img, mask, alpha, colour, 11, threshold=2.0)
     mask[region] = 11
 
 
@@ -460,7 +486,7 @@ def _sticker(rng, img, mask, ctx):
             y = -0.5 * h + k * 0.3 * h
             a = np.array([-0.7 * w, y]) @ rot.T + (cx, cy)
             b = np.array([rng.uniform(-0.3, 0.7) * w, y]) @ rot.T + (cx, cy)
-            draw.line((a[0] * s, a[1] * s, b[0] * s, b[1] * s), fill=255, width=max(1, int(u * s)))
+            draw.line((a[0] * s, a[1] * s, b[0] * s, b[1] * s), fill=255, width=_width(u, s))
 
     ink = _strokes(size, printed) * coverage
     img *= 1.0 - 0.8 * ink[..., None]

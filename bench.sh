@@ -117,9 +117,9 @@ run_bench() {
     count=$((count + 1))
     part=$work/row-$count.json
     log=$work/row-$count.log
-    echo "bench: [$count] $run $encoder/$decoder $img_size px $*" >&2
+    echo "bench: [$count] $run $encoder/$decoder $img_size px${*:+ $*}" >&2
     if "$PYTHON" train.py "${common[@]}" --encoder "$encoder" --decoder "$decoder" \
-        --bench-out "$part" --run-dir "$work/run-$count" "$@" "${extra[@]}" > "$log" 2>&1 && [ -s "$part" ]; then
+        --bench-out "$part" "$@" "${extra[@]}" > "$log" 2>&1 && [ -s "$part" ]; then
         sed "s/^{/{\"run\": \"$run\", /" "$part" >> "$out"
     else
         failures+=("$run $encoder/$decoder")
@@ -225,6 +225,6 @@ PY
 echo "bench: wrote $out" >&2
 
 if [ ${#failures[@]} -gt 0 ]; then
-    echo "bench: ${#failures[@]} row(s) failed: ${failures[*]}" >&2
+    (IFS=,; echo "bench: ${#failures[@]} row(s) failed:${failures[*]/#/ }" >&2)
     exit 1
 fi

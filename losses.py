@@ -22,7 +22,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 LOSSES = ("dicefocal", "dice", "focal", "ce")
 COARSE_OF_FINE = torch.tensor([0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3])

@@ -13,8 +13,8 @@ finished rows are turned into class ids at once.
 Per image ``--out`` gets ``<stem>_mask.png`` (indexed PNG: pixel value = ARTeFACT id, palette = ARTeFACT
 colours), ``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the
 image and a legend, and ``<stem>_report.json``; ``report.csv`` holds one row per image and class. With
-``--masks DIR`` the mask of the same stem marks the object (255 = outside, left out of all areas) and,
-where it holds damage labels, the per-class IoU of the prediction against it is reported.
+``--masks DIR`` the mask of the same stem marks the object (255 = outside, left out of all areas) and the
+per-class IoU of the prediction against that mask is reported too.
 """
 import argparse
 import csv
@@ -87,14 +87,17 @@ def head_probs(output, consistency=False):
 
 
 def _tile_probs(model, tiles, tta, consistency, autocast):
-    flips = [(), (3,), (2,), (2, 3)] if tta else [()]
-    total = 0
+    with autocast:
+        output = model(tiles)
+    probs = head_probs(output, consistency)
+    if not tta:
+        return probs
+    flips = [(3,), (2,), (2, 3)]
     for dims in flips:
         with autocast:
-            output = model(tiles.flip(dims) if dims else tiles)
-        probs = head_probs(output, consistency)
-        total = total + (probs.flip(dims) if dims else probs)
-    return total / len(flips)
+            output = model(tiles.flip(dims))
+        probs += head_probs(output, consistency).flip(dims)
+    return probs.div_(len(flips) + 1)
 
 
 def _strip(image, y, tile_h, tile_w, device):
@@ -103,7 +106,7 @@ def _strip(image, y, tile_h, tile_w, device):
     pad_h, pad_w = tile_h - rows.shape[0], max(0, tile_w - rows.shape[1])
     if pad_h or pad_w:
         rows = np.pad(rows, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-    strip = torch.from_numpy(np.ascontiguousarray(rows)).to(device).permute(2, 0, 1).float().div_(255)
+    strip = torch.tensor(rows, device=device).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(STD, device=device).view(3, 1, 1)
     return strip.sub_(mean).div_(std)
@@ -116,16 +119,9 @@ def accumulator_shape(num_classes, tile, width):
 
 
 @torch.inference_mode()
-def predict_strips(model, image, tile, overlap=0.25, batch_size=8, tta=False, device=None, precision="fp32",
-                   progress=None, consistency=False):
-    """Yield (row0, probs) for consecutive bands of ``image`` (uint8 H x W x 3), top to bottom.
-
-    ``probs`` is a float32 (C, rows, W) tensor on ``device`` holding the blended class probabilities of image
-    rows row0..row0+rows; the bands cover every row once. ``tile`` is an int or (h, w); up to ``batch_size``
-    tiles go through the model at once; ``tta`` averages the probabilities over horizontal, vertical and
-    both flips; ``progress(done_tiles, total_tiles)`` is called after every batch. The model is put in
-    eval mode for the duration and restored afterwards.
-    """
+def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision, progress, consistency):
+    """Yield (row0, sums, weights): window-weighted probability sums (C, rows, W) of finished image rows and
+    their summed weights (rows, W). ``sums`` is a view into the running buffer, valid until the next step."""
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
@@ -146,10 +142,14 @@ def predict_strips(model, image, tile, overlap=0.25, batch_size=8, tta=False, de
             if y > base:
                 stop = min(y, height)
                 if stop > base:
-                    yield base, sums[:, :stop - base, :width] / (norm_y[base:stop, None] * norm_x)
-                # Rows above y are final: no later tile row starts above y.
-                keep = tile_h - (y - base)
-                sums[:, :keep] = sums[:, y - base:].clone()
+                    yield base, sums[:, :stop - base, :width], norm_y[base:stop, None] * norm_x
+                # Rows above y are final: no later tile row starts above y. Moving the rest up in steps
+                # of the shift keeps source and destination apart, so no second buffer is needed.
+                shift = y - base
+                keep = tile_h - shift
+                for row in range(0, keep, shift):
+                    end = min(row + shift, keep)
+                    sums[:, row:end] = sums[:, row + shift:end + shift]
                 sums[:, keep:] = 0
                 base = y
             strip = _strip(image, y, tile_h, tile_w, device)
@@ -160,23 +160,41 @@ def predict_strips(model, image, tile, overlap=0.25, batch_size=8, tta=False, de
                 if sums is None:
                     sums = probs.new_zeros(accumulator_shape(probs.shape[1], (tile_h, tile_w), padded_w))
                 for tile_probs, x in zip(probs, starts):
-                    sums[:, :, x:x + tile_w] += tile_probs * window
+                    sums[:, :, x:x + tile_w].addcmul_(tile_probs, window)
                 done += len(starts)
                 if progress is not None:
                     progress(done, total)
         stop = min(base + tile_h, height)
-        yield base, sums[:, :stop - base, :width] / (norm_y[base:stop, None] * norm_x)
+        yield base, sums[:, :stop - base, :width], norm_y[base:stop, None] * norm_x
     finally:
         model.train(was_training)
+
+
+def predict_strips(model, image, tile, overlap=0.25, batch_size=8, tta=False, device=None, precision="fp32",
+                   progress=None, consistency=False):
+    """Yield (row0, probs) for consecutive bands of ``image`` (uint8 H x W x 3), top to bottom.
+
+    ``probs`` is a float32 (C, rows, W) tensor on ``device`` holding the blended class probabilities of image
+    rows row0..row0+rows; the bands cover every row once. ``tile`` is an int or (h, w); up to ``batch_size``
+    tiles go through the model at once; ``tta`` averages the probabilities over horizontal, vertical and
+    both flips; ``precision`` is bf16, fp16 or fp32 (autocast); ``device`` defaults to the model's;
+    ``progress(done_tiles, total_tiles)`` is called after every batch; ``consistency`` combines the heads
+    of a hierarchical model (see head_probs). The model is in eval mode meanwhile and restored afterwards.
+    """
+    for row0, sums, weights in _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision,
+                                             progress, consistency):
+        yield row0, sums / weights
 
 
 def predict_image(model, image, tile, overlap=0.25, batch_size=8, tta=False, device=None, precision="fp32",
                   progress=None, consistency=False):
     """Class ids (uint8 H x W) for a uint8 H x W x 3 image of any size; arguments as in predict_strips."""
     labels = np.empty(image.shape[:2], dtype=np.uint8)
-    for row0, probs in predict_strips(model, image, tile, overlap, batch_size, tta, device, precision,
-                                      progress, consistency):
-        labels[row0:row0 + probs.shape[1]] = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    # The per-pixel weight divides every class alike, so the argmax of the sums needs no normalised copy;
+    # max(0).indices is that argmax (first maximum on ties) and on CPU several times faster than argmax(0).
+    for row0, sums, _ in _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision,
+                                       progress, consistency):
+        labels[row0:row0 + sums.shape[1]] = sums.max(0).indices.to(torch.uint8).cpu().numpy()
     return labels
 
 
@@ -315,9 +333,12 @@ def load_checkpoint(path, device="cpu", img_size=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--checkpoint {path}: not a readable PyTorch checkpoint ({reason}); pass a best.pt or "
-                        "last.pt written by train.py") from None
+        if "Weights only load failed" in str(exc):
+            raise UserError(f"--checkpoint {path}: holds Python objects besides tensors and plain values, which "
+                            "predict.py does not unpickle (they could run code); save the checkpoint's model "
+                            "state_dict and config dict into a new file") from None
+        raise UserError(f"--checkpoint {path}: not a readable PyTorch checkpoint (torch.load raised "
+                        f"{type(exc).__name__}); pass a best.pt or last.pt written by train.py") from None
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if not isinstance(config, dict) or "encoder" not in config or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"--checkpoint {path}: unknown checkpoint format (expected a dict with 'model' and a "
@@ -362,8 +383,12 @@ def predict_file(model, path, args, tile, writer):
     truth = None
     if args.masks:
         mask_path = find_mask(args.masks, path)
-        truth = read_mask(mask_path, image_size=(width, height))
-    progress = _progress_printer(path.name) if tile_count(height, width, tile, args.overlap) >= PROGRESS_MIN_TILES else None
+        truth = read_mask(mask_path)
+        if truth.shape != image.shape[:2]:
+            raise UserError(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]} but {path} is "
+                            f"{width}x{height}; pass masks of the same size as their images")
+    large = tile_count(height, width, tile, args.overlap) >= PROGRESS_MIN_TILES
+    progress = _progress_printer(path.name) if large else None
     labels = predict_image(model, image, tile, args.overlap, args.batch_size, args.tta, args.device,
                            args.precision, progress, args.consistency)
     if truth is not None:

@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import signal
 import sys
@@ -13,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 from data import CLASS_NAMES, NUM_CLASSES, UserError
 from losses import COARSE_NAMES, HierarchicalLoss, build_loss, hierarchy_targets
 from model import ENCODERS, build_model, check_img_size, default_batch
-from weights import METHODS, compute_weights, count_pixels, load_weights, save_weights
+import weights
+from weights import METHODS
 
 BASE_BATCH = 96
 HEAD_CLASSES = {"fine": CLASS_NAMES, "coarse": COARSE_NAMES, "binary": ["Clean", "Damage"]}
@@ -244,8 +243,7 @@ def evaluate(model, pre, indices, cfg, device):
     sizes = {"fine": NUM_CLASSES, "coarse": len(COARSE_NAMES), "binary": 2}
     cms = {h: torch.zeros(sizes[h], sizes[h], dtype=torch.long, device=device) for h in heads}
     for images, masks in data.batches(pre, indices, cfg["micro_batch"], pin=device.type == "cuda"):
-        x, y = data.to_device_batch(images, masks, device, augment=False, generator=None,
-                                    channels_last=cfg["channels_last"])
+        x, y = data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"])
         with autocast(cfg, device):
             outputs = model(x)
         targets = hierarchy_targets(y) if len(heads) > 1 else {"fine": y}
@@ -304,18 +302,14 @@ def load_checkpoint(path, encoder=None):
 
 def resolve_class_weights(cfg, train_masks, save_dir=None):
     """Weights from the training split's preloaded masks (one bincount, so recomputing beats caching)."""
-    method = cfg["class_weights"]
-    if method.endswith(".json"):
-        if not Path(method).is_file():
-            raise UserError(f"--class-weights {method}: file not found; write it with `python weights.py`")
-        return load_weights(method)
-    if method not in METHODS:
-        raise UserError(f"--class-weights {method}: use one of {', '.join(METHODS)} or a JSON file from weights.py")
-    counts = count_pixels(train_masks)
-    weights = compute_weights(counts, method, cfg["max_ratio"])
+    if cfg["class_weights"] not in METHODS:
+        return weights.resolve_class_weights(cfg["class_weights"], None)
+    counts = weights.count_pixels(train_masks)
+    class_weights = weights.compute_weights(counts, cfg["class_weights"], cfg["max_ratio"])
     if save_dir is not None:
-        save_weights(Path(save_dir) / "class_weights.json", method, counts, weights, cfg["max_ratio"])
-    return weights
+        weights.save_weights(Path(save_dir) / "class_weights.json", cfg["class_weights"], counts, class_weights,
+                             cfg["max_ratio"])
+    return class_weights
 
 
 def load_split(cfg, local_rank, local_world, train_needed=True):
@@ -559,10 +553,10 @@ def summary(run_dirs):
     return table
 
 
-def build_training(cfg, world, local_rank, device, pretrained=False, weights=None):
+def build_training(cfg, world, local_rank, device, pretrained=False, encoder_weights=None):
     """Model (channels_last, SyncBN on multi-GPU, compiled, DDP-wrapped), its raw module and AdamW."""
     model = build_model(cfg["encoder"], NUM_CLASSES, cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], weights).to(device)
+                        cfg["img_size"], cfg["norm"], encoder_weights).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
@@ -608,8 +602,6 @@ def find_batch_size(cfg, world, device):
         low, high = (mid, high) if fits(mid) else (low, mid)
     if low == 0:
         raise UserError(f"--batch-size auto: not even one {cfg['img_size']} px image fits; lower --img-size")
-    del model, raw_model, optimizer
-    torch.cuda.empty_cache()
     # Headroom for fragmentation and the evaluation pass.
     return max(1, int(low * 0.9)) * world
 
@@ -628,7 +620,8 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     generator = torch.Generator().manual_seed(cfg["seed"])
     flips = torch.randint(0, 2, (n, 3), generator=generator).bool()
     index = torch.arange(per_rank) % n
-    micro = [data.to_device_batch(images, masks, device, flips[index[:len(images)]], cfg["channels_last"])
+    micro = [data.to_device_batch(images, masks, device, flips[index[:len(images)]],
+                                 channels_last=cfg["channels_last"])
              for images, masks in data.batches(train_pre, index, cfg["micro_batch"], pin=device.type == "cuda")]
 
     def sync():
@@ -662,7 +655,7 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     loader_order = torch.randperm(n, generator=generator).repeat(max(1, 512 // n))
     start, loaded = time.perf_counter(), 0
     for images, masks in data.batches(train_pre, loader_order, per_rank, pin=device.type == "cuda"):
-        data.to_device_batch(images, masks, device, flips[:len(images)], cfg["channels_last"])
+        data.to_device_batch(images, masks, device, flips[:len(images)], channels_last=cfg["channels_last"])
         loaded += len(images)
     sync()
     loader_img_s = loaded / (time.perf_counter() - start)
@@ -720,6 +713,7 @@ def main(argv=None):
         if args.batch_size == "auto" and device.type == "cuda":
             found = torch.tensor(find_batch_size(cfg, world, device), device=device)
             args.batch_size = str(int(all_reduce(found, dist.ReduceOp.MIN)))
+            torch.cuda.empty_cache()
             cfg = resolve_config(args, world, device)
             log(rank, f"--batch-size auto: {cfg['batch_size']} fits (lr {cfg['lr']:.3g})")
         torch.backends.cudnn.benchmark = True

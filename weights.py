@@ -41,14 +41,17 @@ from data import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, list_samples
 METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
 DEFAULT_MAX_RATIO = 36.0
+_CHUNK = 1 << 24
 
 
 def count_pixels(masks, num_classes=NUM_CLASSES):
     """Pixels per class (int64, length num_classes) over masks: an (N, H, W) array or an iterable of arrays.
 
-    One ``np.bincount`` per array; label 255 is not counted. Labels num_classes..254 raise UserError.
+    Vectorised ``np.bincount`` over each mask in chunks of ``_CHUNK`` pixels (bincount widens bytes to
+    int64, so a 100-megapixel mask in one piece would need 800 MB). Label 255 is not counted; labels
+    num_classes..254 raise UserError.
     """
-    if isinstance(masks, np.ndarray):
+    if isinstance(masks, np.ndarray) and masks.ndim < 3:
         masks = [masks]
     totals = np.zeros(256, dtype=np.int64)
     for mask in masks:
@@ -58,7 +61,9 @@ def count_pixels(masks, num_classes=NUM_CLASSES):
                 raise UserError(f"mask values {mask.min()}..{mask.max()} do not fit 0-255; masks hold class ids "
                                 f"0-{num_classes - 1} and {IGNORE_INDEX}")
             mask = mask.astype(np.uint8)
-        totals += np.bincount(mask.ravel(), minlength=256)
+        flat = mask.reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            totals += np.bincount(flat[start:start + _CHUNK], minlength=256)
     bad = np.flatnonzero(totals[num_classes:IGNORE_INDEX]) + num_classes
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")

@@ -11,6 +11,9 @@ if [ -n "${VENV:-}" ]; then
 fi
 PYTHON=${PYTHON:-python}
 LOG_DIR=${LOG_DIR:-$REPO/logs}
+# torchrun SIGKILLs its workers this many seconds after forwarding SIGTERM (default 30); leave
+# train.py most of the 120 s warning (--signal=B:TERM@120) to reach its next checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 
 die() {
     echo "error: $*" >&2
@@ -126,7 +129,7 @@ gpus_per_node() {
 # run_requeueable CMD...: runs CMD; on SIGTERM (Slurm sends it to this shell only, --signal=B:TERM)
 # forwards it so train.py checkpoints and exits, then requeues this job, which restarts with --resume.
 run_requeueable() {
-    local status=0
+    local status=0 launcher=${1##*/}
     TERM_RECEIVED=0
     "$@" &
     LAUNCHER_PID=$!
@@ -139,7 +142,7 @@ run_requeueable() {
     fi
     trap - TERM
     if [ "$TERM_RECEIVED" = 1 ] && [ "${REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-        echo "== $(date -Is) SIGTERM: train.py exited with $status after checkpointing; requeueing job $SLURM_JOB_ID"
+        echo "== $(date -Is) SIGTERM forwarded for train.py to checkpoint; $launcher exited with $status; requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue $SLURM_JOB_ID failed (job cancelled?)" >&2
     fi
     return "$status"

@@ -63,7 +63,7 @@ def test_confusion_is_one_matrix_over_the_set_not_a_mean_of_batches():
     assert train.iou_report(cm, ["Clean", "Damage"])["iou"]["Damage"] == pytest.approx(4 / 5)
 
 
-def test_lr_scales_with_global_batch(synthetic_root):
+def test_lr_scales_with_global_batch():
     for batch, lr in ((96, 1e-3), (32, 1e-3 / 3), (48, 5e-4)):
         cfg = train.resolve_config(train.parse_args(["--batch-size", str(batch), "--img-size", "64"]), 1,
                                    torch.device("cpu"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import weights
 from conftest import run_script
 from data import CLASS_NAMES, UserError
 from weights import (DEFAULT_MAX_RATIO, METHODS, compute_weights, count_pixels, load_weights, resolve_class_weights,
@@ -125,6 +126,13 @@ def test_count_pixels_matches_a_per_class_count_for_lists_stacks_and_generators(
         counts = count_pixels(given)
         assert counts.dtype == np.int64 and counts.shape == (16,)
         np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_array_equal(count_pixels(masks[0]), brute_force_counts(masks[:1]))
+
+
+def test_count_pixels_does_not_depend_on_the_chunk_size(monkeypatch):
+    masks = random_masks()
+    monkeypatch.setattr(weights, "_CHUNK", 7)
+    np.testing.assert_array_equal(count_pixels(masks), brute_force_counts(masks))
 
 
 def test_count_pixels_ignores_255():

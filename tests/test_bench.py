@@ -1,0 +1,66 @@
+"""bench.sh as users rely on it: one command gives throughput tables on stdout and bench.json with every field."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+FIELDS = {"encoder", "decoder", "img_size", "batch", "precision", "channels_last", "compile", "clip", "train_img_s",
+          "infer_img_s", "peak_mem_mb", "params_m", "gflops", "mfu", "loader_img_s", "device"}
+
+
+def bench(*args, cwd, python=sys.executable):
+    env = dict(os.environ, PYTHON=str(python), CUDA_VISIBLE_DEVICES="")
+    for name in ("ENCODERS", "DECODERS", "IMG_SIZE", "BATCH", "STEPS", "ABLATIONS", "ABLATE_ENCODER", "BENCH_OUT"):
+        env.pop(name, None)
+    return subprocess.run(["bash", str(ROOT / "bench.sh"), *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
+    result = bench("--quick", "--encoders", "mit_b0", "--decoders", "unet", "--out", "bench.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    rows = [json.loads(line) for line in (tmp_path / "bench.json").read_text().splitlines()]
+    assert [row["run"] for row in rows] == ["main", "clip", "no-channels-last"]
+    main, clip, no_channels_last = rows
+    for row in rows:
+        assert FIELDS <= row.keys()
+        assert (row["encoder"], row["decoder"], row["img_size"], row["batch"]) == ("mit_b0", "unet", 64, 2)
+        assert row["device"] == "cpu" and row["mfu"] is None, "MFU needs a known peak; a CPU has none"
+        for field in ("train_img_s", "infer_img_s", "peak_mem_mb", "gflops", "loader_img_s"):
+            assert row[field] > 0, field
+    assert (main["clip"], main["channels_last"], main["compile"]) == (None, True, False)
+    assert clip["clip"] == 1.0 and clip["channels_last"] is True
+    assert no_channels_last["channels_last"] is False and no_channels_last["clip"] is None
+
+    from model import build_model
+    params = sum(p.numel() for p in build_model("mit_b0", img_size=64).parameters())
+    assert abs(main["params_m"] - params / 1e6) < 1e-9
+
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| encoder | decoder | batch | precision | train img/s |") for line in lines)
+    assert f"| mit_b0 | unet | 2 | {main['precision']} | {main['train_img_s']:,.1f} |" in result.stdout
+    ablation_rows = [line.split(" | ")[0] for line in lines if line.startswith(("| baseline", "| clip", "| no-"))]
+    assert ablation_rows == ["| baseline", "| clip", "| no-channels-last"]
+
+
+def test_a_failing_row_is_reported_and_sets_the_exit_status(tmp_path):
+    result = bench("--quick", "--encoders", "not_a_model", "--ablations", "none", "--out", "bench.json",
+                   cwd=tmp_path)
+    assert result.returncode == 1
+    assert "FAILED main not_a_model/unet" in result.stderr
+    assert "error: --encoder not_a_model" in result.stderr, "train.py's own message must reach the user"
+    assert (tmp_path / "bench.json").read_text() == ""
+
+
+def test_missing_torch_stops_bench_with_one_line(tmp_path):
+    no_torch = tmp_path / "python-without-torch"
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    result = bench("--quick", cwd=tmp_path, python=no_torch)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: bench.sh: {no_torch} cannot import torch; run 'pip install -r requirements.txt' "
+        "or set PYTHON=/path/to/venv/bin/python"]

@@ -1,0 +1,360 @@
+"""predict.py: tiled inference equals a whole-image forward, any image size, overlays, reports, memory, CLI."""
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from conftest import ROOT, run_script
+from data import BACKGROUND_COLOUR, CLASS_NAMES, MEAN, PALETTE, STD
+from predict import area_report, main, predict_image, predict_strips, render_overlay, write_mask
+
+# Fine id -> coarse group, written out from the DESIGN.md table.
+GROUP_OF_FINE = [0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3]
+
+
+def random_image(height, width, seed=42):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def pointwise_model():
+    torch.manual_seed(42)
+    return nn.Conv2d(3, 16, 1)
+
+
+def conv_model():
+    """Two 3x3 convolutions with zero padding: translation-equivariant away from the borders it sees."""
+    torch.manual_seed(42)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+
+
+class HierarchicalStandIn(nn.Module):
+    """Three 1x1 heads like model.py's heads="hierarchical"; the binary head leans towards clean."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(42)
+        self.fine, self.coarse, self.binary = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.binary.bias.copy_(torch.tensor([1.5, -1.5]))
+
+    def forward(self, x):
+        return {"fine": self.fine(x), "coarse": self.coarse(x), "binary": self.binary(x)}
+
+
+def whole_image_input(image):
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    return ((x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))[None]
+
+
+@torch.no_grad()
+def whole_image_probs(model, image):
+    return model(whole_image_input(image))[0].softmax(0)
+
+
+def assert_labels_match(labels, probs):
+    """labels equal argmax(probs) wherever the top two classes are not a float-rounding tie."""
+    top2 = probs.topk(2, dim=0).values
+    clear = ((top2[0] - top2[1]) > 1e-5).numpy()
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], probs.argmax(0).numpy()[clear])
+
+
+def tiled_probs(model, image, tile, **kwargs):
+    bands = list(predict_strips(model, image, tile, **kwargs))
+    assert [row0 for row0, _ in bands] == list(np.cumsum([0] + [b.shape[1] for _, b in bands[:-1]]))
+    return torch.cat([probs for _, probs in bands], dim=1)
+
+
+def test_image_of_exactly_one_tile_equals_plain_forward():
+    model, image = conv_model(), random_image(64, 64)
+    labels = predict_image(model, image, tile=64)
+    assert_labels_match(labels, whole_image_probs(model, image))
+
+
+@pytest.mark.parametrize("size", [(97, 131), (64, 200), (150, 97)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+def test_pointwise_model_tiled_equals_whole_image(size, overlap):
+    model, image = pointwise_model(), random_image(*size)
+    labels = predict_image(model, image, tile=32, overlap=overlap, batch_size=3)
+    assert_labels_match(labels, whole_image_probs(model, image))
+
+
+def test_blending_hides_tile_borders_of_a_convolutional_model():
+    model, image = conv_model(), random_image(160, 200)
+    labels = predict_image(model, image, tile=48, overlap=0.5)
+    whole = whole_image_probs(model, image).argmax(0).numpy()
+    assert (labels == whole).mean() > 0.999
+
+
+@pytest.mark.parametrize("size", [(97, 131), (1, 1), (20, 45), (63, 64), (64, 64), (65, 200), (150, 97)])
+def test_output_size_equals_input_size(size):
+    labels = predict_image(conv_model(), random_image(*size), tile=64)
+    assert labels.shape == size and labels.dtype == np.uint8
+    assert labels.max() < 16
+
+
+def test_image_smaller_than_a_tile_matches_the_pointwise_forward():
+    model, image = pointwise_model(), random_image(20, 45)
+    assert_labels_match(predict_image(model, image, tile=64), whole_image_probs(model, image))
+
+
+def test_probabilities_are_normalised_blends():
+    probs = tiled_probs(conv_model(), random_image(97, 131), 32, overlap=0.25)
+    assert probs.shape == (16, 97, 131)
+    torch.testing.assert_close(probs.sum(0), torch.ones(97, 131))
+
+
+def test_tta_with_a_flip_equivariant_model_equals_no_tta():
+    torch.manual_seed(42)
+    model = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        w = model.weight
+        w.copy_(w + w.flip(-1) + w.flip(-2) + w.flip(-1, -2))
+    image = random_image(97, 131)
+    plain = tiled_probs(model, image, 32, overlap=0.25)
+    flipped = tiled_probs(model, image, 32, overlap=0.25, tta=True)
+    torch.testing.assert_close(flipped, plain, atol=1e-5, rtol=0)
+
+
+def test_tta_averages_the_four_flipped_predictions():
+    model, image = conv_model(), random_image(48, 48)
+    x = whole_image_input(image)
+    views = []
+    with torch.no_grad():
+        for dims in [(3,), (2,), (2, 3)]:
+            views.append(model(x.flip(dims)).softmax(1).flip(dims))
+        views.append(model(x).softmax(1))
+    expected = torch.stack(views).mean(0)[0]
+    torch.testing.assert_close(tiled_probs(model, image, 48, tta=True), expected, atol=1e-5, rtol=0)
+
+
+def test_hierarchical_model_uses_the_fine_head():
+    model, image = HierarchicalStandIn(), random_image(40, 56)
+    with torch.no_grad():
+        fine = model(whole_image_input(image))["fine"][0].softmax(0)
+    assert_labels_match(predict_image(model, image, tile=32), fine)
+
+
+def test_consistency_weights_fine_classes_by_their_coarse_group_and_damage_probability():
+    model, image = HierarchicalStandIn(), random_image(40, 56)
+    with torch.no_grad():
+        out = {k: v[0].double().softmax(0) for k, v in model(whole_image_input(image)).items()}
+    group = torch.tensor(GROUP_OF_FINE)
+    joint = out["fine"] * out["coarse"][group] * out["binary"][(group > 0).long()]
+    expected = (joint / joint.sum(0)).float()
+    torch.testing.assert_close(tiled_probs(model, image, 32, consistency=True), expected, atol=1e-5, rtol=0)
+    assert not torch.equal(expected.argmax(0), out["fine"].argmax(0))
+
+
+def test_progress_counts_every_tile_once():
+    calls = []
+    predict_image(pointwise_model(), random_image(100, 150), tile=32, overlap=0.25, batch_size=4,
+                  progress=lambda done, total: calls.append((done, total)))
+    total = (math.ceil((100 - 32) / 24) + 1) * (math.ceil((150 - 32) / 24) + 1)
+    assert calls[-1] == (total, total)
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_colours(tmp_path):
+    image = random_image(48, 80)
+    labels = np.zeros((48, 80), dtype=np.uint8)
+    present = [1, 3, 5, 9, 15]
+    for i, class_id in enumerate(present):
+        labels[8 * i:8 * i + 8, 10:70] = class_id
+    labels[40:, :] = 255
+    write_mask(tmp_path / "m.png", labels)
+    mask = Image.open(tmp_path / "m.png")
+    assert mask.mode == "P"
+    np.testing.assert_array_equal(np.array(mask), labels)
+    palette = np.array(mask.getpalette()[:768]).reshape(256, 3)
+    assert [tuple(palette[k]) for k in range(16)] == [tuple(c) for c in PALETTE]
+    assert tuple(palette[255]) == BACKGROUND_COLOUR
+
+    render_overlay(image, labels, area_report(labels)).save(tmp_path / "o.png")
+    overlay = np.array(Image.open(tmp_path / "o.png").convert("RGB"))
+    assert overlay.shape[1] == 80 and overlay.shape[0] > 48
+    top, legend = overlay[:48], overlay[48:]
+    colours = np.array(PALETTE + [BACKGROUND_COLOUR] * 240, dtype=np.float64)
+    for class_id in [0, *present, 255]:
+        where = labels == class_id
+        expected = image[where] if class_id == 0 else np.rint(0.5 * image[where] + 0.5 * colours[class_id])
+        np.testing.assert_array_equal(top[where], expected)
+    swatches = {tuple(c) for c in legend.reshape(-1, 3)}
+    assert all(tuple(PALETTE[k]) in swatches for k in present) and BACKGROUND_COLOUR in swatches
+    assert not any(tuple(PALETTE[k]) in swatches for k in (2, 4, 6, 7, 8, 10, 11, 12, 13, 14))
+
+
+def test_area_report_counts_object_pixels_and_iou_against_the_mask():
+    rng = np.random.default_rng(42)
+    truth = rng.choice([0, 0, 0, 1, 2, 7, 255], size=(30, 40)).astype(np.uint8)
+    labels = rng.choice([0, 0, 1, 2, 9], size=(30, 40)).astype(np.uint8)
+    labels[truth == 255] = 255
+    report = area_report(labels, truth)
+    inside = truth != 255
+    assert report["object_pixels"] == inside.sum()
+    for entry in report["classes"]:
+        k = entry["id"]
+        assert entry["name"] == CLASS_NAMES[k]
+        assert entry["pixels"] == ((labels == k) & inside).sum()
+        assert entry["percent"] == pytest.approx(100 * entry["pixels"] / inside.sum(), abs=1e-4)
+        union = (((labels == k) | (truth == k)) & inside).sum()
+        if union:
+            assert entry["iou"] == pytest.approx(((labels == k) & (truth == k)).sum() / union, abs=1e-6)
+        else:
+            assert entry["iou"] is None
+    present = [e["iou"] for e in report["classes"] if e["iou"] is not None]
+    assert report["miou"] == pytest.approx(np.mean(present), abs=1e-5)
+    damage_pred, damage_true = (labels > 0) & inside, (truth > 0) & inside
+    assert report["damage_iou"] == pytest.approx((damage_pred & damage_true).sum() / (damage_pred | damage_true).sum(),
+                                                 abs=1e-6)
+    assert report["damaged_pixels"] == damage_pred.sum()
+
+
+def test_area_report_without_mask_takes_the_whole_image_as_the_object():
+    labels = np.array([[0, 0, 3, 3], [0, 7, 7, 7]], dtype=np.uint8)
+    report = area_report(labels)
+    assert report["object_pixels"] == 8 and report["damaged_pixels"] == 5 and "miou" not in report
+    assert [e["percent"] for e in report["classes"] if e["pixels"]] == [37.5, 25.0, 37.5]
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    import numpy as np, torch
+    sys.path.insert(0, sys.argv[1])
+    from predict import predict_image
+
+    def status(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+    torch.manual_seed(42)
+    model = torch.nn.Conv2d(3, 16, 1)
+    image = np.random.default_rng(42).integers(0, 256, (3000, 2500, 3), dtype=np.uint8)
+    predict_image(model, image[:300, :300], 64)
+    before = status("VmRSS")
+    labels = predict_image(model, image, 64, overlap=0.25, batch_size=8)
+    grown = status("VmHWM") - before
+    crop = image[-200:, -300:]
+    with torch.no_grad():
+        x = torch.from_numpy(crop).permute(2, 0, 1).float() / 255
+        x = (x - torch.tensor({mean}).view(3, 1, 1)) / torch.tensor({std}).view(3, 1, 1)
+        logits = model(x[None])[0]
+    top2 = logits.softmax(0).topk(2, dim=0).values
+    clear = ((top2[0] - top2[1]) > 1e-5).numpy()
+    same = bool((labels[-200:, -300:] == logits.argmax(0).numpy())[clear].all())
+    print(json.dumps({{"shape": list(labels.shape), "peak_growth_mb": grown, "corner_matches": same}}))
+""").format(mean=tuple(MEAN), std=tuple(STD))
+
+
+def test_large_image_runs_in_memory_bounded_by_tile_rows_not_image_area():
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(ROOT)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["shape"] == [3000, 2500] and result["corner_matches"]
+    whole_image_probabilities_mb = 16 * 3000 * 2500 * 4 / 2**20
+    assert result["peak_growth_mb"] < whole_image_probabilities_mb / 8
+
+
+def write_checkpoint(folder, heads="fine", decoder="unet"):
+    """A checkpoint dict as train.py writes it, for a tiny randomly initialised model."""
+    from model import build_model
+    config = {"encoder": "mit_b0", "decoder": decoder, "heads": heads, "norm": "bn", "img_size": 64,
+              "num_classes": 16}
+    torch.manual_seed(42)
+    model = build_model(config["encoder"], num_classes=16, decoder=decoder, heads=heads, img_size=64, norm="bn")
+    path = folder / "best.pt"
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0, "best_miou": 0.0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+def test_cli_writes_mask_overlay_and_reports_for_every_image(tmp_path, checkpoint):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(random_image(97, 131)).save(images / "fresco.png")
+    Image.fromarray(random_image(50, 70, seed=1)).save(images / "film.jpg")
+    truths = {"fresco": np.zeros((97, 131), np.uint8), "film": np.full((50, 70), 4, np.uint8)}
+    truths["fresco"][:10] = 255
+    truths["fresco"][40:60, 30:90] = 2
+    for stem, truth in truths.items():
+        Image.fromarray(truth).save(masks / f"{stem}.png")
+
+    done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--masks", masks,
+                      "--overlap", "0.5", "--batch-size", "3")
+    assert done.returncode == 0, done.stderr
+
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert len(rows) == 2 * 16
+    for stem, truth in truths.items():
+        image = np.array(Image.open(next(images.glob(stem + ".*"))))
+        mask = Image.open(out / f"{stem}_mask.png")
+        labels = np.array(mask)
+        assert mask.mode == "P" and labels.shape == truth.shape
+        assert ((labels == 255) == (truth == 255)).all() and labels[truth != 255].max() < 16
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.width == image.shape[1] and overlay.height > image.shape[0]
+        report = json.loads((out / f"{stem}_report.json").read_text())
+        assert (report["width"], report["height"]) == (truth.shape[1], truth.shape[0])
+        assert report["object_pixels"] == (truth != 255).sum()
+        assert [e["pixels"] for e in report["classes"]] == [((labels == k)).sum() for k in range(16)]
+        assert report["miou"] is not None and 0 <= report["miou"] <= 1
+        mine = [r for r in rows if r["image"].startswith(stem + ".")]
+        assert [int(r["class_id"]) for r in mine] == list(range(16))
+        assert [r["class_name"] for r in mine] == CLASS_NAMES
+        assert sum(int(r["pixels"]) for r in mine) == (truth != 255).sum()
+        assert sum(float(r["percent"]) for r in mine) == pytest.approx(100, abs=0.01)
+
+
+def test_cli_consistency_with_a_hierarchical_upernet_checkpoint(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path, heads="hierarchical", decoder="upernet")
+    Image.fromarray(random_image(70, 90)).save(tmp_path / "mosaic.png")
+    assert main([str(a) for a in ["--checkpoint", checkpoint, tmp_path / "mosaic.png", "--out", tmp_path / "out",
+                                  "--consistency", "--tta"]]) == 0
+    report = json.loads((tmp_path / "out" / "mosaic_report.json").read_text())
+    assert report["settings"]["consistency"] and report["object_pixels"] == 70 * 90
+    assert np.array(Image.open(tmp_path / "out" / "mosaic_mask.png")).shape == (70, 90)
+
+
+def error_of(capsys, argv):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_cli_user_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys, checkpoint):
+    Image.fromarray(random_image(8, 8)).save(tmp_path / "a.png")
+    assert "missing.pt" in error_of(capsys, ["--checkpoint", tmp_path / "missing.pt", tmp_path / "a.png",
+                                             "--out", tmp_path / "o"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "empty" in error_of(capsys, ["--checkpoint", checkpoint, empty, "--out", tmp_path / "o"])
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert "broken.png" in error_of(capsys, ["--checkpoint", checkpoint, broken, "--out", tmp_path / "o"])
+
+    raw = tmp_path / "raw.pt"
+    torch.save(pointwise_model().state_dict(), raw)
+    assert "raw.pt" in error_of(capsys, ["--checkpoint", raw, tmp_path / "a.png", "--out", tmp_path / "o"])
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    assert "notes.pt" in error_of(capsys, ["--checkpoint", text, tmp_path / "a.png", "--out", tmp_path / "o"])
+
+    assert "--overlap" in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
+                                            "--overlap", "1"])

@@ -1,0 +1,327 @@
+"""slurm/ as a cluster user relies on it, run against stub sbatch/srun/scontrol/torchrun executables."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+SLURM = ROOT / "slurm"
+BENCH_ENCODERS = ["convnext_tiny", "mit_b3", "maxvit_tiny"]
+
+# Each stub records what it was called with into $STUB_LOG (one NUL-separated argv file per call).
+STUBS = {
+    "sbatch": r"""#!/usr/bin/env bash
+n=$(( $(cat "$STUB_LOG/counter" 2>/dev/null || echo 100) + 1 ))
+echo "$n" > "$STUB_LOG/counter"
+printf '%s\0' "$@" > "$STUB_LOG/sbatch-$n.args"
+pwd > "$STUB_LOG/sbatch-$n.cwd"
+for arg in "$@"; do
+    if [ "$arg" = --parsable ]; then echo "$n;cluster"; exit 0; fi
+done
+echo "Submitted batch job $n"
+""",
+    "srun": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$STUB_LOG/srun.args"
+while [ "${1:-}" != "${1#--}" ]; do shift; done
+exec "$@"
+""",
+    "scontrol": r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG/scontrol.log"
+if [ "$1 $2" = "show hostnames" ]; then printf 'node-a\nnode-b\n'; fi
+""",
+    "torchrun": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$STUB_LOG/torchrun.args"
+pwd > "$STUB_LOG/torchrun.cwd"
+echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$STUB_LOG/torchrun.shutdown-timeout"
+echo "stub torchrun running"
+if [ -n "${STUB_WAIT_FOR_TERM:-}" ]; then
+    sleep 60 &
+    trap 'echo TERM > "$STUB_LOG/torchrun.signal"; kill $!; exit 0' TERM
+    touch "$STUB_LOG/torchrun.started"
+    wait $!
+    exit 1
+fi
+""",
+}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Environment of a login node whose Slurm commands are stubs; returns (env, stub log dir)."""
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "stub-log"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    for name, text in STUBS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", STUB_LOG=str(log_dir), PYTHON=sys.executable,
+               LOG_DIR=str(tmp_path / "logs"))
+    for name in ("ENCODER", "DATA", "RUN_DIR", "REPO", "DRY_RUN", "CV_DIR", "BENCH_DIR", "ENCODERS", "FOLDS"):
+        env.pop(name, None)
+    return env, log_dir
+
+
+def bash(script, *args, env, cwd, timeout=120):
+    return subprocess.run(["bash", str(script), *map(str, args)], env=env, cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def argv(path):
+    return path.read_text().split("\0")[:-1]
+
+
+def submissions(log_dir):
+    """Recorded sbatch calls in submission order: (job id, sbatch options, script, script arguments, cwd)."""
+    calls = []
+    for path in sorted(log_dir.glob("sbatch-*.args"), key=lambda p: int(p.stem.split("-")[1])):
+        job_id = path.stem.split("-")[1]
+        args = argv(path)
+        at = next(i for i, a in enumerate(args) if a.endswith((".sbatch", ".sh")))
+        cwd = Path(path.with_suffix(".cwd").read_text().strip())
+        calls.append((job_id, args[:at], args[at], args[at + 1:], cwd))
+    return calls
+
+
+def run_as_slurm_job(tmp_path, script, args, env, submit_dir, **slurm_env):
+    """Runs a job script the way slurmd does: a copy in a spool folder, started in the submit directory."""
+    spool = tmp_path / "spool" / f"job{slurm_env.get('SLURM_JOB_ID', '1')}"
+    spool.mkdir(parents=True, exist_ok=True)
+    copy = spool / "slurm_script"
+    shutil.copy(submit_dir / script, copy)
+    job_env = dict(env, SLURM_SUBMIT_DIR=str(submit_dir), **slurm_env)
+    return bash(copy, *args, env=job_env, cwd=submit_dir)
+
+
+MISSING = [name for name in ("train.py", "model.py", "data.py", "losses.py", "weights.py")
+           if not (ROOT / name).is_file()]
+needs_train_py = pytest.mark.skipif(bool(MISSING), reason=f"not written yet: {', '.join(MISSING)} (train.py needs them)")
+
+
+def test_every_script_parses_as_bash():
+    scripts = [ROOT / "bench.sh", *sorted(SLURM.glob("*.sbatch")), *sorted(SLURM.glob("*.sh"))]
+    assert {"train.sbatch", "cv.sbatch", "multinode.sbatch", "submit_cv.sh", "submit_bench.sh"} <= {
+        s.name for s in scripts}
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+
+
+def test_fair_benchmark_is_one_chain_of_nine_runs_then_the_summary(cluster, tmp_path):
+    env, log_dir = cluster
+    result = bash(SLURM / "submit_bench.sh", "--epochs", "2", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    calls = submissions(log_dir)
+    assert len(calls) == 10
+    previous = None
+    for (job_id, options, script, args, cwd), (encoder, fold) in zip(calls, product(BENCH_ENCODERS, range(3))):
+        assert cwd == ROOT and script == "slurm/train.sbatch"
+        assert "--parsable" in options
+        dependencies = [o for o in options if o.startswith("--dependency")]
+        assert dependencies == ([] if previous is None else [f"--dependency=afterok:{previous}"])
+        assert args == ["--encoder", encoder, "--fold", str(fold), "--folds", "3",
+                        "--run-dir", f"runs/bench/{encoder}/fold{fold}", "--epochs", "2"]
+        previous = job_id
+    _, options, script, args, _ = calls[-1]
+    assert script == "slurm/summary.sbatch"
+    assert f"--dependency=afterok:{previous}" in options
+    assert args == [f"runs/bench/{encoder}" for encoder in BENCH_ENCODERS]
+
+
+def test_cross_validation_submits_a_fold_array_and_a_dependent_summary(cluster, tmp_path):
+    env, log_dir = cluster
+    result = bash(SLURM / "submit_cv.sh", "mit_b0", "2", "--img-size", "64", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (array_id, array_options, array_script, array_args, _), (_, options, script, args, _) = submissions(log_dir)
+    assert array_script == "slurm/cv.sbatch" and "--array=0-1" in array_options
+    assert array_args == ["--encoder", "mit_b0", "--folds", "2", "--img-size", "64"]
+    assert script == "slurm/summary.sbatch" and args == ["runs/cv-mit_b0"]
+    assert f"--dependency=afterok:{array_id}" in options
+    assert (tmp_path / "logs").is_dir(), "the --output directory must exist before Slurm opens it"
+
+
+def submitted_jobs(env, log_dir, cwd):
+    """The fair benchmark's chain and a 2-fold CV array, as recorded by the stub sbatch."""
+    assert bash(SLURM / "submit_bench.sh", env=env, cwd=cwd).returncode == 0
+    bench_calls = submissions(log_dir)
+    for path in log_dir.glob("sbatch-*"):
+        path.unlink()
+    assert bash(SLURM / "submit_cv.sh", "mit_b0", "2", "--img-size", "64", env=env, cwd=cwd).returncode == 0
+    return bench_calls[:9], submissions(log_dir)[0]
+
+
+@needs_train_py
+def test_every_submitted_job_passes_arguments_train_py_accepts(cluster, tmp_path, capsys):
+    import train
+    env, log_dir = cluster
+    bench_calls, cv_call = submitted_jobs(env, log_dir, tmp_path)
+    argument_lists = [(args, args[1], int(args[3])) for _, _, _, args, _ in bench_calls]
+    argument_lists += [(cv_call[3] + ["--fold", str(k), "--run-dir", f"runs/cv-mit_b0/fold{k}"], "mit_b0", k)
+                       for k in (0, 1)]
+    for args, encoder, fold in argument_lists:
+        assert train.main([*args, "--data", "synthetic", "--dry-run"]) == 0, args
+        config = json.loads(capsys.readouterr().out)
+        assert (config["encoder"], config["fold"]) == (encoder, fold)
+
+
+@needs_train_py
+def test_a_dry_run_job_resolves_its_config_without_training(cluster, tmp_path):
+    env, log_dir = cluster
+    bench_calls, cv_call = submitted_jobs(env, log_dir, tmp_path)
+    jobs = [(bench_calls[-1], {}, "maxvit_tiny", 2, "runs/bench/maxvit_tiny/fold2"),
+            (cv_call, {"SLURM_ARRAY_TASK_ID": "1"}, "mit_b0", 1, "runs/cv-mit_b0/fold1")]
+    for (job_id, _, script, args, cwd), array_env, encoder, fold, run_dir in jobs:
+        existed = (ROOT / run_dir).exists()
+        result = run_as_slurm_job(tmp_path, script, args, dict(env, DRY_RUN="1"), cwd,
+                                  SLURM_JOB_ID=job_id, SLURM_GPUS_ON_NODE="2", **array_env)
+        assert result.returncode == 0, f"{script} {args}: {result.stderr}"
+        config = json.loads(result.stdout)
+        assert (config["encoder"], config["fold"], config["run_dir"]) == (encoder, fold, run_dir)
+        assert (ROOT / run_dir).exists() == existed, "a dry run must not create its run directory"
+    assert not (log_dir / "torchrun.args").exists()
+
+
+@needs_train_py
+def test_summary_job_writes_mean_and_std_over_folds(cluster, tmp_path):
+    env, _ = cluster
+    cv_dir = tmp_path / "runs" / "cv-mit_b0"
+    best = [0.40, 0.50, 0.60]
+    for k, miou in enumerate(best):
+        (cv_dir / f"fold{k}").mkdir(parents=True)
+        epochs = [{"epoch": 1, "miou": miou - 0.1, "binary_iou": 0.5, "iou": {"Clean": 0.9}},
+                  {"epoch": 2, "miou": miou, "binary_iou": 0.7, "iou": {"Clean": 0.95}}]
+        (cv_dir / f"fold{k}" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    result = run_as_slurm_job(tmp_path, "slurm/summary.sbatch", [cv_dir], env, ROOT, SLURM_JOB_ID="9")
+    assert result.returncode == 0, result.stderr
+    table = (cv_dir / "summary.md").read_text()
+    miou_row = next(line for line in table.splitlines() if line.startswith("| miou |"))
+    assert f"{100 * np.mean(best):.2f} ± {100 * np.std(best, ddof=1):.2f}" in miou_row
+    assert table.strip() in result.stdout
+
+
+def test_train_job_runs_one_torchrun_process_per_gpu_and_logs_into_the_run_dir(cluster, tmp_path):
+    env, log_dir = cluster
+    run_dir = tmp_path / "run"
+    result = run_as_slurm_job(tmp_path, "slurm/train.sbatch", ["--encoder", "convnext_tiny", "--epochs", "3"],
+                              dict(env, RUN_DIR=str(run_dir)), ROOT, SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2")
+    assert result.returncode == 0, result.stderr
+    assert argv(log_dir / "torchrun.args") == [
+        "--standalone", "--nproc_per_node=2", "train.py", "--data", "synthetic", "--run-dir", str(run_dir),
+        "--encoder", "convnext_tiny", "--epochs", "3"]
+    assert Path((log_dir / "torchrun.cwd").read_text().strip()) == ROOT
+    log = run_dir / "logs" / "slurm-4242.log"
+    for _ in range(50):  # tee flushes after the script's own exit
+        if log.is_file() and "stub torchrun running" in log.read_text():
+            break
+        time.sleep(0.1)
+    assert "stub torchrun running" in log.read_text()
+
+
+def test_environment_supplies_encoder_data_and_run_dir_when_flags_do_not(cluster, tmp_path):
+    env, log_dir = cluster
+    data_dir, run_dir = tmp_path / "artefact", tmp_path / "run"
+    (data_dir / "images").mkdir(parents=True)
+    result = run_as_slurm_job(tmp_path, "slurm/train.sbatch", ["--lr", "5e-4"],
+                              dict(env, ENCODER="maxvit_tiny", DATA=str(data_dir), RUN_DIR=str(run_dir)), ROOT,
+                              SLURM_JOB_ID="7", SLURM_GPUS_ON_NODE="2")
+    assert result.returncode == 0, result.stderr
+    assert argv(log_dir / "torchrun.args")[3:] == [
+        "--encoder", "maxvit_tiny", "--data", str(data_dir), "--run-dir", str(run_dir), "--lr", "5e-4"]
+
+
+def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
+    env, log_dir = cluster
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    slurm_env = dict(SLURM_JOB_ID="11", SLURM_GPUS_ON_NODE="2", SLURM_RESTART_COUNT="1")
+    args = ["--encoder", "mit_b3", "--run-dir", run_dir]
+
+    assert run_as_slurm_job(tmp_path, "slurm/train.sbatch", args, env, ROOT, **slurm_env).returncode == 0
+    assert "--resume" not in argv(log_dir / "torchrun.args"), "no checkpoint yet: the restart starts fresh"
+
+    (run_dir / "last.pt").write_bytes(b"checkpoint")
+    assert run_as_slurm_job(tmp_path, "slurm/train.sbatch", args, env, ROOT, **slurm_env).returncode == 0
+    assert argv(log_dir / "torchrun.args")[-1] == "--resume"
+
+
+def test_sigterm_reaches_torchrun_and_the_job_requeues_itself(cluster, tmp_path):
+    env, log_dir = cluster
+    job_env = dict(env, STUB_WAIT_FOR_TERM="1", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
+                   SLURM_GPUS_ON_NODE="2")
+    job = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), "--run-dir", str(tmp_path / "run")],
+                           env=job_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if (log_dir / "torchrun.started").exists() or job.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert (log_dir / "torchrun.started").exists(), job.communicate(timeout=30)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 0, stderr
+    assert (log_dir / "torchrun.signal").read_text().strip() == "TERM"
+    assert int((log_dir / "torchrun.shutdown-timeout").read_text()) >= 60, "workers need time to checkpoint"
+    assert "requeue 4242" in (log_dir / "scontrol.log").read_text().splitlines()
+
+
+def test_cv_array_task_trains_its_own_fold(cluster, tmp_path):
+    env, log_dir = cluster
+    result = run_as_slurm_job(tmp_path, "slurm/cv.sbatch", ["--encoder", "mit_b0", "--folds", "2"],
+                              dict(env, CV_DIR=str(tmp_path / "cv")), ROOT,
+                              SLURM_JOB_ID="12", SLURM_ARRAY_TASK_ID="1", SLURM_GPUS_ON_NODE="2")
+    assert result.returncode == 0, result.stderr
+    args = argv(log_dir / "torchrun.args")
+    assert args[:3] == ["--standalone", "--nproc_per_node=2", "train.py"]
+    assert args[3:] == ["--data", "synthetic", "--encoder", "mit_b0", "--folds", "2",
+                        "--fold", "1", "--run-dir", str(tmp_path / "cv" / "fold1")]
+
+
+def test_multinode_job_starts_one_torchrun_per_node_meeting_on_the_first_node(cluster, tmp_path):
+    env, log_dir = cluster
+    result = run_as_slurm_job(tmp_path, "slurm/multinode.sbatch", ["--encoder", "mit_b3"],
+                              dict(env, RUN_DIR=str(tmp_path / "run")), ROOT, SLURM_JOB_ID="555",
+                              SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
+    assert result.returncode == 0, result.stderr
+    srun = argv(log_dir / "srun.args")
+    assert srun[:srun.index("torchrun")] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1"]
+    port = 20000 + 555 % 20000
+    assert argv(log_dir / "torchrun.args") == [
+        "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=555", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=node-a:{port}", "train.py", "--data", "synthetic", "--run-dir", str(tmp_path / "run"),
+        "--encoder", "mit_b3"]
+    assert "show hostnames node-[a-b]" in (log_dir / "scontrol.log").read_text()
+
+
+def test_missing_dataset_fails_before_launching_with_one_line(cluster, tmp_path):
+    env, log_dir = cluster
+    (tmp_path / "empty").mkdir()
+    result = run_as_slurm_job(tmp_path, "slurm/train.sbatch", ["--data", tmp_path / "empty"], env, ROOT,
+                              SLURM_JOB_ID="3", SLURM_GPUS_ON_NODE="2")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: train.sbatch: data folder {tmp_path / 'empty'} has no images/; set DATA (or --data) to a folder "
+        "with images/ and annotations/, or DATA=synthetic"]
+    assert not (log_dir / "torchrun.args").exists()
+
+
+def test_missing_torch_fails_before_submitting_with_one_line(cluster, tmp_path):
+    env, log_dir = cluster
+    no_torch = tmp_path / "python-without-torch"
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    result = bash(SLURM / "submit_bench.sh", env=dict(env, PYTHON=str(no_torch)), cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and "cannot import torch" in result.stderr
+    assert not list(log_dir.glob("sbatch-*"))
+
+    result = bash(SLURM / "submit_cv.sh", "mit_b3", env=dict(env, PYTHON=str(tmp_path / "nowhere")), cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and "not found" in result.stderr
