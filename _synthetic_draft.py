@@ -8,7 +8,6 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-NUM_CLASSES = 16
 IGNORE_INDEX = 255
 
 
@@ -62,11 +61,16 @@ def _width(pixels, scale):
     return max(scale, int(round(pixels * scale)))
 
 
-def _paint(img, mask, alpha, colour, label, threshold=0.4):
-    """Alpha-composite colour (RGB triple or per-pixel array) and label where coverage passes threshold."""
+def _composite(img, alpha, colour):
+    """Blend colour (RGB triple or per-pixel array) over img in place with per-pixel opacity alpha."""
     a = alpha[..., None]
     img *= 1.0 - a
     img += a * np.asarray(colour, np.float32)
+
+
+def _paint(img, mask, alpha, colour, label, threshold=0.4):
+    """Composite colour and label the pixels whose coverage passes threshold."""
+    _composite(img, alpha, colour)
     mask[alpha >= threshold] = label
 
 
@@ -84,14 +88,14 @@ def _muted_palette(rng, n):
     """Artist-like colours: moderate saturation, no fully saturated primaries."""
     hue = rng.uniform(0, 1, n)
     sat = rng.uniform(0.1, 0.5, n)
-    val = rng.uniform(0.3, 0.9, n)
+    val = rng.uniform(0.25, 0.8, n)
     k = (np.arange(3)[None, :] * (1 / 3) + hue[:, None]) % 1.0
     rgb = val[:, None] * (1 - sat[:, None] + sat[:, None] * np.clip(np.abs(6 * k - 3) - 1, 0, 1))
     return [tuple(int(255 * c) for c in row) for row in np.clip(rgb, 0, 1)]
 
 
 def _content(rng, size, content):
-    """The picture itself, before the material texture: uint8-range float RGB (S, S, 3) in [0, 1]."""
+    """The picture itself, before the material texture: float RGB (S, S, 3) in [0, 1]."""
     colours = _muted_palette(rng, 6)
     u = size / 128
     if content == "Artistic depiction":
@@ -117,7 +121,9 @@ def _content(rng, size, content):
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         theta = rng.uniform(0, np.pi)
         period = rng.uniform(8, 24) * u
-        c = [np.asarray(colours[k], np.float32) / 255.0 for k in range(3)]
+        c = np.asarray(colours[:3], np.float32) / 255.0
+        # Painted patterns keep their motifs in a related key rather than full poster contrast.
+        c = c.mean(0) + rng.uniform(0.45, 0.8) * (c - c.mean(0))
         kind = rng.integers(4)
         along = xx * np.cos(theta) + yy * np.sin(theta)
         across = -xx * np.sin(theta) + yy * np.cos(theta)
@@ -131,8 +137,8 @@ def _content(rng, size, content):
         else:
             sel = ((np.abs((along % period) - period / 2) + np.abs((across % period) - period / 2))
                    < period * 0.3).astype(np.int64) * 2
-        img = np.stack(c)[sel]
-        return img * (0.92 + 0.16 * _noise(rng, size, 6, 2))[..., None]
+        img = Image.fromarray((c[sel] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6 * u))
+        return np.asarray(img, np.float32) / 255.0 * (0.92 + 0.16 * _noise(rng, size, 6, 2))[..., None]
     ground = _jitter(rng, (0.92, 0.89, 0.82), 0.03)
     img = np.empty((size, size, 3), np.float32)
     img[:] = ground
@@ -153,7 +159,7 @@ def _content(rng, size, content):
                 draw.line((cx + off[0] - d[0], cy + off[1] - d[1], cx + off[0] + d[0], cy + off[1] + d[1]),
                           fill=255, width=_width(u, s))
 
-    _paint(img, np.zeros((size, size), np.uint8), 0.9 * _strokes(size, draw_lines), ink, 0)
+    _composite(img, 0.9 * _strokes(size, draw_lines), ink)
     return img
 
 
@@ -177,7 +183,7 @@ def _material(rng, img, material, yy, xx):
         cy = np.clip(((row + 0.5) * tile).astype(np.int64), 0, size - 1)
         cx = np.clip(((col + 0.5) * tile - shift).astype(np.int64), 0, size - 1)
         tiles = img[cy, cx]
-        variation = np.random.default_rng(int(rng.integers(1 << 31))).normal(0, 0.04, (int(row.max()) + 2, int(col.max()) + 2))
+        variation = rng.normal(0, 0.04, (int(row.max()) + 2, int(col.max()) + 2)).astype(np.float32)
         tiles = tiles + variation[row.astype(np.int64), col.astype(np.int64)][..., None]
         grout = ((yy % tile) < 0.9 * u) | (((xx + shift) % tile) < 0.9 * u)
         tiles[grout] = _jitter(rng, (0.55, 0.53, 0.5), 0.04)
@@ -208,15 +214,15 @@ def _peel(rng, img, mask, ctx):
     ground = _jitter(rng, (0.72, 0.66, 0.55), 0.05)
     cy, cx = _point(rng, ctx["box"])
     spread = rng.uniform(0.07, 0.15) * size
-    for _ in range(rng.integers(6, 15)):
+    for _ in range(rng.integers(8, 18)):
         fy, fx = cy + rng.normal(0, spread), cx + rng.normal(0, spread)
-        field = _blob(rng, yy, xx, fy, fx, rng.uniform(0.03, 0.07) * size, 0.45, 12)
+        field = _blob(rng, yy, xx, fy, fx, rng.uniform(0.035, 0.08) * size, 0.45, 12)
         inside = field < 1.0
         lifted = 0.45 * img + 0.55 * ground + 0.08
         img[inside] = np.clip(lifted[inside], 0, 1)
         # Lifted flakes catch light on one side and cast a shadow on the other.
         rim = inside & (field > 0.75)
-        lit = (yy - fy) + (xx - fx) < -0.5 * size * 0.03
+        lit = (yy - fy) + (xx - fx) < -0.015 * size
         img[rim & lit] = img[rim & lit] * 0.7 + 0.3
         img[rim & ~lit] *= 0.35
         mask[inside] = 2
@@ -233,11 +239,12 @@ def _dust(rng, img, mask, ctx):
     spread = rng.uniform(0.15, 0.5) * size
 
     def specks(draw, s):
-        for _ in range(rng.integers(40, 140)):
-            py = np.clip(cy + rng.normal(0, spread), y0, y1) * s
-            px = np.clip(cx + rng.normal(0, spread), x0, x1) * s
-            r = max(0.6, rng.uniform(0.5, 1.3) * u) * s
-            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+        n = rng.integers(40, 140)
+        py, px = cy + rng.normal(0, spread, n), cx + rng.normal(0, spread, n)
+        radii = np.maximum(0.6, rng.uniform(0.5, 1.3, n) * u) * s
+        keep = (py > y0) & (py < y1) & (px > x0) & (px < x1)
+        for y, x, r in zip(py[keep] * s, px[keep] * s, radii[keep]):
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
 
     _paint(img, mask, 0.9 * _strokes(size, specks), colour, 3)
 
@@ -285,7 +292,7 @@ def _dirt(rng, img, mask, ctx):
     field = field + 0.5 * (_noise(rng, size, 8, 2) - 0.5)
     inside = field < 1.0
     grain = _noise(rng, size, size // 2)
-    darkening = rng.uniform(0.3, 0.55) + 0.5 * (grain - 0.5) + 0.2
+    darkening = rng.uniform(0.5, 0.75) + 0.5 * (grain - 0.5)
     tint = _jitter(rng, (0.35, 0.34, 0.32), 0.03)
     dirty = img * darkening[..., None] * 0.7 + tint * darkening[..., None] * 0.3
     img[inside] = dirty[inside]
@@ -303,6 +310,9 @@ def _fold(rng, img, mask, ctx):
     shade = 1.0 + rng.choice((-1, 1)) * 0.4 * np.clip(t, -1, 1) - 0.45 * np.exp(-(t * 4) ** 2)
     img *= np.where(band, shade, 1.0)[..., None]
     img[band] += 0.05
+    # Paint wears off along the crease in small pale flecks.
+    worn = (np.abs(t) < 0.45) & (_noise(rng, size, size // 3) > rng.uniform(0.5, 0.65))
+    img[worn] = img[worn] * 0.4 + 0.55
     np.clip(img, 0, 1, out=img)
     mask[band] = 7
 
@@ -347,7 +357,7 @@ def _cursive_line(rng, x0, y0, length, height):
 
 def _writing(rng, img, mask, ctx):
     size, u = ctx["size"], ctx["size"] / 128
-    inks = ((0.12, 0.16, 0.5), (0.1, 0.08, 0.08), (0.35, 0.35, 0.38))
+    inks = ((0.12, 0.16, 0.5), (0.1, 0.08, 0.08), (0.26, 0.26, 0.28))
     colour = _jitter(rng, inks[rng.integers(3)], 0.03)
     y0, x0, y1, x1 = ctx["box"]
     height = rng.uniform(4, 8) * u
@@ -378,11 +388,15 @@ def _cracks(rng, img, mask, ctx):
         cells = int(rng.integers(10, 30))
         py = cy + rng.uniform(-radius, radius, cells)
         px = cx + rng.uniform(-radius, radius, cells)
-        dist = np.hypot(sy[..., None] - py, sx[..., None] - px)
-        nearest = np.partition(dist, 1, axis=-1)
+        # Craquelure: the edges of a warped Voronoi tiling, i.e. pixels near the bisector of their two nearest seeds.
+        dist2 = (sy[..., None] - py) ** 2 + (sx[..., None] - px) ** 2
+        two = np.argpartition(dist2, 1, axis=-1)[..., :2]
+        d1, d2 = np.take_along_axis(dist2, two, -1).transpose(2, 0, 1)
+        gap = np.maximum(np.hypot(py[two[..., 0]] - py[two[..., 1]], px[two[..., 0]] - px[two[..., 1]]), 1e-3)
+        to_edge = np.abs(d2 - d1) / (2 * gap)
         region = _blob(rng, yy[ys, xs], xx[ys, xs], cy, cx, radius, 0.3)
         alpha = np.zeros((size, size), np.float32)
-        alpha[ys, xs] = np.clip(1.0 - (nearest[..., 1] - nearest[..., 0]) / (1.3 * u), 0, 1) * (region < 1.0)
+        alpha[ys, xs] = np.clip(1.2 - to_edge / (0.6 * max(u, 1.0)), 0, 1) * (region < 1.0)
     else:
         def branches(draw, s):
             stack = [(cy, cx, rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.4) * size)]
@@ -424,7 +438,7 @@ def _stamp(rng, img, mask, ctx):
     inks = ((0.8, 0.08, 0.12), (0.12, 0.2, 0.7), (0.5, 0.12, 0.6))
     colour = _jitter(rng, inks[rng.integers(3)], 0.04)
     cy, cx = _point(rng, ctx["box"])
-    r = rng.uniform(0.06, 0.11) * size
+    r = rng.uniform(0.07, 0.12) * size
     round_stamp = rng.random() < 0.6
     aspect = rng.uniform(0.6, 0.9)
 
@@ -456,7 +470,7 @@ def _stamp(rng, img, mask, ctx):
         region = (np.abs(yy - cy) < r * aspect) & (np.abs(xx - cx) < r)
     # Ink smudges faintly across the whole pad area, not only along the engraved lines.
     alpha = np.maximum(alpha, region * texture * rng.uniform(0.2, 0.35))
-    _paint(img, mask, alpha, colour, 11, threshold=2.0)
+    _composite(img, alpha, colour)
     mask[region] = 11
 
 
@@ -488,9 +502,7 @@ def _sticker(rng, img, mask, ctx):
             b = np.array([rng.uniform(-0.3, 0.7) * w, y]) @ rot.T + (cx, cy)
             draw.line((a[0] * s, a[1] * s, b[0] * s, b[1] * s), fill=255, width=_width(u, s))
 
-    ink = _strokes(size, printed) * coverage
-    img *= 1.0 - 0.8 * ink[..., None]
-    img += 0.8 * ink[..., None] * text
+    _composite(img, 0.8 * _strokes(size, printed) * coverage, text)
 
 
 def _puncture(rng, img, mask, ctx):
@@ -498,12 +510,12 @@ def _puncture(rng, img, mask, ctx):
     hole = _jitter(rng, (0.05, 0.04, 0.04), 0.02)
     rim = _jitter(rng, (0.62, 0.52, 0.4), 0.05)
     cy, cx = _point(rng, ctx["box"])
-    points = [(cy + rng.normal(0, 0.12 * size), cx + rng.normal(0, 0.12 * size), rng.uniform(1.2, 3.0) * u)
+    points = [(cy + rng.normal(0, 0.12 * size), cx + rng.normal(0, 0.12 * size), rng.uniform(1.5, 3.5) * u)
               for _ in range(rng.integers(1, 7))]
 
     def rims(draw, s):
         for y, x, r in points:
-            rr = (r + 1.0 * u) * s
+            rr = (r + 1.2 * u) * s
             draw.ellipse((x * s - rr, y * s - rr, x * s + rr, y * s + rr), fill=255)
 
     def holes(draw, s):
@@ -602,17 +614,18 @@ def _render(index, size, seed):
     return image, mask, material, content
 
 
-def _complete(root, count):
-    """True if root holds a finished set of count samples; raise if it holds something else."""
+def _complete(root, count, size):
+    """True if root holds a finished set of count images of size px; raise if it holds anything else."""
     meta = root / "metadata.csv"
     if not meta.is_file():
         if root.exists() and any(root.iterdir()):
             raise UserError(f"{root} exists but is not a finished synthetic set; delete it or pass another directory")
         return False
     with open(meta, newline="") as f:
-        rows = sum(1 for _ in csv.DictReader(f))
-    if rows != count:
-        raise UserError(f"{root} holds a synthetic set of {rows} images, not {count}; delete it or pass another directory")
+        shapes = [(row["width"], row["height"]) for row in csv.DictReader(f)]
+    if len(shapes) != count or any(shape != (str(size), str(size)) for shape in shapes):
+        raise UserError(f"{root} holds a different synthetic set than {count} images of {size} px; "
+                        "delete it or pass another directory")
     return True
 
 
@@ -623,7 +636,7 @@ def make_synthetic(root, count=64, size=128, seed=42):
     (e.g. several ranks) never see a partial set; whoever renames second discards its copy.
     """
     root = pathlib.Path(root)
-    if _complete(root, count):
+    if _complete(root, count, size):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -641,12 +654,11 @@ def make_synthetic(root, count=64, size=128, seed=42):
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("id", "material", "content", "width", "height"))
             writer.writerows(rows)
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
         try:
+            # rename(2) replaces an empty directory atomically and refuses a non-empty one.
             os.rename(tmp, root)
         except OSError:
-            if not _complete(root, count):
+            if not _complete(root, count, size):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@
 #   --ablate-encoder E  [ABLATE_ENCODER] encoder of the ablation rows; default the first encoder
 #   --out FILE          [BENCH_OUT] default bench.json next to this script; rewritten each run,
 #                       one JSON object per line: train.py's fields plus "run" (main or the ablation)
-#   --quick             smoke-test sizes on any device: 64 px, batch 2, 2 steps, ablations clip,channels_last
+#   --quick             smoke-test sizes on any device: 32 px, batch 2, 2 steps, ablations clip,channels_last
 # PYTHON picks the interpreter (default python). Exits 1 when a row failed, after the tables.
 set -euo pipefail
 
@@ -30,6 +30,7 @@ die() {
     exit 2
 }
 
+invocation="bash bench.sh${*:+ $*}"
 encoders=${ENCODERS:-convnext_tiny,mit_b3,maxvit_tiny,swin_tiny,coatnet_0}
 decoders=${DECODERS:-}
 img_size=${IMG_SIZE:-}
@@ -77,7 +78,7 @@ cuda=$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null
 [ -f train.py ] || die "train.py not found in $PWD"
 
 if [ "$quick" = 1 ]; then
-    : "${img_size:=64}" "${batch:=2}" "${steps:=2}" "${ablations:=clip,channels_last}"
+    : "${img_size:=32}" "${batch:=2}" "${steps:=2}" "${ablations:=clip,channels_last}"
 elif [ "$cuda" = True ]; then
     : "${img_size:=384}" "${steps:=50}" "${ablations:=clip,channels_last,compile,precision}" "${decoders:=unet,upernet}"
 else
@@ -168,10 +169,11 @@ if [ "$ablations" != none ]; then
     done
 fi
 
-"$PYTHON" - "$out" <<'PY'
+"$PYTHON" - "$out" "$invocation" <<'PY'
 import json, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+invocation = sys.argv[2]
 
 
 def cell(row, key, digits=1, scale=1.0):
@@ -194,7 +196,7 @@ def table(header, lines):
 main = [r for r in rows if r["run"] == "main"]
 if main:
     devices = sorted({str(r.get("device", "?")) for r in main})
-    print(f"Throughput on {', '.join(devices)}, synthetic data, {main[0].get('img_size')} px\n")
+    print(f"`{invocation}` on {', '.join(devices)}: synthetic data, {main[0].get('img_size')} px\n")
     table(["encoder", "decoder", "batch", "precision", "train img/s", "infer img/s", "peak MB",
            "params M", "GFLOPs/img", "MFU %", "loader img/s"],
           [[r["encoder"], r["decoder"], cell(r, "batch", 0), cell(r, "precision"),

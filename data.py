@@ -1022,3 +1022,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+from _synthetic_draft import make_synthetic  # TEMP merge

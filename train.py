@@ -314,20 +314,22 @@ def resolve_class_weights(cfg, train_masks, save_dir=None):
 
 def load_split(cfg, local_rank, local_world, train_needed=True):
     """Resolves the dataset, its split and the node-shared preloaded arrays (local rank 0 builds, others map)."""
-    if local_rank == 0:
+    def resolve():
         root = data.resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
-        train_ids, val_ids = data.split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], seed=cfg["seed"])
+        return root, *data.split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], seed=cfg["seed"])
+
+    # Local rank 0 generates the synthetic set and writes the split manifest before the others read them.
+    if local_rank == 0:
+        root, train_ids, val_ids = resolve()
     barrier()
     if local_rank != 0:
-        root = data.resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
-        train_ids, val_ids = data.split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], seed=cfg["seed"])
+        root, train_ids, val_ids = resolve()
     by_id = {s.id: s for s in data.list_samples(root)}
-    train_samples = [by_id[i] for i in train_ids]
     val_samples = [by_id[i] for i in val_ids]
     train_pre = None
     if train_needed:
-        train_pre = data.preload(train_samples, cfg["img_size"], local_rank, local_world,
-                                 offline_aug=cfg["offline_aug"], mode=cfg["preload"] == "all" and "shm" or "disk")
+        train_pre = data.preload([by_id[i] for i in train_ids], cfg["img_size"], local_rank, local_world,
+                                 offline_aug=cfg["offline_aug"], mode="shm" if cfg["preload"] == "all" else "disk")
     val_pre = data.preload(val_samples, cfg["img_size"], local_rank, local_world,
                            mode="shm" if cfg["preload"] in ("all", "val") else "disk")
     return train_pre, val_pre, val_samples
@@ -365,10 +367,11 @@ def train(cfg, rank, world, local_rank, local_world, device):
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
     resume = None
-    if cfg["resume"]:
-        path = cfg["checkpoint"] or run_dir / "last.pt"
-        if not Path(path).is_file():
-            raise UserError(f"--resume: {path} not found; drop --resume to start fresh or pass --checkpoint")
+    path = cfg["checkpoint"] or run_dir / "last.pt"
+    if cfg["resume"] and not cfg["checkpoint"] and not path.is_file():
+        # A job pre-empted before its first epoch ended is requeued with --resume too: it starts afresh.
+        log(rank, f"--resume: no {path} yet; starting from scratch")
+    elif cfg["resume"]:
         resume = load_checkpoint(path, cfg["encoder"])
         for key in ("decoder", "heads", "img_size", "batch_size", "epochs", "seed", "split", "fold"):
             if resume["config"][key] != cfg[key]:

@@ -10,6 +10,8 @@
 # (default runs/bench) change the grid. Each run uses its encoder's default batch and scaled LR.
 # A failed job cancels the rest of the chain (--kill-on-invalid-dep). Works from any directory;
 # Slurm logs go to LOG_DIR (default <repo>/logs). DRY_RUN=1 makes every job only resolve its config.
+# Partition, account and similar come from sbatch's own environment (SBATCH_PARTITION=gpu,
+# SBATCH_ACCOUNT=proj, SBATCH_TIMELIMIT=12:00:00 ...).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO

@@ -7,6 +7,8 @@
 #
 # FOLDS defaults to 3. Works from any directory; jobs run in the repository and their Slurm logs
 # go to LOG_DIR (default <repo>/logs). DRY_RUN=1 makes every job only resolve its config.
+# Partition, account and similar come from sbatch's own environment (SBATCH_PARTITION=gpu,
+# SBATCH_ACCOUNT=proj, SBATCH_TIMELIMIT=12:00:00 ...).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO

@@ -27,7 +27,7 @@ def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
     main, clip, no_channels_last = rows
     for row in rows:
         assert FIELDS <= row.keys()
-        assert (row["encoder"], row["decoder"], row["img_size"], row["batch"]) == ("mit_b0", "unet", 64, 2)
+        assert (row["encoder"], row["decoder"], row["img_size"], row["batch"]) == ("mit_b0", "unet", 32, 2)
         assert row["device"] == "cpu" and row["mfu"] is None, "MFU needs a known peak; a CPU has none"
         for field in ("train_img_s", "infer_img_s", "peak_mem_mb", "gflops", "loader_img_s"):
             assert row[field] > 0, field
@@ -36,7 +36,7 @@ def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
     assert no_channels_last["channels_last"] is False and no_channels_last["clip"] is None
 
     from model import build_model
-    params = sum(p.numel() for p in build_model("mit_b0", img_size=64).parameters())
+    params = sum(p.numel() for p in build_model("mit_b0", img_size=32).parameters())
     assert abs(main["params_m"] - params / 1e6) < 1e-9
 
     lines = result.stdout.splitlines()

