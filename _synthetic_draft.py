@@ -196,12 +196,15 @@ def _material(rng, img, material, yy, xx):
 
 def _material_loss(rng, img, mask, ctx):
     yy, xx, size = ctx["yy"], ctx["xx"], ctx["size"]
-    colour = _jitter(rng, (0.93, 0.9, 0.82), 0.03)
+    ground = _jitter(rng, (0.93, 0.9, 0.82), 0.03)
+    # Where the lost layer was itself pale (paper, parchment), the hole shows the darker mount behind it.
+    backing = _jitter(rng, (0.5, 0.46, 0.42), 0.04)
     grain = _noise(rng, size, size // 4)[..., None] * 0.04
     for _ in range(rng.integers(1, 4)):
         cy, cx = _point(rng, ctx["box"], 0.05)
         field = _blob(rng, yy, xx, cy, cx, rng.uniform(0.07, 0.19) * size, 0.3)
         inside = field < 1.0
+        colour = backing if img[inside].mean() > 0.75 else ground
         img[inside] = (colour - grain)[inside]
         # A torn edge: the surrounding layer breaks off with a thin dark lip.
         lip = inside & (field > 0.9)
@@ -251,7 +254,8 @@ def _dust(rng, img, mask, ctx):
 
 def _scratch(rng, img, mask, ctx):
     size, u = ctx["size"], ctx["size"] / 128
-    colour = _jitter(rng, (0.92, 0.91, 0.88), 0.03)
+    # A scratch exposes a bright layer; on an already pale surface the groove reads as a grey line instead.
+    colour = np.where((img.mean(-1) < 0.7)[..., None], _jitter(rng, (0.92, 0.91, 0.88), 0.03), img * 0.55)
     direction = rng.uniform(0, np.pi)
 
     def lines(draw, s):
@@ -357,7 +361,8 @@ def _cursive_line(rng, x0, y0, length, height):
 
 def _writing(rng, img, mask, ctx):
     size, u = ctx["size"], ctx["size"] / 128
-    inks = ((0.12, 0.16, 0.5), (0.1, 0.08, 0.08), (0.26, 0.26, 0.28))
+    # Ballpoint blue, faded iron-gall brown, pencil grey.
+    inks = ((0.12, 0.16, 0.5), (0.38, 0.22, 0.1), (0.3, 0.3, 0.33))
     colour = _jitter(rng, inks[rng.integers(3)], 0.03)
     y0, x0, y1, x1 = ctx["box"]
     height = rng.uniform(4, 8) * u
@@ -424,7 +429,7 @@ def _staining(rng, img, mask, ctx):
     cy, cx = _point(rng, ctx["box"], 0.05)
     field = _blob(rng, yy, xx, cy, cx, rng.uniform(0.12, 0.25) * size, 0.3)
     field = field + 0.3 * (_noise(rng, size, 5) - 0.5)
-    opacity = rng.uniform(0.5, 0.8)
+    opacity = rng.uniform(0.55, 0.85)
     alpha = np.clip((1.15 - field) / 0.5, 0, 1) * opacity
     tide = np.exp(-((field - 0.97) / 0.05) ** 2) * 0.25
     colour = _jitter(rng, (0.72, 0.48, 0.14), 0.04)

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", default="fine", choices=["fine", "hierarchical"])
     p.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights")
     p.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
-    p.add_argument("--data", default="synthetic", help="dataset folder (images/ + annotations/) or 'synthetic'")
+    p.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default; "
+                   "--eval-only defaults to the checkpoint's)")
     p.add_argument("--synthetic-count", type=int, default=64)
     p.add_argument("--synthetic-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=384)
@@ -77,6 +78,9 @@ def parse_args(argv=None):
 def resolve_config(args, world_size, device):
     """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
     cfg = vars(args).copy()
+    cfg.update(data=args.data or "synthetic", data_flag=args.data)
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: folder not found; run `python data.py prepare` or use --data synthetic")
     if args.encoder not in ENCODERS and not _timm_knows(args.encoder):
         raise UserError(f"--encoder {args.encoder}: unknown; use one of {', '.join(ENCODERS)} or a timm model name")
     check_img_size(args.encoder, args.img_size)
@@ -504,8 +508,11 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     path = cfg["checkpoint"] or Path(cfg["run_dir"]) / "best.pt"
     ckpt = load_checkpoint(path)
     trained = ckpt["config"]
-    for key in ("encoder", "decoder", "heads", "norm", "img_size"):
+    # The split must be the one the model was trained on, or its validation images may have been trained on.
+    for key in ("encoder", "decoder", "heads", "norm", "img_size", "split", "fold", "folds", "seed",
+                "synthetic_count", "synthetic_size"):
         cfg[key] = trained[key]
+    cfg["data"] = cfg["data_flag"] or trained["data"]
     model = build_model(trained["encoder"], trained["num_classes"], trained["decoder"], trained["heads"], False,
                         trained["img_size"], trained["norm"]).to(device)
     model.load_state_dict(ckpt["model"])
@@ -705,12 +712,8 @@ def main(argv=None):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg = resolve_config(args, world, device)
-            if not args.data == "synthetic" and not Path(args.data).is_dir():
-                raise UserError(f"--data {args.data}: folder not found; give a dataset folder or 'synthetic'")
             print(json.dumps(cfg, indent=2))
             return 0
-        if args.data != "synthetic" and not Path(args.data).is_dir():
-            raise UserError(f"--data {args.data}: folder not found; run `python data.py prepare` or use synthetic")
         rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout)
         cfg = resolve_config(args, world, device)
         if args.batch_size == "auto" and device.type == "cuda":
