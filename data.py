@@ -211,6 +211,7 @@ def read_metadata(root):
 def resolve_data(data, synthetic_count=64, synthetic_size=192):
     """--data value -> dataset folder; "synthetic" is generated once under data/synthetic-COUNT-SIZE/."""
     if data == "synthetic":
+        from synthetic import make_synthetic
         root = SYNTHETIC_DIR / f"synthetic-{synthetic_count}-{synthetic_size}"
         return Path(make_synthetic(root, count=synthetic_count, size=synthetic_size, seed=42))
     root = Path(data)
@@ -1022,4 +1023,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
-from _synthetic_draft import make_synthetic  # TEMP merge

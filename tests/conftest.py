@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    from data import make_synthetic
+    from synthetic import make_synthetic
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "set", count=24, size=96, seed=42)
 
 

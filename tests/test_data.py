@@ -18,6 +18,7 @@ from PIL import Image
 
 import data
 from data import MEAN, PALETTE, STD, UserError
+import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
         return root
 
     monkeypatch.setattr(data, "SYNTHETIC_DIR", tmp_path)
-    monkeypatch.setattr(data, "make_synthetic", fake_make_synthetic, raising=False)
+    monkeypatch.setattr(synthetic, "make_synthetic", fake_make_synthetic)
     assert data.resolve_data("synthetic", 8, 64) == tmp_path / "synthetic-8-64"
     assert calls == [("synthetic-8-64", 8, 64, 42)]
     with pytest.raises(UserError, match="--data"):

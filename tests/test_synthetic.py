@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import UserError, make_synthetic
+from data import UserError
+from synthetic import make_synthetic
 
 
 def digests(root):

@@ -234,12 +234,12 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     samples = data.list_samples(synthetic_root)[:4]
     pre = data.preload(samples, 64)
     model, raw_model, optimizer = train.build_training(cfg, 1, 0, torch.device("cpu"))
-    scheduler = train.get_lr_schedule(optimizer, dict(cfg, epochs=1), 150)
+    scheduler = train.get_lr_schedule(optimizer, dict(cfg, epochs=1), 250)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     criterion = train.make_criterion(cfg, None, torch.device("cpu"))
     images, masks = next(iter(data.batches(pre, torch.arange(4), 4, pin=False)))
     batch = [data.to_device_batch(images, masks, torch.device("cpu"), None)]
-    for _ in range(150):
+    for _ in range(250):
         train.train_step(model, criterion, optimizer, scheduler, scaler, batch, cfg, torch.device("cpu"))
     cms = train.evaluate(raw_model, pre, torch.arange(4), cfg, torch.device("cpu"))
     assert train.eval_metrics(cms)["pixel_acc"] > 0.9

@@ -1,4 +1,8 @@
-"""Synthetic damage set: procedurally painted artworks with ARTeFACT-style damage masks."""
+"""The built-in synthetic damage set: procedurally painted artworks with ARTeFACT-style damage masks.
+
+Written in the dataset folder format (images/, annotations/, metadata.csv) so every other script treats
+it like ARTeFACT; `train.py --data synthetic` generates it once through data.resolve_data.
+"""
 import csv
 import os
 import pathlib
@@ -8,12 +12,7 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-IGNORE_INDEX = 255
-
-
-class UserError(Exception):
-    """One-line, user-fixable problem (data.py already defines it; drop this copy when merging)."""
-
+from data import IGNORE_INDEX, UserError
 
 SYNTHETIC_MATERIALS = ("Paper", "Canvas", "Tesserae", "Parchment")
 SYNTHETIC_CONTENTS = ("Artistic depiction", "Geometric patterns", "Line art")
