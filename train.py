@@ -264,10 +264,12 @@ def evaluate_full_res(model, samples, rank, world, cfg, device):
     model.eval()
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for i in data.eval_shard(len(samples), rank, world).tolist():
-        image, mask = data.read_image(samples[i].image), None
+        image = data.read_image(samples[i].image)
         mask = data.read_mask(samples[i].mask, image.shape[:2])
         pred = predict_image(model, image, tile=cfg["img_size"], device=device, precision=cfg["precision"])
-        cm += confusion(torch.from_numpy(pred).long(), torch.from_numpy(mask).long(), NUM_CLASSES)
+        # read_mask's array is read-only; astype gives torch a writable copy in the dtype it needs anyway.
+        cm += confusion(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
+                        NUM_CLASSES)
     return {"fine": all_reduce(cm.to(device))}
 
 
