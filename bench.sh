@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Throughput of every encoder and decoder, and of the training-step ablations, measured through
-# `train.py --bench` (the real training step, no second loop); prints markdown tables, writes bench.json.
+# `bench.py` (train.py's real training step, no second loop); prints markdown tables, writes bench.json.
 #
 #   bash bench.sh                                  # 384 px on a GPU, small CPU defaults otherwise
 #   bash bench.sh --encoders mit_b3,convnext_tiny --decoders unet --steps 100
 #   bash bench.sh --quick --encoders mit_b0 --decoders unet
-#   bash bench.sh -- --micro-batch 16              # arguments after -- go to every train.py call
+#   bash bench.sh -- --micro-batch 16              # arguments after -- go to every bench.py call
 #
 # Options [environment variable]:
 #   --encoders LIST     [ENCODERS] default convnext_tiny,mit_b3,maxvit_tiny,swin_tiny,coatnet_0
@@ -14,13 +14,13 @@
 #   --img-size S        [IMG_SIZE] one resolution for all rows; default 384 on a GPU, 64 on a CPU
 #   --batch-size N      [BATCH] default each encoder's default global batch (and its scaled LR)
 #                       on a GPU, 4 on a CPU
-#   --steps N           [STEPS] timed steps per row, after train.py's warm-up; default 50 GPU, 5 CPU
-#   --peak-tflops X     [PEAK_TFLOPS] the device's peak TFLOP/s for MFU, passed to train.py
+#   --steps N           [STEPS] timed steps per row, after bench.py's warm-up; default 50 GPU, 5 CPU
+#   --peak-tflops X     [PEAK_TFLOPS] the device's peak TFLOP/s for MFU, passed to bench.py
 #   --ablations LIST    [ABLATIONS] any of clip,channels_last,compile,precision, or none; default
 #                       all on a GPU, all but compile on a CPU (compile is slow to start there)
 #   --ablate-encoder E  [ABLATE_ENCODER] encoder of the ablation rows; default the first encoder
 #   --out FILE          [BENCH_OUT] default bench.json next to this script; rewritten each run,
-#                       one JSON object per line: train.py's fields plus "run" (main or the ablation)
+#                       one JSON object per line: bench.py's fields plus "run" (main or the ablation)
 #   --quick             smoke-test sizes on any device: 32 px, batch 2, 2 steps, ablations clip,channels_last
 # PYTHON picks the interpreter (default python). Exits 1 when a row failed, after the tables.
 set -euo pipefail
@@ -75,7 +75,7 @@ out=${out:-$PWD/bench.json}
 
 cuda=$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null) \
     || die "$PYTHON cannot import torch; run 'pip install -r requirements.txt' or set PYTHON=/path/to/venv/bin/python"
-[ -f train.py ] || die "train.py not found in $PWD"
+[ -f bench.py ] || die "bench.py not found in $PWD"
 
 if [ "$quick" = 1 ]; then
     : "${img_size:=32}" "${batch:=2}" "${steps:=2}" "${ablations:=clip,channels_last}"
@@ -101,7 +101,7 @@ ablate_encoder=${ablate_encoder:-${encoder_list[0]}}
 ablate_decoder=unet
 [ -z "$decoders" ] || ablate_decoder=${decoder_list[0]}
 
-common=(--bench --data synthetic --preload all --img-size "$img_size" --bench-steps "$steps")
+common=(--data synthetic --preload all --img-size "$img_size" --bench-steps "$steps")
 [ -z "$batch" ] || common+=(--batch-size "$batch")
 [ -z "$peak_tflops" ] || common+=(--peak-tflops "$peak_tflops")
 
@@ -119,7 +119,7 @@ run_bench() {
     part=$work/row-$count.json
     log=$work/row-$count.log
     echo "bench: [$count] $run $encoder/$decoder $img_size px${*:+ $*}" >&2
-    if "$PYTHON" train.py "${common[@]}" --encoder "$encoder" --decoder "$decoder" \
+    if "$PYTHON" bench.py "${common[@]}" --encoder "$encoder" --decoder "$decoder" \
         --bench-out "$part" "$@" "${extra[@]}" > "$log" 2>&1 && [ -s "$part" ]; then
         sed "s/^{/{\"run\": \"$run\", /" "$part" >> "$out"
     else

@@ -23,10 +23,9 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from labels import COARSE_OF_FINE, IGNORE_INDEX
+
 LOSSES = ("dicefocal", "dice", "focal", "ce")
-COARSE_OF_FINE = torch.tensor([0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3])
-COARSE_NAMES = ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
-BINARY_NAMES = ["Clean", "Damage"]
 
 
 @lru_cache(maxsize=None)
@@ -37,12 +36,12 @@ def _label_tables(device, ignore_index):
     ``ignore_index``.
     """
     coarse = torch.full((256,), ignore_index, dtype=torch.long)
-    coarse[: len(COARSE_OF_FINE)] = COARSE_OF_FINE
+    coarse[: len(COARSE_OF_FINE)] = torch.tensor(COARSE_OF_FINE)
     binary = torch.where(coarse == ignore_index, coarse, (coarse != 0).long())
     return coarse.to(device), binary.to(device)
 
 
-def hierarchy_targets(mask, ignore_index=255):
+def hierarchy_targets(mask, ignore_index=IGNORE_INDEX):
     """Targets for the three heads from a fine mask (B, H, W): dict(fine, coarse, binary).
 
     coarse: 0 Clean, 1 Structural loss, 2 Surface deposits, 3 Additions & optical (``COARSE_OF_FINE``);
@@ -84,7 +83,7 @@ class DiceLoss(nn.Module):
     a batch with no valid pixel gives 0.
     """
 
-    def __init__(self, weight=None, smooth=1.0, ignore_index=255):
+    def __init__(self, weight=None, smooth=1.0, ignore_index=IGNORE_INDEX):
         super().__init__()
         self.register_buffer("weight", _as_weight(weight))
         self.smooth = smooth
@@ -117,7 +116,7 @@ class FocalLoss(nn.Module):
     special rule is needed.
     """
 
-    def __init__(self, weight=None, gamma=2.0, ignore_index=255):
+    def __init__(self, weight=None, gamma=2.0, ignore_index=IGNORE_INDEX):
         super().__init__()
         self.register_buffer("weight", _as_weight(weight))
         self.gamma = gamma
@@ -139,7 +138,7 @@ class FocalLoss(nn.Module):
 class DiceFocalLoss(nn.Module):
     """``dice_weight * DiceLoss + focal_weight * FocalLoss``, both with the same class weights (0.5 / 0.5)."""
 
-    def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=255):
+    def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=IGNORE_INDEX):
         super().__init__()
         self.dice = DiceLoss(weight, ignore_index=ignore_index)
         self.focal = FocalLoss(weight, ignore_index=ignore_index)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import NUM_CLASSES, UserError
+from labels import HEAD_NAMES, NUM_CLASSES, UserError
 
 # input_rule says which inputs the built encoder takes: "stride" any multiple of its deepest stride;
 # "tiles" multiples of img_size (MaxViT's window is img_size/32, so its 1/32 map must hold whole windows);
@@ -30,8 +30,16 @@ ENCODERS = {
 }
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 UPERNET_CHANNELS = 256
-HEAD_CLASSES = {"coarse": 4, "binary": 2}  # DESIGN.md's damage groups; fine gets num_classes
 MIT_HUB = "smp-hub/{}.imagenet"  # SegFormer's ImageNet MiT weights, SegFormer key names, model.safetensors
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(precision, device):
+    """Autocast context for --precision bf16 / fp16; fp32 runs without one."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
 def _spec(encoder):
@@ -46,19 +54,15 @@ def default_batch(encoder):
     return _spec(encoder)["batch"]
 
 
-def size_multiple(encoder):
-    """--img-size must be a multiple of this: the deepest stride, 32 for every named encoder (MaxViT derives
-    its window from img_size, so each multiple of 32 builds; the built model's input_multiple is stricter)."""
-    _spec(encoder)
-    return 32
-
-
 def _nearest(size, multiple):
     return max(multiple, int(size / multiple + 0.5) * multiple)
 
 
 def check_img_size(encoder, img_size):
-    multiple = size_multiple(encoder)
+    """--img-size must be a multiple of the deepest stride, 32 for every named encoder (MaxViT derives its
+    window from img_size, so each multiple of 32 builds; the built model's input_multiple is stricter)."""
+    _spec(encoder)
+    multiple = 32
     if img_size < multiple or img_size % multiple:
         raise UserError(f"--img-size {img_size}: {encoder} needs a multiple of {multiple}; "
                         f"nearest valid size is {_nearest(img_size, multiple)}")
@@ -218,7 +222,9 @@ def build_model(encoder, num_classes=NUM_CLASSES, decoder="unet", heads="fine", 
         body = UNetDecoder(channels, reductions, norm)
     else:
         body = UPerNetDecoder(channels, norm)
-    head_classes = {"fine": num_classes, **(HEAD_CLASSES if heads == "hierarchical" else {})}
+    head_classes = {"fine": num_classes}
+    if heads == "hierarchical":
+        head_classes.update(coarse=len(HEAD_NAMES["coarse"]), binary=len(HEAD_NAMES["binary"]))
     kernel = 3 if decoder == "unet" and heads == "fine" else 1  # smp's UNet head is 3x3; the others 1x1
     head_modules = nn.ModuleDict({name: nn.Conv2d(body.out_channels, n, kernel, padding=kernel // 2)
                                   for name, n in head_classes.items()})
@@ -247,17 +253,23 @@ def _load_mit_from_hub(model, encoder):
     _load_encoder_state(model, rename_mit_keys(load_file(path)), f"--pretrained ({repo})")
 
 
+def strip_wrapper_prefixes(state):
+    """State dict without the key prefixes that DDP ("module.") and torch.compile ("_orig_mod.") add."""
+    stripped = {}
+    for key, value in state.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
 def _unwrap(checkpoint):
     """Plain encoder state dict from a training checkpoint, a DDP/compiled model or a whole segmentation model."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    state = {}
-    for key, value in checkpoint.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        state[key] = value
+    state = strip_wrapper_prefixes(checkpoint)
     for prefix in ("encoder.", "backbone."):
         if any(key.startswith(prefix) for key in state):
             return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}

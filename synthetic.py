@@ -12,7 +12,8 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import IGNORE_INDEX, UserError
+from files import write_metadata
+from labels import IGNORE_INDEX, UserError
 
 SYNTHETIC_MATERIALS = ("Paper", "Canvas", "Tesserae", "Parchment")
 SYNTHETIC_CONTENTS = ("Artistic depiction", "Geometric patterns", "Line art")
@@ -654,10 +655,7 @@ def make_synthetic(root, count=64, size=128, seed=42):
             Image.fromarray(image).save(tmp / "images" / f"{name}.png")
             Image.fromarray(mask).save(tmp / "annotations" / f"{name}.png")
             rows.append((name, material, content, size, size))
-        with open(tmp / "metadata.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("id", "material", "content", "width", "height"))
-            writer.writerows(rows)
+        write_metadata(tmp / "metadata.csv", rows)
         try:
             # rename(2) replaces an empty directory atomically and refuses a non-empty one.
             os.rename(tmp, root)

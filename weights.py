@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, list_samples, read_mask, resolve_data
+from data import resolve_data
+from files import atomic_write, list_samples, read_mask
+from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
 
 METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
@@ -124,7 +126,7 @@ def save_weights(path, method, counts, weights, max_ratio):
               "counts": [int(n) for n in counts],
               "weights": [float(w) for w in weights]}
     try:
-        Path(path).write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror}); pass --out with a writable path") from None
 
@@ -143,10 +145,15 @@ def load_weights(path, num_classes=NUM_CLASSES):
     return weights
 
 
-def resolve_class_weights(spec, masks, max_ratio=DEFAULT_MAX_RATIO):
-    """Weights for ``--class-weights``: a method name (computed from ``masks``) or a JSON file path."""
+def resolve_class_weights(spec, masks, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
+    """Weights for ``--class-weights``: a method name (computed from ``masks``, and written as JSON to
+    ``save_to`` when given) or a JSON file path."""
     if spec in METHODS:
-        return compute_weights(count_pixels(masks), spec, max_ratio)
+        counts = count_pixels(masks)
+        weights = compute_weights(counts, spec, max_ratio)
+        if save_to is not None:
+            save_weights(save_to, spec, counts, weights, max_ratio)
+        return weights
     if spec.endswith(".json") or Path(spec).exists():
         return load_weights(spec)
     raise UserError(f"--class-weights {spec}: give a method ({', '.join(METHODS)}) or a .json file")
@@ -169,20 +176,18 @@ def main(argv=None):
     parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
                         help="cap on max/min weight (inf for none)")
     parser.add_argument("--out", help="JSON file to write (default DIR/class_weights-<method>.json)")
-    args = parser.parse_args(argv)
-    try:
-        root = resolve_data(args.data, synthetic_count=args.synthetic_count)
-        counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
-        max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
-        weights = compute_weights(counts, args.method, max_ratio)
-        out = Path(args.out) if args.out else Path(root) / f"class_weights-{args.method}.json"
-        save_weights(out, args.method, counts, weights, max_ratio)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(_write_for_dataset, parser.parse_args(argv))
+
+
+def _write_for_dataset(args):
+    root = resolve_data(args.data, synthetic_count=args.synthetic_count)
+    counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
+    max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
+    weights = compute_weights(counts, args.method, max_ratio)
+    out = Path(args.out) if args.out else Path(root) / f"class_weights-{args.method}.json"
+    save_weights(out, args.method, counts, weights, max_ratio)
     print(format_table(counts, weights))
     print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-from data import UserError
+import prepare
+from labels import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (40, 32)  # (W, H)
@@ -123,8 +123,8 @@ def unreadable_permissions(root):
 
 
 # name, builder, culprit (relative to the dataset folder), words the message must contain, and whether to also run
-# the real `python data.py check DIR` process (each start imports torch, ~1.5 s of CPU, so a few rows cover the
-# process-level wiring while data.main() covers every row).
+# the real `python prepare.py check DIR` process (each start imports torch, ~1.5 s of CPU, so a few rows cover the
+# process-level wiring while prepare.main() covers every row).
 CASES = [
     ("corrupt png", corrupt_png, "images/good.png", "not a readable image", True),
     ("truncated file", truncated_file, "images/good.png", "truncated", False),
@@ -154,8 +154,8 @@ def guarded_open(file, *args, **kwargs):
         raise PermissionError(13, "Permission denied", denied)
     return real_open(file, *args, **kwargs)
 builtins.open = guarded_open
-sys.argv = ["data.py"] + sys.argv[1:]
-runpy.run_path("data.py", run_name="__main__")
+sys.argv = ["prepare.py"] + sys.argv[1:]
+runpy.run_path("prepare.py", run_name="__main__")
 """
 
 
@@ -175,7 +175,7 @@ def corpus(tmp_path_factory):
         build(root)
         if cli:
             deny = denied_file(name, root)
-            command = [sys.executable, "-c", DENY_AS_ROOT, str(deny)] if deny else [sys.executable, "data.py"]
+            command = [sys.executable, "-c", DENY_AS_ROOT, str(deny)] if deny else [sys.executable, "prepare.py"]
             runs[name] = subprocess.Popen(command + ["check", str(root)], cwd=REPO, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finished = {}
@@ -205,12 +205,12 @@ def test_broken_dataset_gives_one_line_naming_the_file(name, build, culprit, wor
     if deny is not None:
         deny_reading(monkeypatch, deny)
     with pytest.raises(UserError) as raised:
-        data.check(root)
+        prepare.check(root)
     message = str(raised.value)
     assert "\n" not in message
     assert str(root / culprit) in message and words in message
 
-    assert data.main(["check", str(root)]) == 2
+    assert prepare.main(["check", str(root)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
     monkeypatch.undo()
 

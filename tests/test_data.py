@@ -17,8 +17,13 @@ import torch
 from PIL import Image
 
 import data
-from data import MEAN, PALETTE, STD, UserError
+import files
+import prepare
+import preload
+import splits
 import synthetic
+from data import MEAN, STD
+from labels import PALETTE, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,15 +104,15 @@ def resized(path, size, resample):
 
 def test_list_samples_pairs_images_and_masks_by_id_and_ignores_other_files(dataset):
     (dataset / "images" / "notes.txt").write_text("not data")
-    samples = data.list_samples(dataset)
+    samples = files.list_samples(dataset)
     assert [s.id for s in samples] == [f"img{i:02d}" for i in range(6)]
     assert all(s.image.parent.name == "images" and s.mask.parent.name == "annotations" for s in samples)
     assert all(s.image.stem == s.mask.stem == s.id for s in samples)
 
 
 def test_read_image_and_id_mask(dataset):
-    sample = data.list_samples(dataset)[0]
-    image, mask = data.read_image(sample.image), data.read_mask(sample.mask, image_size=(32, 40))
+    sample = files.list_samples(dataset)[0]
+    image, mask = files.read_image(sample.image), files.read_mask(sample.mask, image_size=(32, 40))
     assert image.shape == (32, 40, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, pixels(sample.image))
     np.testing.assert_array_equal(mask, pixels(sample.mask))
@@ -119,14 +124,14 @@ def test_rgb_mask_in_artefact_colours_becomes_ids_and_background_255(tmp_path):
     rgb = np.array([[colours[v] for v in row] for row in ids.tolist()], dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(np.dstack([rgb, np.full(ids.shape, 255, np.uint8)])).save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(data.read_mask(tmp_path / "rgb.png"), ids)
-    np.testing.assert_array_equal(data.read_mask(tmp_path / "rgba.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgb.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgba.png"), ids)
 
 
 def test_grey_rgb_mask_is_read_as_ids(tmp_path):
     ids = np.array([[0, 3, 255], [15, 1, 2]], dtype=np.uint8)
     Image.fromarray(np.dstack([ids] * 3)).save(tmp_path / "grey.png")
-    np.testing.assert_array_equal(data.read_mask(tmp_path / "grey.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "grey.png"), ids)
 
 
 def test_palette_mask_is_read_as_its_indices_not_its_colours(tmp_path):
@@ -135,18 +140,18 @@ def test_palette_mask_is_read_as_its_indices_not_its_colours(tmp_path):
     image.putpalette([200, 10, 10] * 256)
     image.save(tmp_path / "p.png")
     assert mode(tmp_path / "p.png") == "P"
-    np.testing.assert_array_equal(data.read_mask(tmp_path / "p.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "p.png"), ids)
 
 
 def test_16_bit_mask_with_valid_ids_is_accepted(tmp_path):
     ids = np.array([[0, 1, 15], [255, 4, 0]], dtype=np.uint16)
     Image.fromarray(ids).save(tmp_path / "wide.png")
     assert mode(tmp_path / "wide.png").startswith("I")
-    np.testing.assert_array_equal(data.read_mask(tmp_path / "wide.png"), ids.astype(np.uint8))
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "wide.png"), ids.astype(np.uint8))
 
 
 def test_check_cli_summarises_a_valid_dataset(dataset, capsys):
-    assert data.main(["check", str(dataset)]) == 0
+    assert prepare.main(["check", str(dataset)]) == 0
     assert capsys.readouterr().out.startswith(f"ok: 6 image/mask pairs in {dataset}")
 
 
@@ -158,7 +163,7 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
         return root
 
     monkeypatch.setattr(data, "SYNTHETIC_DIR", tmp_path)
-    monkeypatch.setattr(synthetic, "make_synthetic", fake_make_synthetic)
+    monkeypatch.setattr(data, "make_synthetic", fake_make_synthetic)
     assert data.resolve_data("synthetic", 8, 64) == tmp_path / "synthetic-8-64"
     assert calls == [("synthetic-8-64", 8, 64, 42)]
     with pytest.raises(UserError, match="--data"):
@@ -169,10 +174,10 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
 @pytest.mark.parametrize("folds", [2, 3, 5])
 def test_kfold_folds_are_disjoint_cover_every_image_and_train_never_holds_val(tmp_path, folds):
     root = write_dataset(tmp_path / "ds", count=11)
-    ids = {s.id for s in data.list_samples(root)}
+    ids = {s.id for s in files.list_samples(root)}
     vals = []
     for fold in range(folds):
-        train, val = data.split_ids(root, "kfold", fold, folds)
+        train, val = splits.split_ids(root, "kfold", fold, folds)
         assert set(train).isdisjoint(val) and set(train) | set(val) == ids
         vals.append(set(val))
     assert sum(len(v) for v in vals) == len(ids) and set().union(*vals) == ids
@@ -181,60 +186,63 @@ def test_kfold_folds_are_disjoint_cover_every_image_and_train_never_holds_val(tm
 
 def test_single_split_holds_out_a_fifth(tmp_path):
     root = write_dataset(tmp_path / "ds", count=10)
-    train, val = data.split_ids(root, "single", 0)
+    train, val = splits.split_ids(root, "single", 0)
     assert len(val) == 2 and len(train) == 8 and set(train).isdisjoint(val)
 
 
 def test_splits_are_deterministic_and_depend_on_the_seed(tmp_path):
     root = write_dataset(tmp_path / "ds", count=12)
-    first = data.make_splits(root, "kfold", 3, seed=42)
+    def folds(seed):
+        return [splits.split_ids(root, "kfold", fold, 3, seed=seed)[1] for fold in range(3)]
+
+    first = folds(42)
     for manifest in root.glob("splits-*.json"):
         manifest.unlink()
-    assert data.make_splits(root, "kfold", 3, seed=42)["val"] == first["val"]
-    assert data.make_splits(root, "kfold", 3, seed=7)["val"] != first["val"]
+    assert folds(42) == first
+    assert folds(7) != first
 
 
 def test_leave_one_material_out_uses_sorted_materials_as_folds(dataset):
     metadata = {row["id"]: row for row in read_csv(dataset / "metadata.csv")}
     for fold, material in enumerate(sorted({"Paper", "Canvas", "Glass"})):
-        train, val = data.split_ids(dataset, "material", fold)
+        train, val = splits.split_ids(dataset, "material", fold)
         assert {metadata[i]["material"] for i in val} == {material}
         assert material not in {metadata[i]["material"] for i in train}
-    _, val = data.split_ids(dataset, "content", 1)
+    _, val = splits.split_ids(dataset, "content", 1)
     assert {metadata[i]["content"] for i in val} == {"Line art"}
     with pytest.raises(UserError, match="--fold 3"):
-        data.split_ids(dataset, "material", 3)
+        splits.split_ids(dataset, "material", 3)
 
 
 def test_group_split_without_the_metadata_column_is_a_user_error(dataset):
     (dataset / "metadata.csv").write_text("id,width\n" + "".join(f"img{i:02d},40\n" for i in range(6)))
     with pytest.raises(UserError, match="material"):
-        data.split_ids(dataset, "material", 0)
+        splits.split_ids(dataset, "material", 0)
     (dataset / "metadata.csv").unlink()
     with pytest.raises(UserError, match="metadata.csv"):
-        data.split_ids(dataset, "content", 0)
+        splits.split_ids(dataset, "content", 0)
 
 
 def test_manifest_is_written_reread_and_guards_against_a_changed_dataset(dataset):
-    data.split_ids(dataset, "kfold", 1, 3)
+    splits.split_ids(dataset, "kfold", 1, 3)
     manifest = dataset / "splits-kfold-3-42.json"
     assert manifest.is_file()
     stored = json.loads(manifest.read_text())
     stored["val"][1] = stored["val"][1][:1]
     manifest.write_text(json.dumps(stored))
     # The stored folds win over a recomputation, which is what lets every CV job agree.
-    assert data.split_ids(dataset, "kfold", 1, 3)[1] == stored["val"][1]
+    assert splits.split_ids(dataset, "kfold", 1, 3)[1] == stored["val"][1]
     write_dataset(dataset / "more", count=1)
     shutil.copy(dataset / "more" / "images" / "img00.png", dataset / "images" / "extra.png")
     shutil.copy(dataset / "more" / "annotations" / "img00.png", dataset / "annotations" / "extra.png")
     with pytest.raises(UserError, match="splits-kfold-3-42.json.*delete"):
-        data.split_ids(dataset, "kfold", 0, 3)
+        splits.split_ids(dataset, "kfold", 0, 3)
 
 
 
 def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
-    samples = data.list_samples(dataset)
-    with data.preload(samples, 16) as pre:
+    samples = files.list_samples(dataset)
+    with preload.preload(samples, 16) as pre:
         assert pre.images.shape == (6, 16, 16, 3) and pre.masks.shape == (6, 16, 16)
         assert pre.ids == [s.id for s in samples]
         for i, sample in enumerate(samples):
@@ -244,8 +252,8 @@ def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
 
 
 def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
-    samples = data.list_samples(dataset)
-    with data.preload(samples, 16, offline_aug=True) as pre, data.preload(samples, 16, offline_aug=True,
+    samples = files.list_samples(dataset)
+    with preload.preload(samples, 16, offline_aug=True) as pre, preload.preload(samples, 16, offline_aug=True,
                                                                           mode="disk") as disk:
         assert disk.ids == pre.ids
         np.testing.assert_array_equal(np.stack(list(disk.masks)), pre.masks)
@@ -255,10 +263,10 @@ def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
 
 
 def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset, shm):
-    train_ids, val_ids = data.split_ids(dataset, "kfold", 0, 3)
-    by_id = {s.id: s for s in data.list_samples(dataset)}
-    with data.preload([by_id[i] for i in train_ids], 16, offline_aug=True) as train, \
-            data.preload([by_id[i] for i in val_ids], 16) as val:
+    train_ids, val_ids = splits.split_ids(dataset, "kfold", 0, 3)
+    by_id = {s.id: s for s in files.list_samples(dataset)}
+    with preload.preload([by_id[i] for i in train_ids], 16, offline_aug=True) as train, \
+            preload.preload([by_id[i] for i in val_ids], 16) as val:
         assert len(train) == 4 * len(train_ids) and len(val) == len(val_ids)
         assert set(train.ids) == set(train_ids) and set(train.ids).isdisjoint(val.ids)
         for k, sample_id in enumerate(train_ids):
@@ -273,11 +281,11 @@ def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset,
 
 
 def test_second_process_maps_the_same_bytes_without_building(dataset, shm):
-    samples = data.list_samples(dataset)
-    with data.preload(samples, 16) as pre:
+    samples = files.list_samples(dataset)
+    with preload.preload(samples, 16) as pre:
         child = python(f"""
-import hashlib, data
-pre = data.preload(data.list_samples({str(dataset)!r}), 16, local_rank=1, local_world=2, timeout=20)
+import hashlib, files, preload
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16, local_rank=1, local_world=2, timeout=20)
 print(pre.path, hashlib.sha256(pre.images.tobytes() + pre.masks.tobytes()).hexdigest())
 """)
         out, err = child.communicate(timeout=60)
@@ -293,23 +301,23 @@ def test_waiting_rank_gets_the_builders_error(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=2)
     Image.fromarray(np.full((32, 40), 40, np.uint8)).save(root / "annotations" / "img01.png")
     waiter = python(f"""
-import data, sys
+import files, labels, preload, sys
 try:
-    data.preload(data.list_samples({str(root)!r}), 16, local_rank=1, local_world=2, timeout=30)
-except data.UserError as exc:
+    preload.preload(files.list_samples({str(root)!r}), 16, local_rank=1, local_world=2, timeout=30)
+except labels.UserError as exc:
     print(exc)
 """)
     wait_for(lambda: any(shm.glob("artdamage-*.users/*")), waiter)
     with pytest.raises(UserError, match="img01.png.*40") as raised:
-        data.preload(data.list_samples(root), 16)
+        preload.preload(files.list_samples(root), 16)
     out, err = waiter.communicate(timeout=60)
     assert out.strip() == str(raised.value), err
     assert leftovers(shm) == []
 
 
 def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
-    samples = data.list_samples(dataset)
-    first, second = data.preload(samples, 16), data.preload(samples, 16)
+    samples = files.list_samples(dataset)
+    first, second = preload.preload(samples, 16), preload.preload(samples, 16)
     assert first.path == second.path
     first.close()
     first.close()
@@ -321,8 +329,8 @@ def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
 
 def test_segment_is_removed_when_the_owning_process_dies_of_an_exception(dataset, shm):
     child = python(f"""
-import data
-pre = data.preload(data.list_samples({str(dataset)!r}), 16)
+import files, preload
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
 raise RuntimeError("training crashed")
 """)
     out, err = child.communicate(timeout=60)
@@ -332,8 +340,8 @@ raise RuntimeError("training crashed")
 
 def test_segment_of_a_sigkilled_run_is_reclaimed_by_the_next_run(tmp_path, dataset, shm):
     child = python(f"""
-import data, time
-pre = data.preload(data.list_samples({str(dataset)!r}), 16)
+import files, preload, time
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
 print("ready", flush=True)
 time.sleep(600)
 """)
@@ -342,26 +350,26 @@ time.sleep(600)
     child.communicate()
     assert any(name.endswith(".u8") for name in leftovers(shm))
     other = write_dataset(tmp_path / "other", count=2)
-    with data.preload(data.list_samples(other), 16) as pre:
+    with preload.preload(files.list_samples(other), 16) as pre:
         assert leftovers(shm) == sorted([Path(pre.path).name, Path(pre.path).name[:-3] + ".users"])
     assert leftovers(shm) == []
 
 
 def test_a_build_killed_half_way_is_taken_over_by_the_next_run(dataset, shm):
     child = python(f"""
-import data, time
+import files, preload, time
 def stall(*args):
     print("building", flush=True)
     time.sleep(600)
-data._fill = stall
-data.preload(data.list_samples({str(dataset)!r}), 16)
+preload._fill = stall
+preload.preload(files.list_samples({str(dataset)!r}), 16)
 """)
     assert child.stdout.readline().strip() == "building"
     assert any(name.endswith(".tmp") for name in leftovers(shm))
     child.send_signal(signal.SIGKILL)
     child.communicate()
-    samples = data.list_samples(dataset)
-    with data.preload(samples, 16) as pre:
+    samples = files.list_samples(dataset)
+    with preload.preload(samples, 16) as pre:
         np.testing.assert_array_equal(pre.masks[2], resized(samples[2].mask, 16, Image.NEAREST))
         assert not any(name.endswith(".tmp") for name in leftovers(shm))
     assert leftovers(shm) == []
@@ -369,8 +377,8 @@ data.preload(data.list_samples({str(dataset)!r}), 16)
 
 def test_live_segment_of_another_run_is_never_touched(tmp_path, dataset, shm):
     child = python(f"""
-import data, sys
-pre = data.preload(data.list_samples({str(dataset)!r}), 16)
+import files, preload, sys
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
 print(pre.path, int(pre.images.sum()), flush=True)
 sys.stdin.readline()
 print(int(pre.images.sum()), flush=True)
@@ -378,7 +386,7 @@ pre.close()
 """, stdin=subprocess.PIPE)
     path, total = child.stdout.readline().split()
     other = write_dataset(tmp_path / "other", count=2)
-    with data.preload(data.list_samples(other), 16):
+    with preload.preload(files.list_samples(other), 16):
         pass
     assert Path(path).exists()
     out, err = child.communicate("go\n", timeout=60)
@@ -388,13 +396,12 @@ pre.close()
 
 
 def test_batches_yield_the_requested_rows_in_order_and_stay_valid(dataset, shm):
-    with data.preload(data.list_samples(dataset), 16) as pre:
+    with preload.preload(files.list_samples(dataset), 16) as pre:
         order = torch.tensor([5, 0, 3, 3, 1])
         got = list(data.batches(pre, order, 2))
         assert [len(images) for images, _ in got] == [2, 2, 1]
         np.testing.assert_array_equal(torch.cat([i for i, _ in got]).numpy(), pre.images[order.numpy()])
         np.testing.assert_array_equal(torch.cat([m for _, m in got]).numpy(), pre.masks[order.numpy()])
-        assert [len(i) for i, _ in data.batches(pre, order, 2, drop_last=True)] == [2, 2]
         with pytest.raises(IndexError):
             list(data.batches(pre, [0, 6], 2))
 
@@ -448,15 +455,6 @@ def test_eval_shard_covers_each_index_exactly_once(n, world):
     assert sorted(torch.cat(shards).tolist()) == list(range(n))
 
 
-def test_shard_indices_are_equal_length_deterministic_and_reshuffled_each_epoch():
-    shards = [data.shard_indices(10, rank, 3, True, 42, 0) for rank in range(3)]
-    assert {len(s) for s in shards} == {4}
-    assert set(torch.cat(shards).tolist()) == set(range(10))
-    assert torch.equal(data.shard_indices(10, 1, 3, True, 42, 0), shards[1])
-    assert not torch.equal(data.shard_indices(10, 1, 3, True, 42, 1), shards[1])
-    assert torch.equal(data.shard_indices(4, 0, 2, False, 42, 0), torch.tensor([0, 2]))
-
-
 
 def png_bytes(array):
     out = io.BytesIO()
@@ -491,13 +489,13 @@ def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path):
             "material": [r["material"] for r in part], "content": [r["content"] for r in part],
             "type": ["t"] * len(part)})
         pq.write_table(table, tmp_path / "shards" / f"train-{shard:05d}-of-00002.parquet", row_group_size=1)
-    assert data.main(["prepare", "--parquet", str(tmp_path / "shards"), "--out", str(tmp_path / "out")]) == 0
-    samples = data.list_samples(tmp_path / "out")
+    assert prepare.main(["ingest", "--parquet", str(tmp_path / "shards"), "--out", str(tmp_path / "out")]) == 0
+    samples = files.list_samples(tmp_path / "out")
     assert [s.id for s in samples] == [r["id"] for r in rows]
     for sample, row in zip(samples, rows):
         expected = pixels(io.BytesIO(jpeg_bytes(row["image"]))) if row["jpeg"] else row["image"]
-        np.testing.assert_array_equal(data.read_image(sample.image), expected)
-        np.testing.assert_array_equal(data.read_mask(sample.mask), row["mask"])
+        np.testing.assert_array_equal(files.read_image(sample.image), expected)
+        np.testing.assert_array_equal(files.read_mask(sample.mask), row["mask"])
     metadata = read_csv(tmp_path / "out" / "metadata.csv")
     assert [(m["id"], m["material"], m["width"], m["height"]) for m in metadata] == \
         [(r["id"], r["material"], str(r["image"].shape[1]), str(r["image"].shape[0])) for r in rows]
@@ -507,7 +505,7 @@ def test_prepare_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match="pip install pyarrow"):
-        data.prepare([tmp_path], tmp_path / "out")
+        prepare.prepare([tmp_path], tmp_path / "out")
 
 
 def test_download_failure_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
@@ -518,5 +516,5 @@ def test_download_failure_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError) as raised:
-        data.prepare([], tmp_path / "out", download=True)
+        prepare.prepare([], tmp_path / "out", download=True)
     assert "\n" not in str(raised.value) and "--parquet" in str(raised.value)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from losses import (COARSE_NAMES, COARSE_OF_FINE, LOSSES, DiceFocalLoss, DiceLoss, FocalLoss, HierarchicalLoss,
+from labels import COARSE_NAMES, COARSE_OF_FINE
+from losses import (LOSSES, DiceFocalLoss, DiceLoss, FocalLoss, HierarchicalLoss,
                     build_loss, hierarchy_targets)
 
 IGNORE = 255
@@ -211,7 +212,7 @@ def test_derived_labels_for_every_fine_id():
             binary = IGNORE if label == IGNORE else int(label != 0)
             assert targets["coarse"][0, 0, position].item() == coarse, label
             assert targets["binary"][0, 0, position].item() == binary, label
-    assert COARSE_OF_FINE.tolist() == [next(g for g, ids in COARSE_GROUPS.items() if f in ids) for f in range(16)]
+    assert list(COARSE_OF_FINE) == [next(g for g, ids in COARSE_GROUPS.items() if f in ids) for f in range(16)]
     assert COARSE_NAMES == ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
 
 

@@ -6,9 +6,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from data import UserError
-from model import (ENCODERS, build_model, check_img_size, default_batch, load_encoder_weights, rename_mit_keys,
-                   size_multiple)
+from labels import UserError
+from model import (ENCODERS, build_model, check_img_size, default_batch, load_encoder_weights, rename_mit_keys)
 
 SIZE = 64
 # DESIGN.md: feature strides and channels of the named encoders' pyramids
@@ -76,11 +75,14 @@ def test_mit_b3_encoder_is_segformer_mit_by_parameter_count():
     assert sum(p.numel() for p in model.encoder.parameters()) == 44_072_128
 
 
-def test_default_batches_and_size_multiple_follow_the_registry():
+def test_default_batches_and_size_check_follow_the_registry():
     expected = {"convnext_tiny": 96, "mit_b0": 64, "mit_b1": 64, "mit_b2": 48, "mit_b3": 32, "mit_b4": 16,
                 "mit_b5": 16, "maxvit_tiny": 48, "swin_tiny": 48, "coatnet_0": 64, "resnet18": 32}
     assert {name: default_batch(name) for name in expected} == expected
-    assert all(size_multiple(name) == 32 for name in expected)
+    for name in expected:
+        check_img_size(name, 32)
+        with pytest.raises(UserError, match="multiple of 32"):
+            check_img_size(name, 48)
 
 
 @pytest.mark.parametrize("size, nearest", [(100, 96), (112, 128), (10, 32)])

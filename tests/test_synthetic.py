@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import UserError
+from labels import UserError
 from synthetic import make_synthetic
 
 

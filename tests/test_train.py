@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
+import data
+import files
+import preload
 import train
-from data import CLASS_NAMES, NUM_CLASSES
+from checkpoint import save_checkpoint
+from labels import CLASS_NAMES
+from metrics import eval_metrics
 
 
 def tiny(data_root, run_dir, *extra):
@@ -28,39 +33,6 @@ def torchrun(*args, timeout=400):
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_miou_matches_brute_force_pixel_count():
-    rng = np.random.default_rng(0)
-    target = rng.integers(0, NUM_CLASSES, (3, 17, 19))
-    target[target == 7] = 3                      # class 7 absent from the ground truth
-    target[:, :2] = 255                          # ignored border
-    pred = rng.integers(0, NUM_CLASSES, (3, 17, 19))
-    pred[pred == 9] = 0                          # class 9 never predicted
-    cm = train.confusion(torch.from_numpy(pred), torch.from_numpy(target), NUM_CLASSES)
-    report = train.iou_report(cm, CLASS_NAMES)
-    valid = target != 255
-    ious = []
-    for c in range(NUM_CLASSES):
-        inter = np.sum((pred == c) & (target == c) & valid)
-        union = np.sum(((pred == c) | (target == c)) & valid)
-        expected = inter / union if union else None
-        assert report["iou"][CLASS_NAMES[c]] == pytest.approx(expected) if expected is not None \
-            else report["iou"][CLASS_NAMES[c]] is None
-        if union:
-            ious.append(inter / union)
-    assert report["miou"] == pytest.approx(np.mean(ious))
-    assert report["absent"] == [CLASS_NAMES[7]]
-    damage_t, damage_p = (target > 0) & valid, (pred > 0) & valid
-    assert report["binary_iou"] == pytest.approx(np.sum(damage_t & damage_p) / np.sum(damage_t | damage_p))
-
-
-def test_confusion_is_one_matrix_over_the_set_not_a_mean_of_batches():
-    target = torch.tensor([[0, 0, 0, 1]]), torch.tensor([[1, 1, 1, 1]])
-    pred = torch.tensor([[0, 0, 0, 0]]), torch.tensor([[1, 1, 1, 1]])
-    cm = sum(train.confusion(p, t, 2) for p, t in zip(pred, target))
-    # Class 1: 4 hits out of a union of 5 pixels over the set (a per-batch mean would give (0 + 1) / 2).
-    assert train.iou_report(cm, ["Clean", "Damage"])["iou"]["Damage"] == pytest.approx(4 / 5)
 
 
 def test_lr_scales_with_global_batch():
@@ -141,7 +113,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(synthetic_root, tmp_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM: saved" in out
-    ckpt = torch.load(run_dir / "last.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and 2 <= ckpt["step"] < 8
     resumed = run_script(*tiny(synthetic_root, run_dir, "--batch-size", "2", "--epochs", "1", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -169,8 +141,8 @@ def test_a_killed_rank_stops_the_other_instead_of_hanging(synthetic_root, tmp_pa
     assert code != 0 and time.time() - start < 120
 
 
-def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch,
-                                                                            capsys):
+def poison_loss_at_call(monkeypatch, bad_call):
+    """Makes the training loss nan at its bad_call-th evaluation (counted from 1)."""
     real = train.make_criterion
 
     def poisoned(*args):
@@ -179,40 +151,35 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synth
 
         def loss(outputs, target):
             calls["n"] += 1
-            return criterion(outputs, target) * (float("nan") if calls["n"] == 4 + 3 else 1.0)
+            return criterion(outputs, target) * (float("nan") if calls["n"] == bad_call else 1.0)
         return loss
     monkeypatch.setattr(train, "make_criterion", poisoned)
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch,
+                                                                            capsys):
+    poison_loss_at_call(monkeypatch, 4 + 3)
     code = train.main(tiny(synthetic_root, tmp_path)[1:])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: non-finite loss at epoch 2 step 3; last good checkpoint kept in "
                                  f"{tmp_path}; lower --lr, use --precision fp32, or pass --skip-nonfinite"]
-    kept = torch.load(tmp_path / "last.pt", weights_only=False)
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)
     assert kept["epoch"] == 1 and len(metrics(tmp_path)) == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
 def test_skip_nonfinite_counts_and_continues(synthetic_root, tmp_path, monkeypatch, capsys):
-    real = train.make_criterion
-
-    def poisoned(*args):
-        criterion = real(*args)
-        calls = {"n": 0}
-
-        def loss(outputs, target):
-            calls["n"] += 1
-            return criterion(outputs, target) * (float("nan") if calls["n"] == 2 else 1.0)
-        return loss
-    monkeypatch.setattr(train, "make_criterion", poisoned)
+    poison_loss_at_call(monkeypatch, 2)
     assert train.main(tiny(synthetic_root, tmp_path, "--epochs", "1", "--skip-nonfinite")[1:]) == 0
     record = metrics(tmp_path)[0]
     assert record["skipped_steps"] == 1 and np.isfinite(record["train_loss"])
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train.save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}, "config": {}})
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}, "config": {}})
 
     def dies_mid_write(obj, f):
         with open(f, "wb") as out:
@@ -220,9 +187,9 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}, "config": {}})
+        save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}, "config": {}})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
@@ -230,20 +197,16 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     cfg = train.resolve_config(train.parse_args(["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn",
                                                  "--batch-size", "4", "--lr", "0.1"]),
                                1, torch.device("cpu"))
-    import data
-    samples = data.list_samples(synthetic_root)[:4]
-    pre = data.preload(samples, 64)
-    model, raw_model, optimizer = train.build_training(cfg, 1, 0, torch.device("cpu"))
-    scheduler = train.get_lr_schedule(optimizer, dict(cfg, epochs=1), 250)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    criterion = train.make_criterion(cfg, None, torch.device("cpu"))
+    samples = files.list_samples(synthetic_root)[:4]
+    pre = preload.preload(samples, 64)
+    parts = train.build_training(dict(cfg, epochs=1), 1, 0, torch.device("cpu"), 250)
     images, masks = next(iter(data.batches(pre, torch.arange(4), 4, pin=False)))
     batch = [data.to_device_batch(images, masks, torch.device("cpu"), None)]
     for _ in range(250):
-        train.train_step(model, criterion, optimizer, scheduler, scaler, batch, cfg, torch.device("cpu"))
-    cms = train.evaluate(raw_model, pre, torch.arange(4), cfg, torch.device("cpu"))
-    assert train.eval_metrics(cms)["pixel_acc"] > 0.9
-    assert train.eval_metrics(cms)["miou"] > 0.6
+        train.train_step(parts, batch, cfg, torch.device("cpu"))
+    cms = train.evaluate(parts.raw_model, pre, torch.arange(4), cfg, torch.device("cpu"))
+    assert eval_metrics(cms)["pixel_acc"] > 0.9
+    assert eval_metrics(cms)["miou"] > 0.6
     pre.close()
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import weights
 from conftest import run_script
-from data import CLASS_NAMES, UserError
+from labels import CLASS_NAMES, UserError
 from weights import (DEFAULT_MAX_RATIO, METHODS, compute_weights, count_pixels, load_weights, resolve_class_weights,
                      save_weights)
 

@@ -1,0 +1,237 @@
+"""Throughput benchmarks: the real train_step and inference (img/s, memory, FLOPs, MFU) and the data loader.
+
+    python bench.py --encoder mit_b3 --img-size 384 --bench-steps 50      # one row; bash bench.sh runs the table
+    python bench.py --loader --img-size 384                                 # loader img/s and shared-memory PSS
+
+Takes train.py's flags, so a row measures exactly what training would run.
+"""
+import json
+import multiprocessing
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from files import list_samples
+from labels import NUM_CLASSES
+from preload import OnDisk, cores, preload
+from model import autocast
+from train import build_parser, build_training, peak_memory_mb, run_main, train_step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps, warmup, device):
+    """Seconds for `steps` calls of fn after `warmup` untimed ones, the device drained before and after."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _loader_img_s(pre, flips, cfg, device, generator):
+    """Images per second from the preloaded array to normalised, flipped batches on the device."""
+    order = torch.randperm(len(pre), generator=generator).repeat(max(1, 512 // len(pre)))
+    start, loaded = time.perf_counter(), 0
+    for images, masks in data.batches(pre, order, cfg["per_rank_batch"], pin=device.type == "cuda"):
+        data.to_device_batch(images, masks, device, flips[:len(images)], channels_last=cfg["channels_last"])
+        loaded += len(images)
+    _sync(device)
+    return loaded / (time.perf_counter() - start)
+
+
+def bench(cfg, rank, world, local_rank, local_world, device):
+    """Times the real train_step and inference after warm-up; one JSON line with throughput, memory, FLOPs, MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg["data"] = "synthetic"
+    train_pre, _, _ = data.load_split(cfg, local_rank, local_world)
+    steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
+    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (steps + warmup) + 1,
+                           np.ones(NUM_CLASSES))
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    flips = torch.randint(0, 2, (len(train_pre), 3), generator=generator).bool()
+    index = torch.arange(cfg["per_rank_batch"]) % len(train_pre)
+    micro = [data.to_device_batch(images, masks, device, flips[index[:len(images)]],
+                                  channels_last=cfg["channels_last"])
+             for images, masks in data.batches(train_pre, index, cfg["micro_batch"], pin=device.type == "cuda")]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_s = _timed(lambda: train_step(parts, micro, cfg, device), steps, warmup, device)
+    peak = peak_memory_mb(device)
+    model, x = parts.raw_model.eval(), micro[0][0]
+    with torch.no_grad():
+        def infer():
+            with autocast(cfg["precision"], device):
+                model(x)
+        infer_s = _timed(infer, steps, warmup, device)
+        flops = FlopCounterMode(display=False)
+        with flops:
+            model(x[:1])
+    train_img_s = steps * cfg["batch_size"] / train_s
+    gflops = flops.get_total_flops() / 1e9
+    peak_tflops = cfg["peak_tflops"] or _peak_tflops(device, cfg["precision"])
+    result = {"encoder": cfg["encoder"], "decoder": cfg["decoder"], "heads": cfg["heads"],
+              "img_size": cfg["img_size"], "batch": cfg["batch_size"], "world": world,
+              "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+              "clip": cfg["clip"], "train_img_s": train_img_s, "infer_img_s": steps * len(x) * world / infer_s,
+              "peak_mem_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, flips, cfg, device, generator),
+              # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
+              "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+        if cfg["bench_out"]:
+            with open(cfg["bench_out"], "a") as f:
+                f.write(json.dumps(result) + "\n")
+    return result
+
+
+def _peak_tflops(device, precision):
+    """Dense tensor-core peak of known cards (vendor datasheets); None means MFU is not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+    for key, bf16 in table.items():
+        if key in name:
+            return bf16 if precision in ("bf16", "fp16") else bf16 / 2
+    return None
+
+
+def mapped_pss(path, pid="self"):
+    """(Rss, Pss) in bytes of pid's mappings of path, from /proc/PID/smaps."""
+    rss = pss = 0
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif inside and line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return rss, pss
+
+
+def rollup_pss_shmem(pid="self"):
+    """Pss_Shmem of the whole process in bytes, from /proc/PID/smaps_rollup (0 where the kernel lacks it)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss_Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _bench_data(root, count, source_size, seed=42):
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    yy, xx = np.mgrid[0:source_size, 0:source_size]
+    for i in range(count):
+        base = (np.sin(xx / (20 + i)) + np.cos(yy / (30 + i))) * 60 + 128
+        image = np.clip(base[..., None] + rng.normal(0, 8, (source_size, source_size, 3)), 0, 255).astype(np.uint8)
+        mask = ((base > 170) * (1 + i % 15)).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"bench_{i:04d}.png")
+        Image.fromarray(mask).save(root / "annotations" / f"bench_{i:04d}.png")
+    return root
+
+
+def _touch(pre):
+    return int(pre.images.sum(dtype=np.uint64)) + int(pre.masks.sum(dtype=np.uint64))
+
+
+def _second_rank(samples, size, conn):
+    pre = preload(samples, size, local_rank=1, local_world=2)
+    _touch(pre)
+    conn.send((*mapped_pss(pre.path), rollup_pss_shmem()))
+    conn.recv()
+    pre.close()
+
+
+def _loader_rate(pre, batch, order, device):
+    """Images per second through batches(), and through to_device_batch with augmentation when device is set."""
+    generator = torch.Generator().manual_seed(0)
+    start, seen = time.perf_counter(), 0
+    for images, masks in data.batches(pre, order, batch):
+        if device is not None:
+            data.to_device_batch(images, masks, device, augment=True, generator=generator)
+        seen += len(images)
+    return round(seen / (time.perf_counter() - start), 1)
+
+
+def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=4):
+    """Loader throughput (preloaded vs decoding PNGs per sample) and the shared array's PSS in 1 and 2 processes.
+
+    host_*: batches() alone, the part that runs on the host when augmentation runs on an accelerator;
+    cpu_*: batches() + to_device_batch(augment=True) on the CPU.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
+        samples = list_samples(root)
+        start = time.perf_counter()
+        pre = preload(samples, size)
+        result = {"size": size, "images": len(samples), "source": str(folder or f"{source_size} px PNG"),
+                  "batch": batch, "torch_threads": torch.get_num_threads(), "cores": cores(),
+                  "build_s": round(time.perf_counter() - start, 2)}
+        order = torch.randperm(len(pre), generator=torch.Generator().manual_seed(0))
+        result["host_preloaded_img_s"] = _loader_rate(pre, batch, order.repeat(4 * epochs), None)
+        result["cpu_preloaded_img_s"] = _loader_rate(pre, batch, order.repeat(epochs), "cpu")
+        with OnDisk(samples, size) as disk:
+            result["host_png_img_s"] = _loader_rate(disk, batch, order, None)
+            result["cpu_png_img_s"] = _loader_rate(disk, batch, order, "cpu")
+        result["host_speedup"] = round(result["host_preloaded_img_s"] / result["host_png_img_s"], 1)
+        result["cpu_speedup"] = round(result["cpu_preloaded_img_s"] / result["cpu_png_img_s"], 1)
+        _touch(pre)
+        mib = 2 ** 20
+        result["array_mib"] = round(pre.nbytes / mib, 1)
+        result["pss_1proc_mib"] = round(mapped_pss(pre.path)[1] / mib, 1)
+        result["rollup_pss_shmem_1proc_mib"] = round(rollup_pss_shmem() / mib, 1)
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        other = context.Process(target=_second_rank, args=(samples, size, child))
+        other.start()
+        _, other_pss, other_rollup = parent.recv()
+        mine = mapped_pss(pre.path)[1]
+        result["pss_2proc_mib"] = [round(mine / mib, 1), round(other_pss / mib, 1)]
+        result["pss_2proc_total_mib"] = round((mine + other_pss) / mib, 1)
+        result["rollup_pss_shmem_2proc_mib"] = [round(rollup_pss_shmem() / mib, 1), round(other_rollup / mib, 1)]
+        parent.send("done")
+        other.join()
+        pre.close()
+    return result
+
+
+def main(argv=None):
+    parser = build_parser()
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--bench-steps", type=int, default=20, help="timed training steps after the warm-up")
+    group.add_argument("--bench-out", default=None, help="append the JSON result line to this file")
+    group.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: detected)")
+    group.add_argument("--loader", action="store_true",
+                       help="instead: loader img/s (preloaded vs PNG decoding) and shared-memory PSS at --img-size")
+    group.add_argument("--loader-count", type=int, default=64, help="generated images for --loader")
+    group.add_argument("--loader-source-size", type=int, default=1024, help="side of the generated PNGs")
+    args = parser.parse_args(argv)
+    if args.loader:
+        print(json.dumps(bench_loader(args.img_size, args.loader_count, args.loader_source_size,
+                                      int(args.batch_size or 32), args.data)))
+        return 0
+    return run_main(args, bench)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

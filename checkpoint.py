@@ -1,0 +1,91 @@
+"""Checkpoint <-> model, one home for training, evaluation and predict.py.
+
+A checkpoint is a dict of plain values (tensors, dicts, lists, numbers, strings): model, optimizer,
+scheduler and scaler states, epoch, step, best metric and the full run config. It is read with
+``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
+"""
+from pathlib import Path
+
+import torch
+
+from files import atomic_write
+from labels import NUM_CLASSES, UserError
+from model import build_model, strip_wrapper_prefixes
+
+# Config keys that decide the network's shape: a model is rebuilt from these alone.
+MODEL_KEYS = ("encoder", "decoder", "heads", "norm", "img_size", "num_classes")
+
+
+def save_checkpoint(path, state):
+    """Written atomically (temporary file + rename): a kill mid-write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, flag="--checkpoint"):
+    """The checkpoint dict of a train.py run; anything else is a UserError naming flag and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found; give the best.pt or last.pt of a training run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "Weights only load failed" in str(exc):
+            raise UserError(f"{flag} {path}: holds Python objects besides tensors and plain values, which are "
+                            "not unpickled (they could run code); pass a best.pt or last.pt written by "
+                            "train.py") from None
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint (torch.load raised "
+                        f"{type(exc).__name__}); pass a best.pt or last.pt written by train.py") from None
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict) or "encoder" not in config or not isinstance(checkpoint.get("model"), dict):
+        raise UserError(f"{flag} {path}: not a train.py checkpoint (expected a dict with 'model' and a "
+                        "'config' naming the encoder); pass a best.pt or last.pt written by train.py")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path, img_size=None):
+    """The network its config describes, with the checkpoint's weights (on the CPU, train mode)."""
+    config = checkpoint["config"]
+    num_classes = config.get("num_classes", NUM_CLASSES)
+    if num_classes != NUM_CLASSES:
+        raise UserError(f"--checkpoint {path}: model has {num_classes} classes, ARTeFACT has {NUM_CLASSES}; "
+                        "pass a checkpoint trained on the ARTeFACT labels")
+    model = build_model(config["encoder"], num_classes=num_classes, decoder=config.get("decoder", "unet"),
+                        heads=config.get("heads", "fine"), pretrained=False,
+                        img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"))
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(checkpoint["model"]))
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(f"--checkpoint {path}: weights do not fit the model its config describes ({reason}); "
+                        "pass the matching --img-size or an unmodified checkpoint") from None
+    return model
+
+
+def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
+    """Everything --resume needs: states of model, optimizer, scheduler and scaler, progress, config."""
+    return {"model": parts.raw_model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": epoch,
+            "step": step, "epoch_loss_sum": loss_sum, "best_miou": best, "config": cfg}
+
+
+# Flags that must match for a resumed run to end where an uninterrupted one would.
+RESUME_KEYS = ("encoder", "decoder", "heads", "img_size", "batch_size", "epochs", "seed", "split", "fold")
+
+
+def load_resumable(path, cfg):
+    """The checkpoint at path, refused with one line when it was trained with other flags than cfg's."""
+    checkpoint = load_checkpoint(path)
+    for key in RESUME_KEYS:
+        if checkpoint["config"].get(key) != cfg[key]:
+            raise UserError(f"--resume: {path} was trained with --{key.replace('_', '-')} "
+                            f"{checkpoint['config'].get(key)}, not {cfg[key]}; use the same flags")
+    return checkpoint
+
+
+def restore_training(parts, checkpoint):
+    """Loads model, optimizer, scheduler and scaler states; returns (epoch, step, best, epoch loss sum)."""
+    parts.raw_model.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["epoch"], checkpoint["step"], checkpoint["best_miou"], checkpoint.get("epoch_loss_sum", 0.0)

@@ -1,0 +1,198 @@
+"""A dataset folder on disk: image/mask pairs, reading images, id masks and metadata, atomic writes.
+
+Layout: images/ID.{png,jpg,jpeg,tif,tiff} + annotations/ID.png with matching ids, optional metadata.csv
+(id, material, content, ...). Every problem a user can cause is a UserError naming the file.
+"""
+import collections
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from labels import BACKGROUND_COLOUR, IGNORE_INDEX, NUM_CLASSES, PALETTE, UserError
+
+# ARTeFACT's largest images are ~244 MP (its dataset card raises the limit likewise); Pillow warns above
+# this and refuses above twice this, which still guards against decompression bombs.
+Image.MAX_IMAGE_PIXELS = 300_000_000
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+Sample = collections.namedtuple("Sample", "id image mask")
+
+
+def atomic_write(path, write):
+    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _stems(folder):
+    files, others = {}, {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            others.setdefault(path.stem, path)
+        elif path.stem in files:
+            raise UserError(f"{path}: a second file for id {path.stem!r} (also {files[path.stem].name}); keep one")
+        else:
+            files[path.stem] = path
+    return files, others
+
+
+def list_samples(root):
+    """Sorted image/mask pairs of a dataset folder; any unpaired or unusable file is a UserError."""
+    root = Path(root)
+    image_dir, mask_dir = root / "images", root / "annotations"
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found; a dataset needs images/ and annotations/ "
+                            "with matching file names")
+    try:
+        (images, other_images), (masks, other_masks) = _stems(image_dir), _stems(mask_dir)
+    except PermissionError as exc:
+        raise UserError(f"{exc.filename}: permission denied; make the folder readable") from None
+    for stem, path in sorted((other_images | other_masks).items()):
+        if stem in images.keys() ^ masks.keys():
+            raise UserError(f"{path}: {path.suffix or 'this'} files are not read; convert it to .png")
+    if not images and not masks:
+        raise UserError(f"{root}: no images in images/ or annotations/ (png, jpg, tif); add image/mask pairs")
+    unpaired = sorted(images.keys() - masks.keys())
+    if unpaired:
+        raise UserError(f"{images[unpaired[0]]}: image has no mask; add {mask_dir / unpaired[0]}.png or remove "
+                        f"the image ({len(unpaired)} unpaired images)")
+    unpaired = sorted(masks.keys() - images.keys())
+    if unpaired:
+        raise UserError(f"{masks[unpaired[0]]}: mask has no image; add {image_dir / unpaired[0]}.png or remove "
+                        f"the mask ({len(unpaired)} unpaired masks)")
+    lossy = [path for path in masks.values() if path.suffix.lower() in LOSSY_SUFFIXES]
+    if lossy:
+        raise UserError(f"{lossy[0]}: JPEG blurs label ids at edges; save masks losslessly as .png")
+    return [Sample(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def open_image(path):
+    """The decoded PIL image, or a UserError naming the file (missing, unreadable, corrupt)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return image
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make the file readable") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; check the dataset folder") from None
+    except Exception as exc:  # decoders raise OSError, SyntaxError, zlib.error, struct.error...: all mean unreadable
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable image ({reason}); re-export or remove it") from None
+
+
+def rgb_array(image, path):
+    """uint8 (H, W, 3) pixels of an opened image; 16-bit greyscale is scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise UserError(f"{path}: {image.mode} images (32-bit) are not supported; save as 8-bit RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_image(path):
+    """uint8 (H, W, 3); 16-bit greyscale is scaled to 8 bits."""
+    return rgb_array(open_image(path), path)
+
+
+_COLOUR_TO_ID = {colour: index for index, colour in enumerate(PALETTE)} | {BACKGROUND_COLOUR: IGNORE_INDEX}
+
+
+def _ids_from_colours(path, rgb):
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[..., 0].copy()
+    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    colours, inverse = np.unique(packed, return_inverse=True)
+    ids = np.zeros(len(colours), dtype=np.uint8)
+    unknown = []
+    for i, value in enumerate(colours.tolist()):
+        colour = (value >> 16, (value >> 8) & 255, value & 255)
+        if colour in _COLOUR_TO_ID:
+            ids[i] = _COLOUR_TO_ID[colour]
+        else:
+            unknown.append("#%02X%02X%02X" % colour)
+    if unknown:
+        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise UserError(f"{path}: colour mask has colours outside the ARTeFACT palette ({shown}); "
+                        "save class ids as a single-channel PNG")
+    return ids[inverse.reshape(packed.shape)]
+
+
+def _check_labels(path, mask):
+    # bincount is linear time, which matters for 200+ MP masks; wider integer masks are rare enough for unique.
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
+    bad = values[(values < 0) | ((values >= NUM_CLASSES) & (values != IGNORE_INDEX))]
+    if len(bad):
+        shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
+        raise UserError(f"{path}: label values {shown} are outside 0-{NUM_CLASSES - 1} and {IGNORE_INDEX}; "
+                        "masks hold class ids, fix or re-export the mask")
+    return mask.astype(np.uint8, copy=False)
+
+
+def read_mask(path, image_size=None):
+    """Class ids uint8 (H, W); image_size is the image's (height, width), as in image.shape[:2].
+
+    L masks are ids. Palette (P) masks are read as their indices, not their colours, because that is how
+    id masks with a preview palette are stored. RGB/RGBA masks must use the ARTeFACT colours (background
+    #5A0007 -> 255) or be grey (R=G=B, read as ids). 16-bit and 32-bit integer masks are accepted only
+    when every value is a valid id, so no value is ever truncated. Anything else is a UserError.
+    """
+    image = open_image(path)
+    if image.mode in ("L", "P"):
+        mask = _check_labels(path, np.asarray(image, dtype=np.uint8))
+    elif image.mode in ("RGB", "RGBA"):
+        pixels = np.asarray(image)
+        if image.mode == "RGBA" and (pixels[..., 3] != 255).any():
+            raise UserError(f"{path}: colour mask has transparent pixels; save it without alpha, "
+                            "or as a single-channel id PNG")
+        mask = _check_labels(path, _ids_from_colours(path, pixels[..., :3]))
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        mask = _check_labels(path, np.asarray(image).astype(np.int64))
+    else:
+        raise UserError(f"{path}: mask mode {image.mode} is not supported; save class ids as an 8-bit "
+                        "single-channel PNG")
+    if image_size is not None and tuple(image_size) != mask.shape:
+        raise UserError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
+                        f"{image_size[1]}x{image_size[0]}; masks must match their image size")
+    return mask
+
+
+def read_metadata(root):
+    """metadata.csv as {id: row dict}; {} when the file does not exist."""
+    path = Path(root) / "metadata.csv"
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: unreadable metadata ({exc}); fix or delete it") from None
+    if rows and "id" not in rows[0]:
+        raise UserError(f"{path}: no 'id' column; the first line must name the columns (id, material, content)")
+    return {row["id"]: row for row in rows}
+
+
+def write_metadata(path, rows):
+    """metadata.csv with the columns id, material, content, width, height."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("id", "material", "content", "width", "height"))
+        writer.writerows(rows)

@@ -1,0 +1,166 @@
+"""ARTeFACT ingestion and dataset checks (user-facing CLI).
+
+    python prepare.py ingest --parquet DIR_OF_SHARDS --out data/artefact   # or --download (Hugging Face hub)
+    python prepare.py check data/artefact                                  # one line per problem
+
+ingest writes the dataset folder every other script reads: images/ID.png, annotations/ID.png, metadata.csv.
+"""
+import argparse
+import io
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from files import atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
+from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
+
+HF_DATASET = "danielaivanova/damaged-media"
+
+
+def _parquet_files(sources):
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(source.rglob("*.parquet"))
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise UserError(f"--parquet {source}: not found; pass the folder or files of the parquet shards")
+    if not files:
+        raise UserError(f"--parquet {' '.join(map(str, sources))}: no .parquet files; pass the shards' folder")
+    return files
+
+
+def _download(target):
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError("--download needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return snapshot_download(HF_DATASET, repo_type="dataset", allow_patterns=["data/*.parquet"],
+                                 local_dir=target)
+    except Exception as exc:  # the hub client raises many types (offline, auth, HTTP); all end the same way
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"--download: could not fetch {HF_DATASET} from the Hugging Face hub ({reason}); "
+                        "check the network, or download data/*.parquet elsewhere and pass --parquet DIR") from None
+
+
+def _cell_bytes(value):
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+def _png_bytes(payload, where, is_mask):
+    if payload[:8] == b"\x89PNG\r\n\x1a\n":
+        return payload
+    image = Image.open(io.BytesIO(payload))
+    if is_mask and image.format == "JPEG":
+        raise UserError(f"{where}: annotation is a JPEG (lossy ids); this parquet file cannot be used")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def prepare(parquet, out, download=False, batch_rows=4):
+    """ARTeFACT parquet shards -> out/images/ID.png, out/annotations/ID.png, out/metadata.csv.
+
+    Streams one shard at a time, `batch_rows` rows at a time (pyarrow holds at most one row group), so
+    memory stays far below the 4 GB dataset. PNG bytes are written as stored; other image formats are
+    re-encoded losslessly as PNG.
+    """
+    if download:
+        parquet = [_download(parquet[0] if parquet else None)]
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("prepare needs pyarrow to read parquet: pip install pyarrow") from None
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    rows, seen = [], set()
+    for file in _parquet_files(parquet):
+        try:
+            shard = pq.ParquetFile(file)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...; any of them means an unusable file
+            raise UserError(f"{file}: not a readable parquet file ({str(exc).splitlines()[0][:120]}); "
+                            "download it again") from None
+        names = set(shard.schema_arrow.names)
+        if not {"id", "image", "annotation"} <= names:
+            raise UserError(f"{file}: columns {sorted(names)} lack id/image/annotation; is it {HF_DATASET}?")
+        columns = ["id", "image", "annotation"] + [c for c in ("material", "content") if c in names]
+        before = len(rows)
+        for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
+            for record in batch.to_pylist():
+                if str(record["id"]) in seen:
+                    raise UserError(f"{file}: id {record['id']} appears twice; pass each shard once")
+                seen.add(str(record["id"]))
+                rows.append(_prepare_row(file, record, out))
+        print(f"{file.name}: {len(rows) - before} images", flush=True)
+    atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
+    return out
+
+
+def _prepare_row(file, record, out):
+    sample_id = str(record["id"])
+    where = f"{file} id {sample_id}"
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", sample_id):
+        raise UserError(f"{where}: id is not a safe file name; this is not the {HF_DATASET} layout")
+    image, annotation = _cell_bytes(record["image"]), _cell_bytes(record["annotation"])
+    if not image or not annotation:
+        raise UserError(f"{where}: empty image or annotation; download the shard again")
+    try:
+        image, annotation = _png_bytes(image, where, False), _png_bytes(annotation, where, True)
+        size = Image.open(io.BytesIO(image)).size
+        mask_size = Image.open(io.BytesIO(annotation)).size
+    except UserError:
+        raise
+    except Exception as exc:  # any decoder failure means the stored bytes are unusable
+        raise UserError(f"{where}: undecodable image bytes ({str(exc)[:120]}); download the shard again") from None
+    if size != mask_size:
+        raise UserError(f"{where}: annotation is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
+    atomic_write(out / "images" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(image))
+    atomic_write(out / "annotations" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(annotation))
+    return sample_id, record.get("material") or "", record.get("content") or "", size[0], size[1]
+
+
+def check(root):
+    """Reads every pair of a dataset folder the way training does; returns a one-line summary."""
+    samples = list_samples(root)
+    read_metadata(root)
+    counts = np.zeros(256, dtype=np.int64)
+    for sample in samples:
+        image = open_image(sample.image)
+        rgb_array(image, sample.image)
+        mask = read_mask(sample.mask, image_size=(image.height, image.width))
+        counts += np.bincount(mask.ravel(), minlength=256)
+    present = [CLASS_NAMES[c] for c in range(NUM_CLASSES) if counts[c]]
+    return (f"ok: {len(samples)} image/mask pairs in {root}; {counts[:NUM_CLASSES].sum()} labelled pixels, "
+            f"{counts[IGNORE_INDEX]} ignored; classes present: {', '.join(present) or 'none'}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("ingest", help="ARTeFACT parquet shards -> dataset folder")
+    p.add_argument("--parquet", nargs="+", default=[],
+                   help="parquet files or folders (with --download: the folder to download into)")
+    p.add_argument("--out", default="data/artefact", help="dataset folder to write")
+    p.add_argument("--download", action="store_true", help=f"fetch {HF_DATASET} from the Hugging Face hub first")
+    c = commands.add_parser("check", help="validate every image/mask pair of a dataset folder")
+    c.add_argument("root", help="dataset folder (images/ + annotations/)")
+    return run_cli(_command, parser.parse_args(argv))
+
+
+def _command(args):
+    if args.command == "check":
+        print(check(args.root))
+        return
+    if not args.parquet and not args.download:
+        raise UserError("ingest: pass --parquet DIR_OR_FILES (or --download)")
+    print(f"wrote {prepare(args.parquet, args.out, download=args.download)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
