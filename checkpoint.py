@@ -4,6 +4,9 @@ A checkpoint is a dict of plain values (tensors, dicts, lists, numbers, strings)
 scheduler and scaler states, epoch, step, best metric and the full run config. It is read with
 ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
+import errno
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,9 +19,30 @@ from model import build_model, strip_wrapper_prefixes
 MODEL_KEYS = ("encoder", "decoder", "heads", "norm", "img_size", "num_classes")
 
 
+def _tensor_bytes(value):
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def save_checkpoint(path, state):
-    """Written atomically (temporary file + rename): a kill mid-write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Written atomically (temporary file + rename): a kill mid-write or a full disk leaves the previous
+    checkpoint intact; a full disk is a UserError naming the folder and the space needed."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as RuntimeError wrapping the OS error.
+        if not (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"{path.parent}: disk full writing {path.name} (needs about "
+                        f"{_tensor_bytes(state) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free); free space and "
+                        f"rerun with --resume (the previous {path.name}, if any, is intact)") from None
 
 
 def load_checkpoint(path, flag="--checkpoint"):
@@ -26,6 +50,9 @@ def load_checkpoint(path, flag="--checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: file not found; give the best.pt or last.pt of a training run")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{flag} {path}: not a PyTorch checkpoint (not a torch.save zip archive); pass a best.pt "
+                        "or last.pt written by train.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -40,6 +40,14 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
+def broadcast_buffers(module, src=0):
+    """Every rank takes rank src's buffers (BatchNorm running statistics): each rank's last forward updated
+    its own, and evaluation and checkpoints must agree with what rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

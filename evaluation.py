@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
@@ -17,13 +18,26 @@ from model import autocast
 from tiles import predict_image
 
 
+def _common_batches(pre, batch):
+    """Batches every rank evaluates (its eval_shard), the least over ranks: each may poll that often."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return min(-(-len(data.eval_shard(len(pre), r, world)) // batch) for r in range(world))
+
+
 @torch.no_grad()
-def evaluate(model, pre, indices, cfg, device):
-    """Dataset-level confusion matrices (one per head), summed over ranks; each sample is counted once."""
+def evaluate(model, pre, indices, cfg, device, preemption=None):
+    """Dataset-level confusion matrices (one per head), summed over ranks; each sample is counted once.
+
+    With a preemption flag it is polled after each batch all ranks share; None means a SIGTERM came first.
+    """
+    polls = _common_batches(pre, cfg["micro_batch"]) if preemption else 0
     model.eval()
     heads = list(HEAD_NAMES) if cfg["heads"] == "hierarchical" else ["fine"]
     cms = {h: torch.zeros(len(HEAD_NAMES[h]), len(HEAD_NAMES[h]), dtype=torch.long, device=device) for h in heads}
-    for images, masks in data.batches(pre, indices, cfg["micro_batch"], pin=device.type == "cuda"):
+    for i, (images, masks) in enumerate(data.batches(pre, indices, cfg["micro_batch"], pin=device.type == "cuda")):
+        if i < polls and preemption.poll():
+            model.train()
+            return None
         x, y = data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"])
         with autocast(cfg["precision"], device):
             outputs = model(x)

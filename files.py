@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labels import BACKGROUND_COLOUR, IGNORE_INDEX, NUM_CLASSES, PALETTE, UserError
 
@@ -24,15 +24,28 @@ Sample = collections.namedtuple("Sample", "id image mask")
 
 
 def atomic_write(path, write):
-    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact."""
+    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact.
+
+    The temporary name carries this process's id (see remove_stale_temporaries); whatever stands there is
+    removed first, so a planted symlink is never written through, and rename replaces a link at path itself.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        tmp.unlink(missing_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder):
+    """Removes atomic_write's temporary files in folder whose writing process is gone (killed mid-write)."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
 
 
 def _stems(folder):
@@ -80,12 +93,18 @@ def list_samples(root):
     return [Sample(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
-def open_image(path):
-    """The decoded PIL image, or a UserError naming the file (missing, unreadable, corrupt)."""
+def open_image(path, orient=True):
+    """The decoded PIL image, or a UserError naming the file (missing, unreadable, corrupt).
+
+    orient applies the EXIF orientation, so a camera photo comes out as it is displayed and lines up with a
+    mask drawn on it; masks are read as stored (orient=False).
+    """
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
             image.load()
+        if orient:
+            ImageOps.exif_transpose(image, in_place=True)
         return image
     except PermissionError:
         raise UserError(f"{path}: permission denied; make the file readable") from None
@@ -155,7 +174,7 @@ def read_mask(path, image_size=None):
     #5A0007 -> 255) or be grey (R=G=B, read as ids). 16-bit and 32-bit integer masks are accepted only
     when every value is a valid id, so no value is ever truncated. Anything else is a UserError.
     """
-    image = open_image(path)
+    image = open_image(path, orient=False)
     if image.mode in ("L", "P"):
         mask = _check_labels(path, np.asarray(image, dtype=np.uint8))
     elif image.mode in ("RGB", "RGBA"):
@@ -171,7 +190,8 @@ def read_mask(path, image_size=None):
                         "single-channel PNG")
     if image_size is not None and tuple(image_size) != mask.shape:
         raise UserError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
-                        f"{image_size[1]}x{image_size[0]}; masks must match their image size")
+                        f"{image_size[1]}x{image_size[0]} as displayed (after its EXIF orientation); masks must "
+                        "match their image size")
     return mask
 
 

@@ -39,12 +39,12 @@ def iou_report(cm, names):
 
 
 def eval_metrics(cms):
-    """Flat metrics dict from {head: confusion matrix}: the fine head's keys bare, other heads' prefixed."""
-    metrics = {}
+    """Metrics from {head: confusion matrix}: the fine head's report at the top level (miou, iou, binary_iou,
+    ...), each other head's whole report nested under its name ("coarse", "binary"), so no key collides."""
+    metrics = iou_report(cms["fine"].cpu(), HEAD_NAMES["fine"])
     for head, cm in cms.items():
-        report = iou_report(cm.cpu(), HEAD_NAMES[head])
-        prefix = "" if head == "fine" else f"{head}_"
-        metrics.update({prefix + k: v for k, v in report.items()})
+        if head != "fine":
+            metrics[head] = iou_report(cm.cpu(), HEAD_NAMES[head])
     return metrics
 
 

@@ -55,7 +55,8 @@ def area_report(labels, truth=None):
     hold 255 outside the object. IoU is reported for classes present in the truth or the prediction (others
     None); ``miou`` averages those; ``damage_iou`` is the IoU of any-damage vs clean.
     """
-    object_truth = np.zeros(labels.shape, np.uint8) if truth is None else truth
+    # Without a mask the object is every pixel the labels do not mark outside.
+    object_truth = np.where(labels == OUTSIDE, OUTSIDE, 0).astype(np.uint8) if truth is None else truth
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     # Row chunks keep the int64 temporaries small for 100+ megapixel images.
     for r0, r1 in _row_chunks(labels.shape[0]):
@@ -257,9 +258,20 @@ def run(args):
     with open(out / "report.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
+        failed = 0
         for path in images:
-            predict_file(model, path, args, tile, writer)
+            try:
+                predict_file(model, path, args, tile, writer)
+            except UserError as exc:
+                if len(images) == 1:
+                    raise
+                # One unreadable photo must not cost the maps of the rest of the folder.
+                failed += 1
+                print(f"error: {exc} (skipped)", file=sys.stderr, flush=True)
             handle.flush()
+    if failed:
+        raise UserError(f"{failed} of {len(images)} images failed (lines above); the report covers the other "
+                        f"{len(images) - failed} in {out}")
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from files import atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
 from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
@@ -52,18 +52,44 @@ def _cell_bytes(value):
     return value.get("bytes") if isinstance(value, dict) else value
 
 
+EXIF_ORIENTATION = 0x0112
+MAX_ID_LENGTH = 200
+
+
 def _png_bytes(payload, where, is_mask):
-    if payload[:8] == b"\x89PNG\r\n\x1a\n":
-        return payload
+    """PNG bytes as stored, or re-encoded losslessly; images are turned upright by their EXIF orientation
+    (masks are ids as stored), so image and mask line up in every later reader."""
     image = Image.open(io.BytesIO(payload))
+    upright = is_mask or image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    if image.format == "PNG" and upright:
+        return payload
     if is_mask and image.format == "JPEG":
         raise UserError(f"{where}: annotation is a JPEG (lossy ids); this parquet file cannot be used")
+    if not upright:
+        image = ImageOps.exif_transpose(image)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
 
 
-def prepare(parquet, out, download=False, batch_rows=4):
+def _empty_output(out, overwrite):
+    """out/images and out/annotations, refusing to mix a new dataset into an old one unless overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; pass a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: not empty; pass a new folder, or --overwrite to replace its dataset")
+        for sub in ("images", "annotations"):
+            for path in (out / sub).glob("*") if (out / sub).is_dir() else ():
+                path.unlink()
+        (out / "metadata.csv").unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
     """ARTeFACT parquet shards -> out/images/ID.png, out/annotations/ID.png, out/metadata.csv.
 
     Streams one shard at a time, `batch_rows` rows at a time (pyarrow holds at most one row group), so
@@ -76,9 +102,7 @@ def prepare(parquet, out, download=False, batch_rows=4):
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("prepare needs pyarrow to read parquet: pip install pyarrow") from None
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    out = _empty_output(out, overwrite)
     rows, seen = [], set()
     for file in _parquet_files(parquet):
         try:
@@ -93,18 +117,24 @@ def prepare(parquet, out, download=False, batch_rows=4):
         before = len(rows)
         for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
             for record in batch.to_pylist():
+                where = f"{file} row {len(rows) - before + 1}"
                 if str(record["id"]) in seen:
-                    raise UserError(f"{file}: id {record['id']} appears twice; pass each shard once")
+                    raise UserError(f"{where}: id {record['id']} appears twice; pass each shard once")
                 seen.add(str(record["id"]))
-                rows.append(_prepare_row(file, record, out))
+                rows.append(_prepare_row(where, record, out))
         print(f"{file.name}: {len(rows) - before} images", flush=True)
     atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
     return out
 
 
-def _prepare_row(file, record, out):
+def _prepare_row(where, record, out):
+    if record["id"] is None:
+        raise UserError(f"{where}: id is empty (null); this is not the {HF_DATASET} layout")
     sample_id = str(record["id"])
-    where = f"{file} id {sample_id}"
+    if len(sample_id) > MAX_ID_LENGTH:
+        raise UserError(f"{where}: id is {len(sample_id)} characters long (at most {MAX_ID_LENGTH} make a file "
+                        f"name); this is not the {HF_DATASET} layout")
+    where = f"{where} (id {sample_id})"
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", sample_id):
         raise UserError(f"{where}: id is not a safe file name; this is not the {HF_DATASET} layout")
     image, annotation = _cell_bytes(record["image"]), _cell_bytes(record["annotation"])
@@ -148,6 +178,7 @@ def main(argv=None):
                    help="parquet files or folders (with --download: the folder to download into)")
     p.add_argument("--out", default="data/artefact", help="dataset folder to write")
     p.add_argument("--download", action="store_true", help=f"fetch {HF_DATASET} from the Hugging Face hub first")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     c = commands.add_parser("check", help="validate every image/mask pair of a dataset folder")
     c.add_argument("root", help="dataset folder (images/ + annotations/)")
     return run_cli(_command, parser.parse_args(argv))
@@ -159,7 +190,7 @@ def _command(args):
         return
     if not args.parquet and not args.download:
         raise UserError("ingest: pass --parquet DIR_OR_FILES (or --download)")
-    print(f"wrote {prepare(args.parquet, args.out, download=args.download)}")
+    print(f"wrote {prepare(args.parquet, args.out, download=args.download, overwrite=args.overwrite)}")
 
 
 if __name__ == "__main__":

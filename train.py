@@ -11,6 +11,7 @@ import collections
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from checkpoint import load_resumable, restore_training, save_checkpoint, training_state
-from distributed import Preemption, all_reduce, setup_distributed
+from files import atomic_write, remove_stale_temporaries
+from distributed import Preemption, all_reduce, broadcast_buffers, setup_distributed
 from labels import NUM_CLASSES, UserError, run_cli
 from evaluation import eval_only, evaluate
 from losses import HierarchicalLoss, build_loss
@@ -76,6 +78,8 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     p.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss (syncs)")
+    p.add_argument("--max-skipped", type=int, default=20,
+                   help="with --skip-nonfinite: stop after this many consecutive skipped steps")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="mean ± std over finished folds")
     return p
@@ -104,8 +108,39 @@ def _batch_sizes(args, world_size):
     return batch, per_rank, micro
 
 
+def _check_numbers(args):
+    """Every numeric flag in its range, or one line naming the flag and what it takes."""
+    def finite(x):
+        return x is not None and math.isfinite(x)
+
+    checks = [("--lr", args.lr, finite(args.lr) and args.lr > 0, "a positive number, e.g. 1e-3"),
+              ("--weight-decay", args.weight_decay, finite(args.weight_decay) and args.weight_decay >= 0,
+               "0 or more, e.g. 0.01"),
+              ("--pct-start", args.pct_start, finite(args.pct_start) and 0 < args.pct_start < 1,
+               "between 0 and 1, e.g. 0.3"),
+              ("--clip", args.clip, args.clip is None or (finite(args.clip) and args.clip > 0),
+               "a positive gradient max-norm, e.g. 1.0 (leave it out for no clipping)"),
+              ("--max-ratio", args.max_ratio, args.max_ratio >= 1, "at least 1 (inf for no cap)"),
+              ("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
+              ("--log-every", args.log_every, args.log_every >= 1, "at least 1 (steps)"),
+              ("--seed", args.seed, 0 <= args.seed < 2**32, "between 0 and 2**32 - 1"),
+              ("--synthetic-count", args.synthetic_count, args.synthetic_count >= 2, "at least 2 (images)"),
+              ("--synthetic-size", args.synthetic_size, args.synthetic_size >= 32, "at least 32 (px)"),
+              ("--micro-batch", args.micro_batch, args.micro_batch is None or args.micro_batch >= 1, "at least 1"),
+              ("--dist-timeout", args.dist_timeout, args.dist_timeout >= 1, "at least 1 (seconds)"),
+              ("--max-skipped", args.max_skipped, args.max_skipped >= 1, "at least 1 (steps)"),
+              ("--folds", args.folds, args.folds >= 2, "at least 2"),
+              ("--fold", args.fold, args.fold >= 0, "0 or more")]
+    for flag, value, ok, need in checks:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {need}")
+    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise UserError(f"--run-dir {args.run_dir}: is a file; pass a folder for the run's checkpoints and logs")
+
+
 def resolve_config(args, world_size, device):
     """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
+    _check_numbers(args)
     cfg = vars(args).copy()
     cfg.update(data=args.data or "synthetic", data_flag=args.data)
     if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
@@ -120,8 +155,6 @@ def resolve_config(args, world_size, device):
     if len(cfg["head_weights"]) != 3:
         raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
     batch, per_rank, micro = _batch_sizes(args, world_size)
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: must be at least 1")
     if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
     if args.eval_only and not (args.checkpoint or args.run_dir):
@@ -222,9 +255,10 @@ def epoch_order(cfg, epoch, n):
     return order, torch.randint(0, 2, (n, 3), generator=generator).bool()
 
 
-def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption):
+def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption, skips):
     """Steps step0.. of one epoch; returns its loss sum (device tensor), the steps done, skipped steps and
-    whether a pre-emption stopped it early. Non-finite losses raise at the logging points."""
+    whether a pre-emption stopped it early. Non-finite losses raise at the logging points; with
+    --skip-nonfinite, more than --max-skipped consecutive skips (counted in skips across epochs) raise."""
     steps_per_epoch = len(pre) // cfg["batch_size"]
     per_rank, micro_batch = cfg["per_rank_batch"], cfg["micro_batch"]
     order, flips = epoch_order(cfg, epoch, len(pre))
@@ -240,9 +274,17 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
         loss = train_step(parts, micro, cfg, device)
         micro = []
         finite = torch.isfinite(loss)
-        if cfg["skip_nonfinite"] and not finite:
-            skipped += 1
-            log(rank, f"  skipped a non-finite loss at epoch {epoch + 1} step {step + 1}")
+        if cfg["skip_nonfinite"]:
+            # train_step skipped on the loss summed over ranks; every rank must count the same skips.
+            finite = torch.isfinite(all_reduce(loss.clone()))
+            skips["consecutive"] = 0 if finite else skips["consecutive"] + 1
+            if not finite:
+                skipped += 1
+                log(rank, f"  skipped a non-finite loss at epoch {epoch + 1} step {step + 1}")
+            if skips["consecutive"] > cfg["max_skipped"]:
+                raise UserError(f"--skip-nonfinite: {skips['consecutive']} consecutive steps had a non-finite loss "
+                                f"(epoch {epoch + 1} step {step + 1}, --max-skipped {cfg['max_skipped']}); "
+                                "lower --lr or use --precision fp32")
         first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
         loss_sum += torch.where(finite, loss, 0.0)
         step += 1
@@ -263,8 +305,10 @@ def check_finite(first_bad, epoch, cfg):
         return
     bad = int(all_reduce(first_bad.clone(), dist.ReduceOp.MAX).item())
     if bad >= 0:
-        raise UserError(f"non-finite loss at epoch {epoch + 1} step {bad + 1}; last good checkpoint kept in "
-                        f"{cfg['run_dir']}; lower --lr, use --precision fp32, or pass --skip-nonfinite")
+        kept = (f"last good checkpoint kept in {cfg['run_dir']}" if (Path(cfg["run_dir"]) / "last.pt").is_file()
+                else "no checkpoint was written yet")
+        raise UserError(f"non-finite loss at epoch {epoch + 1} step {bad + 1}; {kept}; lower --lr, use "
+                        "--precision fp32, or pass --skip-nonfinite")
 
 
 def load_resume(cfg, run_dir, rank):
@@ -291,13 +335,37 @@ def restore(parts, resume, run_dir, rank):
     return progress
 
 
+def prepare_run_dir(cfg, run_dir, resume, rank):
+    """Never overwrites an earlier run's checkpoints; a fresh start begins a fresh metrics.jsonl."""
+    earlier = [name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
+    if earlier and not cfg["resume"]:
+        raise UserError(f"--run-dir {run_dir}: holds {' and '.join(earlier)} of an earlier run; pass --resume to "
+                        "continue it, or a fresh --run-dir to start another")
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}); pass a writable folder") from None
+        remove_stale_temporaries(run_dir)
+        if resume is None:
+            (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def stop_for_preemption(parts, cfg, run_dir, epoch, step, best, loss_sum, rank):
+    """Rank 0 writes last.pt where the pre-emption hit; --resume continues from there."""
+    partial_loss = float(all_reduce(loss_sum.clone()))
+    if rank == 0:
+        save_checkpoint(run_dir / "last.pt", training_state(parts, cfg, epoch, step, best, partial_loss))
+    log(rank, f"SIGTERM: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {step}; "
+              "rerun with --resume to continue")
+
+
 def train(cfg, rank, world, local_rank, local_world, device):
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
     resume = load_resume(cfg, run_dir, rank)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    prepare_run_dir(cfg, run_dir, resume, rank)
     train_pre, val_pre, _ = data.load_split(cfg, local_rank, local_world)
     if len(train_pre) < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {len(train_pre)} training images; "
@@ -312,7 +380,7 @@ def train(cfg, rank, world, local_rank, local_world, device):
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {len(train_pre)} train / {len(val_pre)} "
               f"val images at {cfg['img_size']} px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), "
               f"lr {cfg['lr']:.3g}, {cfg['precision']}, {steps_per_epoch} steps/epoch")
-    preemption = Preemption()
+    preemption, skips = Preemption(), {"consecutive": 0}
     run_start = time.time()
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
@@ -322,18 +390,16 @@ def train(cfg, rank, world, local_rank, local_world, device):
             epoch_start = time.time()
             loss_sum, step, skipped, preempted = train_one_epoch(
                 parts, train_pre, epoch, step0, carried_loss if epoch == start_epoch else 0.0, cfg, rank, world,
-                device, preemption)
-            if preempted:
-                partial_loss = float(all_reduce(loss_sum.clone()))
-                if rank == 0:
-                    save_checkpoint(run_dir / "last.pt", training_state(parts, cfg, epoch, step, best, partial_loss))
-                log(rank, f"SIGTERM: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {step}; "
-                          "rerun with --resume to continue")
-                return None
+                device, preemption, skips)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time = time.time() - epoch_start
-            metrics = eval_metrics(evaluate(parts.raw_model, val_pre, val_idx, cfg, device))
+            broadcast_buffers(parts.raw_model)
+            cms = None if preempted else evaluate(parts.raw_model, val_pre, val_idx, cfg, device, preemption)
+            if cms is None:
+                stop_for_preemption(parts, cfg, run_dir, epoch, step, best, loss_sum, rank)
+                return None
+            metrics = eval_metrics(cms)
             is_best, best = metrics["miou"] > best, max(best, metrics["miou"])
             record = {"epoch": epoch + 1,
                       "train_loss": float(all_reduce(loss_sum.clone())) / world / max(steps_per_epoch, 1), **metrics,
@@ -341,7 +407,7 @@ def train(cfg, rank, world, local_rank, local_world, device):
                       "epoch_time_s": time.time() - epoch_start, "peak_mem_mb": peak_memory_mb(device),
                       "lr": parts.scheduler.get_last_lr()[0], "best_miou": best, "skipped_steps": skipped}
             if rank == 0:
-                end_of_epoch(parts, cfg, record, is_best, run_dir,
+                end_of_epoch(parts, cfg, record, cms if is_best else None, run_dir,
                              (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1))
     finally:
         preemption.close()
@@ -349,14 +415,17 @@ def train(cfg, rank, world, local_rank, local_world, device):
     return best
 
 
-def end_of_epoch(parts, cfg, record, is_best, run_dir, eta):
-    """Rank 0: the metrics line, last.pt (and best.pt), and the epoch line."""
+def end_of_epoch(parts, cfg, record, best_cms, run_dir, eta):
+    """Rank 0: the metrics line, last.pt, and for a new best epoch best.pt and its confusion matrices
+    (confusion.json, rows truth, columns prediction), so tables and pictures can be redrawn without a GPU."""
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     state = training_state(parts, cfg, record["epoch"], 0, record["best_miou"])
     save_checkpoint(run_dir / "last.pt", state)
-    if is_best:
+    if best_cms is not None:
         save_checkpoint(run_dir / "best.pt", state)
+        confusion = {"split": "val", "epoch": record["epoch"], **{h: cm.tolist() for h, cm in best_cms.items()}}
+        atomic_write(run_dir / "confusion.json", lambda tmp: tmp.write_text(json.dumps(confusion)))
     print(f"epoch {record['epoch']}/{cfg['epochs']} loss {record['train_loss']:.4f} mIoU {record['miou']:.4f} "
           f"damage IoU {record['binary_iou'] or 0:.4f} {record['img_s']:.1f} img/s "
           f"{record['epoch_time_s']:.1f}s ETA {fmt_time(eta)}", flush=True)

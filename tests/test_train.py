@@ -80,6 +80,37 @@ def test_two_ranks_match_one_process(synthetic_root, tmp_path):
     assert m1["miou"] == pytest.approx(one[-1]["miou"])
 
 
+def test_logged_metrics_of_two_cpu_ranks_with_batchnorm_equal_eval_only_of_the_checkpoint(synthetic_root, tmp_path):
+    # BatchNorm keeps running statistics per rank; rank 0's are the ones evaluated and saved.
+    done = torchrun(*tiny(synthetic_root, tmp_path, "--norm", "bn", "--epochs", "1"))
+    assert done.returncode == 0, done.stderr
+    logged = metrics(tmp_path)[-1]
+    for ranks in ("1", "2"):
+        args = ["train.py", "--eval-only", "--checkpoint", tmp_path / "best.pt", "--data", synthetic_root]
+        result = run_script(*args) if ranks == "1" else torchrun(*args)
+        assert result.returncode == 0, result.stderr
+        scored = json.loads(result.stdout[result.stdout.index("{"):])
+        assert (scored["miou"], scored["iou"]) == (logged["miou"], logged["iou"]), ranks
+
+
+def test_hierarchical_upernet_trains_resumes_and_summarises_with_one_name_per_head(synthetic_root, tmp_path):
+    flags = ("--decoder", "upernet", "--heads", "hierarchical")
+    assert run_script(*tiny(synthetic_root, tmp_path, *flags)).returncode == 0
+    records = metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert isinstance(record["binary_iou"], float), "the fine head's damage-vs-clean IoU"
+        assert set(record["coarse"]["iou"]) == {"Clean", "Structural loss", "Surface deposits", "Additions & optical"}
+        assert set(record["binary"]["iou"]) == {"Clean", "Damage"}
+    confusion = json.loads((tmp_path / "confusion.json").read_text())
+    assert [len(confusion[h]) for h in ("fine", "coarse", "binary")] == [16, 4, 2]
+    resumed = run_script(*tiny(synthetic_root, tmp_path, *flags, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(tmp_path) == records
+    summary = run_script("train.py", "--summary", tmp_path)
+    assert summary.returncode == 0 and "| miou |" in summary.stdout
+
+
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(synthetic_root, tmp_path):
     straight = run_script(*tiny(synthetic_root, tmp_path / "straight", "--epochs", "3"))
     assert straight.returncode == 0, straight.stderr
