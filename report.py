@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import data
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,6 +26,15 @@ from metrics import iou_report
 from predict import write_mask
 from tiles import predict_image
 
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+except ImportError:  # train.py imports this file; without matplotlib, build_report says what to install
+    plt = None
+
 DPI = 100
 # Figure sizes in inches; the PNGs are DPI times these in pixels (panels grow by PANEL_ROW per image).
 FIGSIZE = {"curves": (15, 4), "class_iou": (14, 5), "confusion": (10, 9), "groups": (12, 4), "panels": (14, 1)}
@@ -34,16 +44,6 @@ PANEL_ROW = 3.5
 PANEL_MAX_SIDE = 1024
 COLOURS = colour_table()
 WRONG = (255, 0, 0)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("report.py needs matplotlib; pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def read_records(run_dir):
@@ -69,11 +69,10 @@ def class_iou_bars(record):
 
 def _save(fig, path):
     fig.savefig(path, dpi=DPI)
-    _pyplot().close(fig)
+    plt.close(fig)
 
 
 def plot_curves(runs, path):
-    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["curves"], layout="constrained")
     for (name, records) in runs:
         epochs = [r["epoch"] for r in records]
@@ -81,13 +80,13 @@ def plot_curves(runs, path):
             ax.plot(epochs, [np.nan if r.get(key) is None else r[key] for r in records], marker="o", label=name)
     for ax, title in zip(axes, ("train loss", "validation mIoU", "damage-vs-clean IoU")):
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     _save(fig, path)
 
 
 def plot_class_iou(runs, path):
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE["class_iou"], layout="constrained")
     width = 0.8 / len(runs)
     for k, (name, records) in enumerate(runs):
@@ -106,13 +105,11 @@ def plot_class_iou(runs, path):
 
 
 def plot_confusion(matrix, path):
-    plt = _pyplot()
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
-    # Rows of classes absent from the ground truth stay blank instead of dividing by zero.
+    # Rows of classes absent from the ground truth are NaN, drawn grey so they do not read as "never predicted".
     norm = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
     fig, ax = plt.subplots(figsize=FIGSIZE["confusion"], layout="constrained")
-    # Grey, not white, for absent rows, so that they do not read as "never predicted".
     shown = ax.imshow(norm, cmap=plt.get_cmap("Blues").with_extremes(bad="0.85"), vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(norm):
         if v >= 0.005:
@@ -125,12 +122,7 @@ def plot_confusion(matrix, path):
     _save(fig, path)
 
 
-def group_mious(groups):
-    return {name: iou_report(torch.tensor(cm), CLASS_NAMES)["miou"] for name, cm in sorted(groups.items())}
-
-
 def plot_groups(by_kind, path):
-    plt = _pyplot()
     fig, axes = plt.subplots(1, len(by_kind), figsize=FIGSIZE["groups"], layout="constrained", squeeze=False)
     for ax, (kind, mious) in zip(axes[0], by_kind.items()):
         bars = ax.bar(list(mious), list(mious.values()), color="tab:blue")
@@ -156,21 +148,15 @@ def read_confusion(run_dirs):
             raise UserError(f"{path}: 'fine' is {fine.shape}, expected 16x16 (rows truth, columns prediction)")
         found.append(path)
         # Folds validate on disjoint images, so summing their matrices scores the whole cross-validation at once.
-        for key, value in content.items():
-            if key in ("by_material", "by_content"):
-                groups = total.setdefault(key, {})
-                for group, cm in value.items():
-                    groups[group] = groups.get(group, 0) + np.asarray(cm, dtype=np.int64)
-            else:
-                total[key] = total.get(key, 0) + np.asarray(value, dtype=np.int64)
+        # The damage-vs-clean IoU comes from the fine matrix, so "binary" is not needed.
+        for key in ("fine", "coarse"):
+            if key in content:
+                total[key] = total.get(key, 0) + np.asarray(content[key], dtype=np.int64)
+        for key in ("by_material", "by_content"):
+            groups = total.setdefault(key, {}) if key in content else {}
+            for group, cm in content.get(key, {}).items():
+                groups[group] = groups.get(group, 0) + np.asarray(cm, dtype=np.int64)
     return total, found
-
-
-def find_checkpoint(run_dir):
-    for name in ("best.pt", "last.pt"):
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
-    return None
 
 
 def panel_samples(config, count, seed):
@@ -182,7 +168,6 @@ def panel_samples(config, count, seed):
 
 
 def _shrink(image, mask):
-    from PIL import Image
     height, width = mask.shape
     scale = PANEL_MAX_SIDE / max(height, width)
     if scale >= 1:
@@ -200,7 +185,7 @@ def error_map(image, truth, pred):
     return grey
 
 
-def predict_panels(run_dir, checkpoint_path, out, count, seed):
+def predict_panels(checkpoint_path, out, count, seed):
     """[(sample id, image, truth, prediction)] for the seeded validation images; masks written under samples/."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
@@ -220,8 +205,6 @@ def predict_panels(run_dir, checkpoint_path, out, count, seed):
 
 
 def plot_panels(panels, path):
-    plt = _pyplot()
-    from matplotlib.patches import Patch
     width, height = FIGSIZE["panels"]
     fig, axes = plt.subplots(len(panels), 4, figsize=(width, height + PANEL_ROW * len(panels)), squeeze=False,
                              layout="constrained")
@@ -267,21 +250,26 @@ def class_section(runs):
     return lines
 
 
+def _scores(cm, names=CLASS_NAMES):
+    return iou_report(torch.tensor(cm), names)
+
+
 def confusion_section(run_dirs, out):
     total, found = read_confusion(run_dirs)
     if not found:
         return ["## Confusion matrix", "", "No `confusion.json` in " + ", ".join(f"`{d}`" for d in run_dirs)
                 + ": the confusion matrix and the per-material / per-content mIoU are not drawn."]
     plot_confusion(total["fine"], out / "confusion.png")
-    fine = iou_report(torch.tensor(total["fine"]), CLASS_NAMES)
+    fine = _scores(total["fine"])
     lines = ["## Confusion matrix", "", f"From {', '.join(f'`{p}`' for p in found)}"
              + (" (summed)" if len(found) > 1 else "") + ". Rows are the ground truth, normalised to 100 %; "
              "grey rows are classes absent from it.", "", "![confusion matrix](confusion.png)", "",
              f"mIoU {_pct(fine['miou'])} %, damage-vs-clean IoU {_pct(fine.get('binary_iou'))} %, "
              f"pixel accuracy {_pct(fine['pixel_acc'])} %."]
     if "coarse" in total:
-        lines[-1] += f" Coarse groups mIoU {_pct(iou_report(torch.tensor(total['coarse']), COARSE_NAMES)['miou'])} %."
-    by_kind = {key[3:]: group_mious(total[key]) for key in ("by_material", "by_content") if key in total}
+        lines[-1] += f" Coarse groups mIoU {_pct(_scores(total['coarse'], COARSE_NAMES)['miou'])} %."
+    by_kind = {key[3:]: {name: _scores(cm)["miou"] for name, cm in sorted(total[key].items())}
+               for key in ("by_material", "by_content") if key in total}
     if by_kind:
         plot_groups(by_kind, out / "groups.png")
         lines += ["", "## mIoU by material and content", "", "![mIoU by group](groups.png)", "",
@@ -293,11 +281,17 @@ def confusion_section(run_dirs, out):
 def panels_section(run_dirs, out, images, seed):
     lines = ["## Truth vs prediction", ""]
     for k, run_dir in enumerate(run_dirs):
-        checkpoint = find_checkpoint(run_dir)
+        checkpoint = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
         if checkpoint is None:
             lines += [f"No best.pt or last.pt in `{run_dir}`: no prediction panels.", ""]
             continue
-        panels = predict_panels(run_dir, checkpoint, out, images, seed)
+        try:
+            panels = predict_panels(checkpoint, out, images, seed)
+        except UserError as exc:
+            # A report at the end of a long training run must not fail over a dataset moved since.
+            print(f"note: no prediction panels for {run_dir}: {exc}", file=sys.stderr)
+            lines += [f"No prediction panels for `{run_dir}`: {exc}", ""]
+            continue
         name = "panels.png" if len(run_dirs) == 1 else f"panels-{k + 1}.png"
         plot_panels(panels, out / name)
         lines += [f"{len(panels)} validation images of `{run_dir}` (chosen with seed {seed}), predicted by "
@@ -311,11 +305,15 @@ def panels_section(run_dirs, out, images, seed):
 
 def build_report(run_dirs, out=None, images=4, seed=42):
     """Writes the PNGs and report.md into out (default: the first run folder); returns report.md's path."""
+    if plt is None:
+        raise UserError("report.py needs matplotlib for its pictures; pip install matplotlib")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise UserError("report.py: give at least one run folder")
-    runs = [(d.name if d.name != run_dirs[0].name or len(run_dirs) == 1 else str(d), read_records(d))
-            for d in run_dirs]
+    names = [d.name for d in run_dirs]
+    # Fold folders of different experiments may share a name; then whole paths tell them apart.
+    names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    runs = [(name, read_records(d)) for name, d in zip(names, run_dirs)]
     out = Path(out) if out else run_dirs[0]
     try:
         out.mkdir(parents=True, exist_ok=True)

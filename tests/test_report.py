@@ -126,9 +126,10 @@ def test_outlines_do_not_depend_on_where_row_chunks_are_cut(monkeypatch):
     rng = np.random.default_rng(42)
     image = rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)
     labels = rng.choice([0, 0, 0, 3, 11, 255], size=(50, 40)).astype(np.uint8)
-    whole = np.asarray(render_overlay(image, labels, area_report(labels)))
+    report = area_report(labels, truth=labels)
+    whole = np.asarray(render_overlay(image, labels, report))
     monkeypatch.setattr(predict, "ROWS_PER_CHUNK", 7)
-    np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, area_report(labels))), whole)
+    np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, report)), whole)
 
 
 def test_matplotlib_is_imported_only_by_report_py():
