@@ -8,9 +8,8 @@ see tiles.py), so memory stays bounded for images of 100+ megapixels.
 Per image ``--out`` gets ``<stem>_mask.png`` (indexed PNG: pixel value = ARTeFACT id, palette = ARTeFACT
 colours), ``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the
 image, each region outlined in its full colour, and a legend, and ``<stem>_report.json``; ``report.csv`` holds
-one row per image and class. With
-``--masks DIR`` the mask of the same stem marks the object (255 = outside, left out of all areas) and the
-per-class IoU of the prediction against that mask is reported too.
+one row per image and class. With ``--masks DIR`` the mask of the same stem marks the object (255 = outside,
+left out of all areas) and the per-class IoU of the prediction against that mask is reported too.
 """
 import argparse
 import csv
