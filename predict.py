@@ -7,9 +7,9 @@ see tiles.py), so memory stays bounded for images of 100+ megapixels.
 
 Per image ``--out`` gets ``<stem>_mask.png`` (indexed PNG: pixel value = ARTeFACT id, palette = ARTeFACT
 colours), ``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the
-image and a legend, and ``<stem>_report.json``; ``report.csv`` holds one row per image and class. With
-``--masks DIR`` the mask of the same stem marks the object (255 = outside, left out of all areas) and the
-per-class IoU of the prediction against that mask is reported too.
+image, each region outlined in its full colour, and a legend, and ``<stem>_report.json``; ``report.csv`` holds
+one row per image and class. With ``--masks DIR`` the mask of the same stem marks the object (255 = outside,
+left out of all areas) and the per-class IoU of the prediction against that mask is reported too.
 """
 import argparse
 import csv
@@ -39,13 +39,32 @@ def _row_chunks(height):
     return [(r, min(r + ROWS_PER_CHUNK, height)) for r in range(0, height, ROWS_PER_CHUNK)]
 
 
-def blend(image, labels, alpha=0.5):
-    """Image with every non-clean pixel mixed with its class colour: round((1-alpha)*pixel + alpha*colour)."""
+def blend(image, labels, alpha=0.5, edges=None):
+    """Image with every non-clean pixel mixed with its class colour: round((1-alpha)*pixel + alpha*colour);
+    pixels marked in ``edges`` get the full class colour instead."""
     out = image.copy()
     marked = labels != 0
     mixed = image[marked] * np.float32(1 - alpha) + COLOURS[labels[marked]] * np.float32(alpha)
     out[marked] = np.rint(mixed).astype(np.uint8)
+    if edges is not None:
+        out[edges] = COLOURS[labels[edges]]
     return out
+
+
+def region_edges(labels):
+    """Damage pixels with a 4-neighbour (inside ``labels``) of another label: the 1-px border of each region.
+
+    Blended at half strength, dark classes (Stamp, Burn marks, Puncture) vanish into dark paint; drawn in full
+    colour, their borders, and the whole of regions only a pixel or two wide, stay visible.
+    """
+    edges = np.zeros(labels.shape, dtype=bool)
+    vertical = labels[1:] != labels[:-1]
+    edges[1:] |= vertical
+    edges[:-1] |= vertical
+    horizontal = labels[:, 1:] != labels[:, :-1]
+    edges[:, 1:] |= horizontal
+    edges[:, :-1] |= horizontal
+    return edges & (labels != 0) & (labels != OUTSIDE)
 
 
 def area_report(labels, truth=None):
@@ -88,10 +107,22 @@ def write_mask(path, labels):
     mask.save(path)
 
 
-def _legend(width, report, outside):
-    entries = [(COLOURS[c["id"]], f"{c['name']} {c['percent']:.2f} %") for c in report["classes"] if c["pixels"]]
+def legend_entries(report, outside):
+    """(colour, text) of each damage class found, then the outside-object colour; Clean is not drawn, so it
+    gets no swatch, and a class under 0.01 % of the object reads "<0.01 %" rather than "0.00 %"."""
+    entries = [(COLOURS[c["id"]], f"{c['name']} {_percent(c['percent'])}") for c in report["classes"]
+               if c["pixels"] and c["id"] != 0]
     if outside:
         entries.append((COLOURS[OUTSIDE], "Outside object"))
+    return entries
+
+
+def _percent(value):
+    return "<0.01 %" if value < 0.01 else f"{value:.2f} %"
+
+
+def _legend(width, report, outside):
+    entries = legend_entries(report, outside)
     size = max(12, width // 100)
     font = ImageFont.load_default(size=size)
     pad, line = size // 2, size + size // 2
@@ -111,12 +142,16 @@ def _legend(width, report, outside):
 
 
 def render_overlay(image, labels, report, alpha=0.5):
-    """The image with damage (and outside-object pixels) blended in their colours, a legend strip below it."""
+    """The image with damage (and outside-object pixels) blended in their colours, each damage region outlined in
+    its full colour, a legend strip below it."""
     height, width = labels.shape
     legend = _legend(width, report, outside=bool((labels == OUTSIDE).any()))
     canvas = Image.new("RGB", (width, height + legend.height))
     for r0, r1 in _row_chunks(height):
-        canvas.paste(Image.fromarray(blend(image[r0:r1], labels[r0:r1], alpha)), (0, r0))
+        # One halo row above and below, so that region borders do not depend on where the chunks are cut.
+        h0, h1 = max(r0 - 1, 0), min(r1 + 1, height)
+        edges = region_edges(labels[h0:h1])[r0 - h0:r0 - h0 + r1 - r0]
+        canvas.paste(Image.fromarray(blend(image[r0:r1], labels[r0:r1], alpha, edges)), (0, r0))
     canvas.paste(legend, (0, height))
     return canvas
 

@@ -173,10 +173,16 @@ def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_c
     assert overlay.shape[1] == 80 and overlay.shape[0] > 48
     top, legend = overlay[:48], overlay[48:]
     colours = np.array(PALETTE + [BACKGROUND_COLOUR] * 240, dtype=np.float64)
+    padded = np.pad(labels, 1, mode="edge")
+    border = ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels) | (padded[1:-1, :-2] != labels)
+              | (padded[1:-1, 2:] != labels))
     for class_id in [0, *present, 255]:
-        where = labels == class_id
+        where = (labels == class_id) & ~(border & (class_id not in (0, 255)))
         expected = image[where] if class_id == 0 else np.rint(0.5 * image[where] + 0.5 * colours[class_id])
         np.testing.assert_array_equal(top[where], expected)
+        if class_id in present:
+            np.testing.assert_array_equal(top[(labels == class_id) & border], colours[class_id][None].repeat(
+                ((labels == class_id) & border).sum(), 0))
     swatches = {tuple(c) for c in legend.reshape(-1, 3)}
     assert all(tuple(PALETTE[k]) in swatches for k in present) and BACKGROUND_COLOUR in swatches
     assert not any(tuple(PALETTE[k]) in swatches for k in (2, 4, 6, 7, 8, 10, 11, 12, 13, 14))

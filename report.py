@@ -1,0 +1,348 @@
+"""Results a person can look at: PNG pictures of training runs and one report.md that shows them with the numbers.
+
+    python report.py RUN_DIR [RUN_DIR ...] [--out DIR] [--images N] [--seed S]
+
+Writes into the first run folder (or --out): curves.png (train loss, validation mIoU, damage-vs-clean IoU per
+epoch; several runs, e.g. the folds of a cross-validation, overlaid), class_iou.png (per-class IoU of each run's
+best epoch, classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png (from
+RUN_DIR/confusion.json when present), panels.png (image | truth | prediction | errors for a seeded set of
+validation images, predicted by best.pt or last.pt) with the masks as palette PNGs under samples/, and report.md.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from checkpoint import load_checkpoint, model_from_checkpoint
+from files import read_image, read_mask
+from labels import (BACKGROUND_COLOUR, CLASS_NAMES, COARSE_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError,
+                    colour_table, run_cli)
+from metrics import iou_report
+from predict import write_mask
+from tiles import predict_image
+
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+except ImportError:  # train.py imports this file; without matplotlib, build_report says what to install
+    plt = None
+
+DPI = 100
+# Figure sizes in inches; the PNGs are DPI times these in pixels (panels grow by PANEL_ROW per image).
+FIGSIZE = {"curves": (15, 4), "class_iou": (14, 5), "confusion": (10, 9), "groups": (12, 4), "panels": (14, 1)}
+PANEL_ROW = 3.5
+# Panels are predicted at most this many pixels across: ARTeFACT images reach 12,000 px, which would take
+# minutes per image on a CPU and could not be seen at panel size anyway.
+PANEL_MAX_SIDE = 1024
+COLOURS = colour_table()
+WRONG = (255, 0, 0)
+
+
+def read_records(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; pass run folders written by train.py")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise UserError(f"{path}: empty; the run has not finished an epoch")
+    return records
+
+
+def best_record(records):
+    return max(records, key=lambda r: r["miou"])
+
+
+def class_iou_bars(record):
+    """Per-class IoU of one metrics record; None for classes absent from the ground truth (or never scored),
+    so that they can be marked rather than drawn as a zero."""
+    absent = set(record.get("absent", []))
+    return [None if name in absent else record["iou"].get(name) for name in CLASS_NAMES]
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_curves(runs, path):
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["curves"], layout="constrained")
+    for (name, records) in runs:
+        epochs = [r["epoch"] for r in records]
+        for ax, key in zip(axes, ("train_loss", "miou", "binary_iou")):
+            ax.plot(epochs, [np.nan if r.get(key) is None else r[key] for r in records], marker="o", label=name)
+    for ax, title in zip(axes, ("train loss", "validation mIoU", "damage-vs-clean IoU")):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    _save(fig, path)
+
+
+def plot_class_iou(runs, path):
+    fig, ax = plt.subplots(figsize=FIGSIZE["class_iou"], layout="constrained")
+    width = 0.8 / len(runs)
+    for k, (name, records) in enumerate(runs):
+        xs = np.arange(NUM_CLASSES) + (k - (len(runs) - 1) / 2) * width
+        values = class_iou_bars(best_record(records))
+        ax.bar(xs, [np.nan if v is None else v for v in values], width, label=name)
+        for x, v in zip(xs, values):
+            if v is None:
+                ax.bar(x, 1, width, color="none", edgecolor="0.7", hatch="//")
+                ax.text(x, 0.5, "absent", rotation=90, ha="center", va="center", color="0.4", fontsize=8)
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
+    ax.set(ylim=(0, 1), ylabel="IoU", title="per-class IoU at the best epoch (hatched: absent from the ground truth)")
+    if len(runs) > 1:
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(matrix, path):
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    # Rows of classes absent from the ground truth are NaN, drawn grey so they do not read as "never predicted".
+    norm = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+    fig, ax = plt.subplots(figsize=FIGSIZE["confusion"], layout="constrained")
+    shown = ax.imshow(norm, cmap=plt.get_cmap("Blues").with_extremes(bad="0.85"), vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(norm):
+        if v >= 0.005:
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.6 else "black")
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=60, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    ax.set(xlabel="prediction", ylabel="ground truth", title="confusion matrix, % of each true class")
+    fig.colorbar(shown, ax=ax, shrink=0.8)
+    _save(fig, path)
+
+
+def plot_groups(by_kind, path):
+    fig, axes = plt.subplots(1, len(by_kind), figsize=FIGSIZE["groups"], layout="constrained", squeeze=False)
+    for ax, (kind, mious) in zip(axes[0], by_kind.items()):
+        bars = ax.bar(list(mious), list(mious.values()), color="tab:blue")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set(ylim=(0, 1), ylabel="mIoU", title=f"mIoU by {kind}")
+        ax.tick_params(axis="x", rotation=30)
+    _save(fig, path)
+
+
+def read_confusion(run_dirs):
+    """{key: summed matrix or {group: summed matrix}} over the runs that have confusion.json, and those runs."""
+    total, found = {}, []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "confusion.json"
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text())
+            fine = np.asarray(content["fine"], dtype=np.int64)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: unreadable; expected JSON with a 16x16 'fine' matrix") from None
+        if fine.shape != (NUM_CLASSES, NUM_CLASSES):
+            raise UserError(f"{path}: 'fine' is {fine.shape}, expected 16x16 (rows truth, columns prediction)")
+        found.append(path)
+        # Folds validate on disjoint images, so summing their matrices scores the whole cross-validation at once.
+        # The damage-vs-clean IoU comes from the fine matrix, so "binary" is not needed.
+        for key in ("fine", "coarse"):
+            if key in content:
+                total[key] = total.get(key, 0) + np.asarray(content[key], dtype=np.int64)
+        for key in ("by_material", "by_content"):
+            groups = total.setdefault(key, {}) if key in content else {}
+            for group, cm in content.get(key, {}).items():
+                groups[group] = groups.get(group, 0) + np.asarray(cm, dtype=np.int64)
+    return total, found
+
+
+def panel_samples(config, count, seed):
+    """A fixed, seeded choice of validation samples of the run's split (in split order)."""
+    # preload "none" reads nothing up front: only the sample list is wanted here, not resized copies.
+    _, _, samples = data.load_split({**config, "preload": "none"}, train_needed=False)
+    rng = np.random.default_rng(seed)
+    return [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
+
+
+def _shrink(image, mask):
+    height, width = mask.shape
+    scale = PANEL_MAX_SIDE / max(height, width)
+    if scale >= 1:
+        return image, mask
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return (np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
+            np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
+
+
+def error_map(image, truth, pred):
+    """The image dimmed to grey, wrong pixels in red, outside-object pixels in the background colour."""
+    grey = (image.mean(2, keepdims=True) * 0.5 + 64).astype(np.uint8).repeat(3, axis=2)
+    grey[(pred != truth) & (truth != IGNORE_INDEX)] = WRONG
+    grey[truth == IGNORE_INDEX] = BACKGROUND_COLOUR
+    return grey
+
+
+def predict_panels(checkpoint_path, out, count, seed):
+    """[(sample id, image, truth, prediction)] for the seeded validation images; masks written under samples/."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = checkpoint["config"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
+    (out / "samples").mkdir(exist_ok=True)
+    panels = []
+    for sample in panel_samples(config, count, seed):
+        image = read_image(sample.image)
+        image, truth = _shrink(image, read_mask(sample.mask, image.shape[:2]))
+        pred = predict_image(model, image, tile=config.get("img_size", 384), device=device)
+        pred[truth == IGNORE_INDEX] = IGNORE_INDEX
+        write_mask(out / "samples" / f"{sample.id}_truth.png", np.ascontiguousarray(truth))
+        write_mask(out / "samples" / f"{sample.id}_prediction.png", pred)
+        panels.append((sample.id, image, truth, pred))
+    return panels
+
+
+def plot_panels(panels, path):
+    width, height = FIGSIZE["panels"]
+    fig, axes = plt.subplots(len(panels), 4, figsize=(width, height + PANEL_ROW * len(panels)), squeeze=False,
+                             layout="constrained")
+    for row, (sample_id, image, truth, pred) in zip(axes, panels):
+        pictures = (image, COLOURS[truth], COLOURS[pred], error_map(image, truth, pred))
+        for ax, picture, title in zip(row, pictures, ("image", "ground truth", "prediction", "errors (red)")):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(f"{sample_id}: {title}", fontsize=9)
+            ax.axis("off")
+    present = sorted(set().union(*(np.unique(np.concatenate([t.ravel(), p.ravel()])).tolist()
+                                   for _, _, t, p in panels)))
+    handles = [Patch(color=COLOURS[k] / 255, label=CLASS_NAMES[k]) for k in present if k < NUM_CLASSES]
+    if IGNORE_INDEX in present:
+        handles.append(Patch(color=np.array(BACKGROUND_COLOUR) / 255, label="Outside object"))
+    handles.append(Patch(color=np.array(WRONG) / 255, label="wrong (errors)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=9)
+    _save(fig, path)
+
+
+def _pct(value):
+    return "absent" if value is None else f"{100 * value:.2f}"
+
+
+def curves_section(runs):
+    lines = ["## Training curves", "", "![training curves](curves.png)", "",
+             "| run | epochs | best epoch | best mIoU % | damage IoU % at best | last train loss |",
+             "|---|---|---|---|---|---|"]
+    for name, records in runs:
+        best = best_record(records)
+        lines.append(f"| {name} | {len(records)} | {best['epoch']} | {_pct(best['miou'])} | "
+                     f"{_pct(best.get('binary_iou'))} | {records[-1]['train_loss']:.4f} |")
+    return lines
+
+
+def class_section(runs):
+    names = " | ".join(f"{name} (epoch {best_record(records)['epoch']})" for name, records in runs)
+    lines = ["## Per-class IoU", "", "IoU of each class at each run's best epoch (highest validation mIoU); classes "
+             "absent from the validation ground truth are hatched and written `absent`, not counted as zero.", "",
+             "![per-class IoU](class_iou.png)", "", f"| class | {names} |", "|---|" + "---|" * len(runs)]
+    bars = [class_iou_bars(best_record(records)) for _, records in runs]
+    for k, name in enumerate(CLASS_NAMES):
+        lines.append(f"| {name} | " + " | ".join(_pct(values[k]) for values in bars) + " |")
+    return lines
+
+
+def _scores(cm, names=CLASS_NAMES):
+    return iou_report(torch.tensor(cm), names)
+
+
+def confusion_section(run_dirs, out):
+    total, found = read_confusion(run_dirs)
+    if not found:
+        return ["## Confusion matrix", "", "No `confusion.json` in " + ", ".join(f"`{d}`" for d in run_dirs)
+                + ": the confusion matrix and the per-material / per-content mIoU are not drawn."]
+    plot_confusion(total["fine"], out / "confusion.png")
+    fine = _scores(total["fine"])
+    lines = ["## Confusion matrix", "", f"From {', '.join(f'`{p}`' for p in found)}"
+             + (" (summed)" if len(found) > 1 else "") + ". Rows are the ground truth, normalised to 100 %; "
+             "grey rows are classes absent from it.", "", "![confusion matrix](confusion.png)", "",
+             f"mIoU {_pct(fine['miou'])} %, damage-vs-clean IoU {_pct(fine.get('binary_iou'))} %, "
+             f"pixel accuracy {_pct(fine['pixel_acc'])} %."]
+    if "coarse" in total:
+        lines[-1] += f" Coarse groups mIoU {_pct(_scores(total['coarse'], COARSE_NAMES)['miou'])} %."
+    by_kind = {key[3:]: {name: _scores(cm)["miou"] for name, cm in sorted(total[key].items())}
+               for key in ("by_material", "by_content") if key in total}
+    if by_kind:
+        plot_groups(by_kind, out / "groups.png")
+        lines += ["", "## mIoU by material and content", "", "![mIoU by group](groups.png)", "",
+                  "| group | mIoU % |", "|---|---|"]
+        lines += [f"| {kind}: {name} | {_pct(v)} |" for kind, mious in by_kind.items() for name, v in mious.items()]
+    return lines
+
+
+def panels_section(run_dirs, out, images, seed):
+    lines = ["## Truth vs prediction", ""]
+    for k, run_dir in enumerate(run_dirs):
+        checkpoint = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
+        if checkpoint is None:
+            lines += [f"No best.pt or last.pt in `{run_dir}`: no prediction panels.", ""]
+            continue
+        try:
+            panels = predict_panels(checkpoint, out, images, seed)
+        except UserError as exc:
+            # A report at the end of a long training run must not fail over a dataset moved since.
+            print(f"note: no prediction panels for {run_dir}: {exc}", file=sys.stderr)
+            lines += [f"No prediction panels for `{run_dir}`: {exc}", ""]
+            continue
+        name = "panels.png" if len(run_dirs) == 1 else f"panels-{k + 1}.png"
+        plot_panels(panels, out / name)
+        lines += [f"{len(panels)} validation images of `{run_dir}` (chosen with seed {seed}), predicted by "
+                  f"`{checkpoint.name}` at most {PANEL_MAX_SIDE} px across; errors: wrong pixels in red, "
+                  "outside the object in the background colour.", "", f"![truth vs prediction]({name})", "",
+                  "Masks (palette PNGs, ARTeFACT colours): " + ", ".join(
+                      f"[{i} truth](samples/{i}_truth.png) / [prediction](samples/{i}_prediction.png)"
+                      for i, *_ in panels), ""]
+    return lines
+
+
+def build_report(run_dirs, out=None, images=4, seed=42):
+    """Writes the PNGs and report.md into out (default: the first run folder); returns report.md's path."""
+    if plt is None:
+        raise UserError("report.py needs matplotlib for its pictures; pip install matplotlib")
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise UserError("report.py: give at least one run folder")
+    names = [d.name for d in run_dirs]
+    # Fold folders of different experiments may share a name; then whole paths tell them apart.
+    names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    runs = [(name, read_records(d)) for name, d in zip(names, run_dirs)]
+    out = Path(out) if out else run_dirs[0]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror}); pass a writable folder") from None
+    plot_curves(runs, out / "curves.png")
+    plot_class_iou(runs, out / "class_iou.png")
+    lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""]
+    lines += curves_section(runs) + [""] + class_section(runs) + [""] + confusion_section(run_dirs, out) + [""]
+    lines += panels_section(run_dirs, out, images, seed)
+    path = out / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
+    parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
+    parser.add_argument("--images", type=int, default=4, help="validation images in the truth/prediction panels")
+    parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
+    args = parser.parse_args(argv)
+
+    def job():
+        if args.images < 1:
+            raise UserError(f"--images {args.images}: must be at least 1")
+        print(build_report(args.run_dirs, args.out, args.images, args.seed))
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
