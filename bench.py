@@ -22,7 +22,8 @@ from files import list_samples
 from labels import NUM_CLASSES
 from preload import OnDisk, cores, preload
 from model import autocast
-from train import build_parser, build_training, peak_memory_mb, run_main, train_step
+from config import build_parser
+from train import build_training, peak_memory_mb, run_main, train_step
 
 
 def _sync(device):
@@ -57,7 +58,7 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     """Times the real train_step and inference after warm-up; one JSON line with throughput, memory, FLOPs, MFU."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg["data"] = "synthetic"
-    train_pre, _, _ = data.load_split(cfg, local_rank, local_world)
+    train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (steps + warmup) + 1,
                            np.ones(NUM_CLASSES))

@@ -2,6 +2,7 @@
 
 Flips, rot90 and normalisation run on the uint8 batch on the device; nothing per-pixel runs in Python.
 """
+import collections
 import queue
 import threading
 from pathlib import Path
@@ -10,10 +11,10 @@ import numpy as np
 import torch
 
 from distributed import barrier
-from files import list_samples
-from labels import UserError
+from files import list_samples, read_metadata
+from labels import GROUP_COLUMNS, UserError
 from preload import preload
-from splits import split_ids
+from splits import default_manifest_path, split_ids
 from synthetic import make_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
@@ -33,28 +34,56 @@ def resolve_data(data, synthetic_count=64, synthetic_size=192):
     return root
 
 
-def load_split(cfg, local_rank=0, local_world=1, train_needed=True):
-    """(train preload or None, val preload, val samples) of cfg's dataset and fold; the preloaded arrays are
-    shared by the node (local rank 0 builds, the others map)."""
+# One part of a fold: its samples, their preloaded pixels, and each sample's metadata group per column.
+Part = collections.namedtuple("Part", "samples pre groups")
+
+
+def manifest_path(cfg, root):
+    """--splits, or a manifest in the splits/ folder beside the run folder, shared by the folds of a run."""
+    if cfg.get("splits"):
+        return Path(cfg["splits"])
+    return default_manifest_path(root, Path(cfg["run_dir"]).parent / "splits", cfg["split"], cfg["folds"],
+                                 cfg["seed"], 0.2)
+
+
+def _fold_ids(cfg, root):
+    train, inner, test = split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], cfg["seed"],
+                                   inner_frac=cfg["inner_frac"], manifest_path=manifest_path(cfg, root))
+    if cfg["select"] == "last":
+        # A fixed schedule selects nothing, so the inner images train too.
+        held = set(test)
+        train, inner = [i for i in sorted(train + inner) if i not in held], []
+    return {"train": train, "val": inner, "test": test}
+
+
+def _groups(metadata, samples):
+    columns = [c for c in GROUP_COLUMNS if any(c in row for row in metadata.values())]
+    return {c: [metadata.get(s.id, {}).get(c) or "unknown" for s in samples] for c in columns}
+
+
+def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")):
+    """{name: Part} for the needed parts of cfg's fold: train, val (the inner validation split that selects
+    the checkpoint; empty with --select last) and test (the outer fold, scored once). The preloaded arrays
+    are shared by the node: local rank 0 builds them, the others map them."""
     def resolve():
         root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
-        return root, *split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], seed=cfg["seed"])
+        return root, _fold_ids(cfg, root)
 
     # Local rank 0 generates the synthetic set and writes the split manifest before the others read them.
     if local_rank == 0:
-        root, train_ids, val_ids = resolve()
+        root, ids = resolve()
     barrier()
     if local_rank != 0:
-        root, train_ids, val_ids = resolve()
-    by_id = {s.id: s for s in list_samples(root)}
-    val_samples = [by_id[i] for i in val_ids]
-    train_pre = None
-    if train_needed:
-        train_pre = preload([by_id[i] for i in train_ids], cfg["img_size"], local_rank, local_world,
-                            offline_aug=cfg["offline_aug"], mode="shm" if cfg["preload"] == "all" else "disk")
-    val_pre = preload(val_samples, cfg["img_size"], local_rank, local_world,
-                      mode="shm" if cfg["preload"] in ("all", "val") else "disk")
-    return train_pre, val_pre, val_samples
+        root, ids = resolve()
+    by_id, metadata = {s.id: s for s in list_samples(root)}, read_metadata(root)
+    parts = {}
+    for name in needed:
+        samples = [by_id[i] for i in ids[name]]
+        shared = cfg["preload"] == "all" or (cfg["preload"] == "val" and name != "train")
+        pre = preload(samples, cfg["img_size"], local_rank, local_world,
+                      offline_aug=cfg["offline_aug"] and name == "train", mode="shm" if shared else "disk")
+        parts[name] = Part(samples, pre, _groups(metadata, samples))
+    return parts
 
 
 def batches(pre, indices, batch_size, pin=True, prefetch=2):

@@ -48,6 +48,13 @@ def broadcast_buffers(module, src=0):
             dist.broadcast(buffer, src)
 
 
+def broadcast_module(module, src=0):
+    """Every rank takes rank src's parameters and buffers (e.g. the selected checkpoint rank src loaded)."""
+    if dist.is_initialized():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -19,6 +19,8 @@ BACKGROUND_COLOUR = (0x5A, 0x00, 0x07)
 COARSE_OF_FINE = (0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3)
 COARSE_NAMES = ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
 BINARY_NAMES = ["Clean", "Damage"]
+# metadata.csv columns that results are reported by (ARTeFACT: 10 materials, 4 content types).
+GROUP_COLUMNS = ("material", "content")
 # Class names of each head of a hierarchical model ("fine" alone for a plain one).
 HEAD_NAMES = {"fine": CLASS_NAMES, "coarse": COARSE_NAMES, "binary": BINARY_NAMES}
 

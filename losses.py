@@ -21,6 +21,7 @@ the fine mask with ``COARSE_OF_FINE``; see ``HierarchicalLoss``.
 from functools import lru_cache
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from labels import COARSE_OF_FINE, IGNORE_INDEX
@@ -69,6 +70,9 @@ def _valid_target(target, ignore_index):
     return valid, target.masked_fill(~valid, 0)
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 class DiceLoss(nn.Module):
     """Multiclass soft dice, each class pooled over the whole batch and all valid pixels.
 
@@ -81,7 +85,11 @@ class DiceLoss(nn.Module):
     mass predicted for an absent class is still penalised, because softmax takes it from the present
     classes and lowers their intersections. The loss is ``sum_c w_c * L_c / sum_c w_c`` over present classes;
     a batch with no valid pixel gives 0.
+
+    ``sums`` and ``from_sums`` split the loss at its per-class sums, so a batch spread over ranks or
+    micro-batches is scored from the sums of the whole batch (see ``global_loss``).
     """
+    linear = False
 
     def __init__(self, weight=None, smooth=1.0, ignore_index=IGNORE_INDEX):
         super().__init__()
@@ -89,21 +97,25 @@ class DiceLoss(nn.Module):
         self.smooth = smooth
         self.ignore_index = ignore_index
 
-    def forward(self, logits, target):
+    def sums(self, logits, target):
         logits = logits.float()
-        weight = _checked_weight(self.weight, logits.shape[1])
         valid, target = _valid_target(target, self.ignore_index)
         valid = valid.unsqueeze(1).float()
         probs = logits.softmax(1) * valid
         one_hot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0) * valid
         dims = (0, 2, 3)
-        intersection = (probs * one_hot).sum(dims)
-        target_sum = one_hot.sum(dims)
-        dice = (2 * intersection + self.smooth) / (probs.sum(dims) + target_sum + self.smooth)
-        counted = (target_sum > 0).float()
+        return {"inter": (probs * one_hot).sum(dims), "pred": probs.sum(dims), "target": one_hot.sum(dims)}
+
+    def from_sums(self, sums):
+        weight = _checked_weight(self.weight, sums["target"].numel())
+        dice = (2 * sums["inter"] + self.smooth) / (sums["pred"] + sums["target"] + self.smooth)
+        counted = (sums["target"] > 0).float()
         if weight is not None:
             counted = counted * weight
-        return ((1 - dice) * counted).sum() / counted.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return ((1 - dice) * counted).sum() / counted.sum().clamp_min(_TINY)
+
+    def forward(self, logits, target):
+        return self.from_sums(self.sums(logits, target))
 
 
 class FocalLoss(nn.Module):
@@ -113,8 +125,10 @@ class FocalLoss(nn.Module):
     ``l_i = -(1 - p_i) ** gamma * log(p_i)``; the loss is ``sum_i w[y_i] * l_i / sum_i w[y_i]``.
     With ``gamma=0`` this is exactly ``nn.CrossEntropyLoss(weight=w, ignore_index=255)``, except that an
     all-ignored batch gives 0 instead of nan. Classes absent from the batch simply have no pixels; no
-    special rule is needed.
+    special rule is needed. The loss is linear in its numerator, so micro-batches need only the
+    denominator of the whole batch, which the labels alone give (``label_sums``).
     """
+    linear = True
 
     def __init__(self, weight=None, gamma=2.0, ignore_index=IGNORE_INDEX):
         super().__init__()
@@ -122,31 +136,76 @@ class FocalLoss(nn.Module):
         self.gamma = gamma
         self.ignore_index = ignore_index
 
-    def forward(self, logits, target):
-        logits = logits.float()
-        weight = _checked_weight(self.weight, logits.shape[1])
+    def _pixel_weight(self, target):
         valid, target = _valid_target(target, self.ignore_index)
+        return (valid.float() if self.weight is None else self.weight[target] * valid), target
+
+    def label_sums(self, target):
+        """The denominator, from the labels alone."""
+        return {"weight": self._pixel_weight(target)[0].sum()}
+
+    def sums(self, logits, target):
+        logits = logits.float()
+        _checked_weight(self.weight, logits.shape[1])
+        pixel_weight, target = self._pixel_weight(target)
         nll = -logits.log_softmax(1).gather(1, target.unsqueeze(1)).squeeze(1)
         if self.gamma:
             # 1 - p via expm1 stays accurate near p = 1; the floor keeps the gradient of (1 - p) ** gamma
             # finite for gamma < 1 when p rounds to exactly 1.
             nll = (-torch.expm1(-nll)).clamp_min(1e-12).pow(self.gamma) * nll
-        pixel_weight = valid.float() if weight is None else weight[target] * valid
-        return (pixel_weight * nll).sum() / pixel_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return {"weighted": (pixel_weight * nll).sum(), "weight": pixel_weight.sum()}
+
+    def from_sums(self, sums):
+        return sums["weighted"] / sums["weight"].clamp_min(_TINY)
+
+    def forward(self, logits, target):
+        return self.from_sums(self.sums(logits, target))
 
 
-class DiceFocalLoss(nn.Module):
+class _Sum(nn.Module):
+    """A weighted sum of losses, each on its own part of the model output and target, in sums form."""
+
+    def __init__(self, losses, weights):
+        super().__init__()
+        for name, loss in losses.items():
+            self.add_module(name, loss)
+        self.names = list(losses)
+        self.weights = dict(zip(losses, weights))
+        self.linear = all(loss.linear for loss in losses.values())
+
+    def parts(self, outputs, target):
+        raise NotImplementedError
+
+    def label_sums(self, target):
+        """Only for linear parts (focal, ce): their denominators."""
+        return {f"{name}/{k}": v for name, (_, t) in self.parts(None, target).items()
+                for k, v in getattr(self, name).label_sums(t).items()}
+
+    def sums(self, outputs, target):
+        return {f"{name}/{k}": v for name, (logits, t) in self.parts(outputs, target).items()
+                for k, v in getattr(self, name).sums(logits, t).items()}
+
+    def from_sums(self, sums):
+        total = 0.0
+        for name in self.names:
+            prefix = f"{name}/"
+            total = total + self.weights[name] * getattr(self, name).from_sums(
+                {k[len(prefix):]: v for k, v in sums.items() if k.startswith(prefix)})
+        return total
+
+    def forward(self, outputs, target):
+        return self.from_sums(self.sums(outputs, target))
+
+
+class DiceFocalLoss(_Sum):
     """``dice_weight * DiceLoss + focal_weight * FocalLoss``, both with the same class weights (0.5 / 0.5)."""
 
     def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=IGNORE_INDEX):
-        super().__init__()
-        self.dice = DiceLoss(weight, ignore_index=ignore_index)
-        self.focal = FocalLoss(weight, ignore_index=ignore_index)
-        self.dice_weight = dice_weight
-        self.focal_weight = focal_weight
+        super().__init__({"dice": DiceLoss(weight, ignore_index=ignore_index),
+                          "focal": FocalLoss(weight, ignore_index=ignore_index)}, (dice_weight, focal_weight))
 
-    def forward(self, logits, target):
-        return self.dice_weight * self.dice(logits, target) + self.focal_weight * self.focal(logits, target)
+    def parts(self, outputs, target):
+        return {"dice": (outputs, target), "focal": (outputs, target)}
 
 
 def build_loss(name, class_weights=None):
@@ -162,7 +221,7 @@ def build_loss(name, class_weights=None):
     raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
 
 
-class HierarchicalLoss(nn.Module):
+class HierarchicalLoss(_Sum):
     """``head_weights[0] * binary + head_weights[1] * coarse + head_weights[2] * fine`` (0.2, 0.3, 0.5).
 
     Each head uses the loss ``name``; the binary and coarse targets come from ``hierarchy_targets``.
@@ -171,15 +230,36 @@ class HierarchicalLoss(nn.Module):
     """
 
     def __init__(self, name, class_weights=None, head_weights=(0.2, 0.3, 0.5)):
-        super().__init__()
-        self.binary = build_loss(name)
-        self.coarse = build_loss(name)
-        self.fine = build_loss(name, class_weights)
+        super().__init__({"binary": build_loss(name), "coarse": build_loss(name),
+                          "fine": build_loss(name, class_weights)}, tuple(head_weights))
         self.head_weights = tuple(head_weights)
 
-    def forward(self, outputs, target):
+    def parts(self, outputs, target):
         targets = hierarchy_targets(target)
-        binary_weight, coarse_weight, fine_weight = self.head_weights
-        return (binary_weight * self.binary(outputs["binary"], targets["binary"])
-                + coarse_weight * self.coarse(outputs["coarse"], targets["coarse"])
-                + fine_weight * self.fine(outputs["fine"], targets["fine"]))
+        return {head: (None if outputs is None else outputs[head], targets[head]) for head in self.names}
+
+
+def sum_over_ranks(sums):
+    """The sums (detached) added over all ranks, in one collective."""
+    keys = sorted(sums)
+    flat = torch.cat([sums[k].detach().float().reshape(-1) for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+    out, start = {}, 0
+    for k in keys:
+        n = sums[k].numel()
+        out[k] = flat[start:start + n].view_as(sums[k])
+        start += n
+    return out
+
+
+def global_loss(loss, local, total):
+    """The loss of the whole global batch, whose gradient flows into this rank's (micro-)batch only.
+
+    local are this (micro-)batch's sums, with gradients; total the sums of the whole global batch over every
+    rank and micro-batch, without. Putting the local part back into the total, ``total - local.detach() +
+    local``, gives the global loss as value and, summed over micro-batches and ranks, exactly its gradient:
+    one GPU and eight, one micro-batch and four, train the same objective. Keys missing from total (a linear
+    loss's numerator) stay local.
+    """
+    return loss.from_sums({k: total[k] - v.detach() + v if k in total else v for k, v in local.items()})

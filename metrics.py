@@ -9,15 +9,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labels import CLASS_NAMES, HEAD_NAMES, IGNORE_INDEX, UserError
+from labels import CLASS_NAMES, GROUP_COLUMNS, HEAD_NAMES, IGNORE_INDEX, UserError
 
 
-def confusion(pred, target, num_classes):
-    """Confusion matrix (rows: truth, cols: prediction) of one batch, 255 ignored, without a host sync."""
+def confusion(pred, target, num_classes, groups=None, num_groups=1):
+    """Confusion matrix (rows: truth, cols: prediction) of one batch, 255 ignored, without a host sync.
+
+    With groups (a group id per sample, shape (B,)) one matrix per group: (num_groups, C, C).
+    """
     valid = target != IGNORE_INDEX
-    index = torch.where(valid, target * num_classes + pred, num_classes * num_classes)
-    counts = torch.bincount(index.flatten(), minlength=num_classes * num_classes + 1)
-    return counts[:-1].view(num_classes, num_classes)
+    index = target * num_classes + pred
+    size = num_classes * num_classes
+    if groups is not None:
+        index = index + groups.view(-1, *[1] * (target.dim() - 1)) * size
+        size *= num_groups
+    counts = torch.bincount(torch.where(valid, index, size).flatten(), minlength=size + 1)[:-1]
+    return counts.view(num_classes, num_classes) if groups is None else counts.view(num_groups, num_classes, num_classes)
 
 
 def iou_report(cm, names):
@@ -39,44 +46,89 @@ def iou_report(cm, names):
 
 
 def eval_metrics(cms):
-    """Metrics from {head: confusion matrix}: the fine head's report at the top level (miou, iou, binary_iou,
-    ...), each other head's whole report nested under its name ("coarse", "binary"), so no key collides."""
+    """Metrics record from evaluate's confusion matrices: the fine head's report at the top level (miou, iou,
+    binary_iou, absent, pixel_acc); each other head's report nested under its name ("coarse", "binary"); and
+    per group, e.g. {"by_material": {"Paper": report, ...}}, so no name collides with another."""
     metrics = iou_report(cms["fine"].cpu(), HEAD_NAMES["fine"])
-    for head, cm in cms.items():
-        if head != "fine":
-            metrics[head] = iou_report(cm.cpu(), HEAD_NAMES[head])
+    for head in ("coarse", "binary"):
+        if head in cms:
+            metrics[head] = iou_report(cms[head].cpu(), HEAD_NAMES[head])
+    for column in GROUP_COLUMNS:
+        if f"by_{column}" in cms:
+            metrics[f"by_{column}"] = {name: iou_report(cm.cpu(), CLASS_NAMES)
+                                       for name, cm in cms[f"by_{column}"].items()}
     return metrics
 
 
-def summary(run_dirs):
-    """Markdown table of mean ± std (over folds, n-1) of each fold's best epoch."""
-    rows = []
+def confusion_record(cms):
+    """evaluate's confusion matrices as plain lists, for confusion.json."""
+    return {key: ({name: m.tolist() for name, m in value.items()} if isinstance(value, dict) else value.tolist())
+            for key, value in cms.items()}
+
+
+# Config keys that may differ between the runs one summary table averages: the fold and how a run was launched.
+OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
+                    "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
+                    "full_res", "data_flag", "splits"}
+
+
+def _test_record(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"--summary: {path} not found; is {run_dir} a finished run directory?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    tests = [r for r in records if "test" in r]
+    if not tests:
+        raise UserError(f"--summary: {path} has no test record; the fold has not finished (rerun it with --resume)")
+    return tests[-1]
+
+
+def _same_protocol(run_dirs):
+    """The common config of the runs; refuses runs that differ in anything but the fold."""
+    configs = []
     for run_dir in run_dirs:
-        path = Path(run_dir) / "metrics.jsonl"
+        path = Path(run_dir) / "config.json"
         if not path.is_file():
-            raise UserError(f"--summary: {path} not found; is {run_dir} a finished run directory?")
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not lines:
-            raise UserError(f"--summary: {path} is empty; the fold has not finished an epoch")
-        rows.append(max(lines, key=lambda r: r["miou"]))
-    names = ["miou", "binary_iou"] + [f"iou/{c}" for c in CLASS_NAMES]
-    values = {n: [] for n in names}
-    for r in rows:
-        values["miou"].append(r["miou"])
-        values["binary_iou"].append(r.get("binary_iou"))
-        for c in CLASS_NAMES:
-            values[f"iou/{c}"].append(r["iou"].get(c))
-    out = [f"| metric | mean ± std ({len(rows)} folds) | " + " | ".join(Path(d).name for d in run_dirs) + " |",
-           "|---|---|" + "---|" * len(rows)]
-    for n in names:
-        vals = [v for v in values[n] if v is not None]
-        if vals:
-            std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-            cell = f"{100 * np.mean(vals):.2f} ± {100 * std:.2f}"
-        else:
-            cell = "absent"
-        folds = " | ".join("—" if v is None else f"{100 * v:.2f}" for v in values[n])
-        out.append(f"| {n} | {cell} | {folds} |")
+            raise UserError(f"--summary: {path} not found; is {run_dir} a run directory of train.py?")
+        configs.append(json.loads(path.read_text()))
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        for key in sorted(set(config) | set(configs[0])):
+            if key not in OPERATIONAL_KEYS and config.get(key) != configs[0].get(key):
+                raise UserError(f"--summary: {run_dir} was run with {key}={config.get(key)!r} but {run_dirs[0]} with "
+                                f"{configs[0].get(key)!r}; a table averages folds of one protocol only")
+    return configs[0]
+
+
+def _row(name, values):
+    defined = [v for v in values if v is not None]
+    if defined:
+        std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+        cell = f"{100 * np.mean(defined):.2f} ± {100 * std:.2f}" + (f" ({len(defined)})" if len(defined) < len(values)
+                                                                      else "")
+    else:
+        cell = "absent"
+    return f"| {name} | {cell} | " + " | ".join("—" if v is None else f"{100 * v:.2f}" for v in values) + " |"
+
+
+def summary(run_dirs):
+    """Markdown table of the test metrics of each fold (scored once, with the selected checkpoint): mean ± std
+    over folds (n-1); a group's cell averages the folds it appears in, their count in brackets."""
+    config = _same_protocol(run_dirs)
+    tests = [_test_record(d) for d in run_dirs]
+    rule = {"inner": "best inner-validation mIoU epoch", "last": "final epoch"}.get(config.get("select"), "?")
+    out = [f"Test metrics over {len(tests)} folds, each fold scored once; checkpoint selected by --select "
+           f"{config.get('select')} ({rule}).", "",
+           "| metric | mean ± std | " + " | ".join(Path(d).name for d in run_dirs) + " |",
+           "|---|---|" + "---|" * len(tests)]
+    out.append(_row("miou", [t["test"]["miou"] for t in tests]))
+    out.append(_row("binary_iou", [t["test"].get("binary_iou") for t in tests]))
+    out += [_row(f"iou/{c}", [t["test"]["iou"].get(c) for t in tests]) for c in CLASS_NAMES]
+    for column in GROUP_COLUMNS:
+        names = sorted({name for t in tests for name in t["test"].get(f"by_{column}", {})})
+        for name in names:
+            groups = [t["test"].get(f"by_{column}", {}).get(name) for t in tests]
+            out.append(_row(f"{column}/{name} miou", [g and g["miou"] for g in groups]))
+            out.append(_row(f"{column}/{name} binary_iou", [g and g.get("binary_iou") for g in groups]))
     table = "\n".join(out)
     print(table)
     return table

@@ -2,11 +2,12 @@
 
     python report.py RUN_DIR [RUN_DIR ...] [--out DIR] [--images N] [--seed S]
 
-Writes into the first run folder (or --out): curves.png (train loss, validation mIoU, damage-vs-clean IoU per
-epoch; several runs, e.g. the folds of a cross-validation, overlaid), class_iou.png (per-class IoU of each run's
-best epoch, classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png (from
-RUN_DIR/confusion.json when present), panels.png (image | truth | prediction | errors for a seeded set of
-validation images, predicted by best.pt or last.pt) with the masks as palette PNGs under samples/, and report.md.
+Writes into the first run folder (or --out): curves.png (train loss, inner-validation mIoU and damage-vs-clean
+IoU per epoch; several runs, e.g. the folds of a cross-validation, overlaid), class_iou.png (per-class IoU of each
+run's test record, classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png
+(from RUN_DIR/confusion.json, the test evaluation's matrices), panels.png (image | truth | prediction | errors for
+a seeded set of test images, predicted by best.pt or last.pt) with the masks as palette PNGs under samples/, and
+report.md.
 """
 import argparse
 import json
@@ -56,15 +57,28 @@ def read_records(run_dir):
     return records
 
 
-def best_record(records):
-    return max(records, key=lambda r: r["miou"])
+def epochs_of(records):
+    return [r for r in records if "epoch" in r]
 
 
-def class_iou_bars(record):
-    """Per-class IoU of one metrics record; None for classes absent from the ground truth (or never scored),
+def reported(records):
+    """(label, metrics) a run reports: its test record (the selected checkpoint on the untouched test fold),
+    or, for a run that has not reached it, its best inner-validation epoch (labelled so)."""
+    tests = [r for r in records if "test" in r]
+    if tests:
+        return f"test, epoch {tests[-1]['selected_epoch']}", tests[-1]["test"]
+    scored = [r for r in epochs_of(records) if "val" in r]
+    if not scored:
+        raise UserError("the run has neither a test record nor validation scores yet")
+    best = max(scored, key=lambda r: r["val"]["miou"])
+    return f"inner val, epoch {best['epoch']} (no test record yet)", best["val"]
+
+
+def class_iou_bars(metrics):
+    """Per-class IoU of one metrics dict; None for classes absent from the ground truth (or never scored),
     so that they can be marked rather than drawn as a zero."""
-    absent = set(record.get("absent", []))
-    return [None if name in absent else record["iou"].get(name) for name in CLASS_NAMES]
+    absent = set(metrics.get("absent", []))
+    return [None if name in absent else metrics["iou"].get(name) for name in CLASS_NAMES]
 
 
 def _save(fig, path):
@@ -75,10 +89,13 @@ def _save(fig, path):
 def plot_curves(runs, path):
     fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["curves"], layout="constrained")
     for (name, records) in runs:
+        records = epochs_of(records)
         epochs = [r["epoch"] for r in records]
-        for ax, key in zip(axes, ("train_loss", "miou", "binary_iou")):
-            ax.plot(epochs, [np.nan if r.get(key) is None else r[key] for r in records], marker="o", label=name)
-    for ax, title in zip(axes, ("train loss", "validation mIoU", "damage-vs-clean IoU")):
+        axes[0].plot(epochs, [r["train_loss"] for r in records], marker="o", label=name)
+        for ax, key in zip(axes[1:], ("miou", "binary_iou")):
+            values = [r.get("val", {}).get(key) for r in records]
+            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=name)
+    for ax, title in zip(axes, ("train loss", "inner-validation mIoU", "inner-validation damage-vs-clean IoU")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -91,14 +108,14 @@ def plot_class_iou(runs, path):
     width = 0.8 / len(runs)
     for k, (name, records) in enumerate(runs):
         xs = np.arange(NUM_CLASSES) + (k - (len(runs) - 1) / 2) * width
-        values = class_iou_bars(best_record(records))
+        values = class_iou_bars(reported(records)[1])
         ax.bar(xs, [np.nan if v is None else v for v in values], width, label=name)
         for x, v in zip(xs, values):
             if v is None:
                 ax.bar(x, 1, width, color="none", edgecolor="0.7", hatch="//")
                 ax.text(x, 0.5, "absent", rotation=90, ha="center", va="center", color="0.4", fontsize=8)
     ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
-    ax.set(ylim=(0, 1), ylabel="IoU", title="per-class IoU at the best epoch (hatched: absent from the ground truth)")
+    ax.set(ylim=(0, 1), ylabel="IoU", title="per-class IoU on the test fold (hatched: absent from the ground truth)")
     if len(runs) > 1:
         ax.legend()
     _save(fig, path)
@@ -147,7 +164,7 @@ def read_confusion(run_dirs):
         if fine.shape != (NUM_CLASSES, NUM_CLASSES):
             raise UserError(f"{path}: 'fine' is {fine.shape}, expected 16x16 (rows truth, columns prediction)")
         found.append(path)
-        # Folds validate on disjoint images, so summing their matrices scores the whole cross-validation at once.
+        # Folds test on disjoint images, so summing their matrices scores the whole cross-validation at once.
         # The damage-vs-clean IoU comes from the fine matrix, so "binary" is not needed.
         for key in ("fine", "coarse"):
             if key in content:
@@ -160,9 +177,9 @@ def read_confusion(run_dirs):
 
 
 def panel_samples(config, count, seed):
-    """A fixed, seeded choice of validation samples of the run's split (in split order)."""
+    """A fixed, seeded choice of the test images of the run's fold (in split order)."""
     # preload "none" reads nothing up front: only the sample list is wanted here, not resized copies.
-    _, _, samples = data.load_split({**config, "preload": "none"}, train_needed=False)
+    samples = data.load_split({**config, "preload": "none"}, needed=("test",))["test"].samples
     rng = np.random.default_rng(seed)
     return [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
 
@@ -186,7 +203,7 @@ def error_map(image, truth, pred):
 
 
 def predict_panels(checkpoint_path, out, count, seed):
-    """[(sample id, image, truth, prediction)] for the seeded validation images; masks written under samples/."""
+    """[(sample id, image, truth, prediction)] for the seeded test images; masks written under samples/."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -229,22 +246,23 @@ def _pct(value):
 
 
 def curves_section(runs):
-    lines = ["## Training curves", "", "![training curves](curves.png)", "",
-             "| run | epochs | best epoch | best mIoU % | damage IoU % at best | last train loss |",
-             "|---|---|---|---|---|---|"]
+    lines = ["## Training curves", "", "Validation scores are on the inner split that selects the checkpoint; the "
+             "reported scores are on the test fold, scored once.", "", "![training curves](curves.png)", "",
+             "| run | epochs | reported | mIoU % | damage IoU % | last train loss |", "|---|---|---|---|---|---|"]
     for name, records in runs:
-        best = best_record(records)
-        lines.append(f"| {name} | {len(records)} | {best['epoch']} | {_pct(best['miou'])} | "
-                     f"{_pct(best.get('binary_iou'))} | {records[-1]['train_loss']:.4f} |")
+        label, metrics = reported(records)
+        epochs = epochs_of(records)
+        lines.append(f"| {name} | {len(epochs)} | {label} | {_pct(metrics['miou'])} | "
+                     f"{_pct(metrics.get('binary_iou'))} | {epochs[-1]['train_loss']:.4f} |")
     return lines
 
 
 def class_section(runs):
-    names = " | ".join(f"{name} (epoch {best_record(records)['epoch']})" for name, records in runs)
-    lines = ["## Per-class IoU", "", "IoU of each class at each run's best epoch (highest validation mIoU); classes "
-             "absent from the validation ground truth are hatched and written `absent`, not counted as zero.", "",
+    names = " | ".join(f"{name} ({reported(records)[0]})" for name, records in runs)
+    lines = ["## Per-class IoU", "", "IoU of each class on each run's test fold (the selected checkpoint); classes "
+             "absent from the ground truth are hatched and written `absent`, not counted as zero.", "",
              "![per-class IoU](class_iou.png)", "", f"| class | {names} |", "|---|" + "---|" * len(runs)]
-    bars = [class_iou_bars(best_record(records)) for _, records in runs]
+    bars = [class_iou_bars(reported(records)[1]) for _, records in runs]
     for k, name in enumerate(CLASS_NAMES):
         lines.append(f"| {name} | " + " | ".join(_pct(values[k]) for values in bars) + " |")
     return lines
@@ -294,7 +312,7 @@ def panels_section(run_dirs, out, images, seed):
             continue
         name = "panels.png" if len(run_dirs) == 1 else f"panels-{k + 1}.png"
         plot_panels(panels, out / name)
-        lines += [f"{len(panels)} validation images of `{run_dir}` (chosen with seed {seed}), predicted by "
+        lines += [f"{len(panels)} test images of `{run_dir}` (chosen with seed {seed}), predicted by "
                   f"`{checkpoint.name}` at most {PANEL_MAX_SIDE} px across; errors: wrong pixels in red, "
                   "outside the object in the background colour.", "", f"![truth vs prediction]({name})", "",
                   "Masks (palette PNGs, ARTeFACT colours): " + ", ".join(
@@ -333,7 +351,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
     parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
-    parser.add_argument("--images", type=int, default=4, help="validation images in the truth/prediction panels")
+    parser.add_argument("--images", type=int, default=4, help="test images in the truth/prediction panels")
     parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
     args = parser.parse_args(argv)
 

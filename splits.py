@@ -1,8 +1,13 @@
-"""Splits over source images: single, k-fold, or one fold per material/content, kept in a JSON manifest.
+"""Splits over source images: each fold's test set, and an inner validation set carved from its training images.
 
-Every job of a cross-validation run reads the same manifest, so all agree on the folds. Splits are made
-over source images, never over augmented copies (offline copies are added after the split, to training only).
+Schemes: single (one test set of val_frac), kfold, or one fold per material/content value (leave one out).
+Model selection uses the inner validation set only; the test fold is scored once, at the end. Splits are
+made over source images, never over augmented copies (offline copies are added after the split, to
+training only). A JSON manifest keeps the folds, so every job of a cross-validation agrees, together with
+everything they depend on (ids, the grouping column's values, scheme, folds, seed, fractions): when any of
+it changes the manifest is refused, never silently reused.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,79 +19,119 @@ from labels import UserError
 SPLIT_SCHEMES = ("single", "kfold", "material", "content")
 
 
-def _val_folds(root, scheme, ids, folds, val_frac, seed):
-    """(group names or None, validation ids of each fold)."""
-    if scheme in ("material", "content"):
-        metadata = read_metadata(root)
-        if not metadata:
-            raise UserError(f"--split {scheme}: {Path(root) / 'metadata.csv'} not found; it needs id and "
-                            f"{scheme} columns (or use --split kfold)")
-        missing = [i for i in ids if not metadata.get(i, {}).get(scheme)]
-        if missing:
-            raise UserError(f"--split {scheme}: {Path(root) / 'metadata.csv'} has no {scheme} for {missing[0]} "
-                            f"({len(missing)} ids); add the column or use --split kfold")
-        groups = sorted({metadata[i][scheme] for i in ids})
-        if len(groups) < 2:
-            raise UserError(f"--split {scheme}: only one {scheme} ({groups[0]}) in the dataset; use --split kfold")
-        return groups, [[i for i in ids if metadata[i][scheme] == g] for g in groups]
-    if len(ids) < 2:
-        raise UserError(f"{root}: a split needs at least 2 images, found {len(ids)}")
+def _groups(root, scheme, ids):
+    """{id: group value} of the material/content column for those schemes, else {}."""
+    if scheme not in ("material", "content"):
+        return {}
+    metadata = read_metadata(root)
+    if not metadata:
+        raise UserError(f"--split {scheme}: {Path(root) / 'metadata.csv'} not found; it needs id and "
+                        f"{scheme} columns (or use --split kfold)")
+    missing = [i for i in ids if not metadata.get(i, {}).get(scheme)]
+    if missing:
+        raise UserError(f"--split {scheme}: {Path(root) / 'metadata.csv'} has no {scheme} for {missing[0]} "
+                        f"({len(missing)} ids); add the column or use --split kfold")
+    return {i: metadata[i][scheme] for i in ids}
+
+
+def _test_folds(scheme, ids, groups, folds, val_frac, seed):
+    """Test ids of each fold."""
+    if groups:
+        names = sorted(set(groups.values()))
+        if len(names) < 2:
+            raise UserError(f"--split {scheme}: only one {scheme} ({names[0]}) in the dataset; use --split kfold")
+        return [[i for i in ids if groups[i] == name] for name in names]
+    if len(ids) < 3:
+        raise UserError(f"a split needs at least 3 images (train, inner validation, test), found {len(ids)}")
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     if scheme == "single":
         if not 0 < val_frac < 1:
             raise UserError(f"val_frac {val_frac}: must be between 0 and 1")
-        n_val = min(len(ids) - 1, max(1, round(len(ids) * val_frac)))
-        return None, [sorted(order[:n_val])]
+        return [sorted(order[:min(len(ids) - 2, max(1, round(len(ids) * val_frac)))])]
     if not 2 <= folds <= len(ids):
         raise UserError(f"--folds {folds}: k-fold needs 2 to {len(ids)} folds for {len(ids)} images")
-    return None, [sorted(part.tolist()) for part in np.array_split(np.array(order, dtype=object), folds)]
+    return [sorted(part.tolist()) for part in np.array_split(np.array(order, dtype=object), folds)]
 
 
-def _splits(root, scheme, ids, folds, val_frac, seed):
-    """The manifest dict and the path it lives at: root/splits-SCHEME-FOLDS-SEED.json, where FOLDS is the
-    fold count for kfold, the number of groups for material/content and valPERCENT for single."""
+def _inner(ids, test, inner_frac, seed, fold):
+    """Inner validation ids carved from the fold's training ids (at least one, leaving at least one)."""
+    held = set(test)
+    train = [i for i in ids if i not in held]
+    if len(train) < 2:
+        raise UserError(f"fold {fold} leaves {len(train)} training images; an inner validation split needs 2 or more "
+                        "(use fewer folds or --select last)")
+    order = [train[i] for i in np.random.default_rng([seed, fold]).permutation(len(train))]
+    return sorted(order[:min(len(train) - 1, max(1, round(len(train) * inner_frac)))])
+
+
+def make_manifest(root, scheme, folds, seed, val_frac, inner_frac):
+    """The manifest of a dataset folder: its inputs (ids, groups, settings) and the test/inner ids per fold."""
     if scheme not in SPLIT_SCHEMES:
         raise UserError(f"--split {scheme}: unknown; use one of {', '.join(SPLIT_SCHEMES)}")
-    groups, val = _val_folds(root, scheme, ids, folds, val_frac, seed)
-    tag = f"val{round(val_frac * 100)}" if scheme == "single" else len(val)
-    manifest = {"scheme": scheme, "folds": len(val), "seed": seed, "val_frac": val_frac if scheme == "single" else None,
-                "groups": groups, "ids": ids, "val": val}
-    return manifest, Path(root) / f"splits-{scheme}-{tag}-{seed}.json"
-
-
-def _write_manifest(manifest, path):
-    try:
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write the split manifest ({exc.strerror}); make {path.parent} "
-                        "writable") from None
-
-
-def split_ids(root, scheme="kfold", fold=0, folds=3, val_frac=0.2, seed=42):
-    """(train_ids, val_ids) of one fold, read from the manifest in root (written first if absent).
-
-    Every job of a cross-validation run reads the same manifest, so all agree on the folds; a manifest
-    whose ids no longer match the dataset is a UserError rather than a silent re-split.
-    """
+    if not 0 < inner_frac < 1:
+        raise UserError(f"--inner-frac {inner_frac}: must be between 0 and 1, e.g. 0.15")
     ids = [s.id for s in list_samples(root)]
-    manifest, path = _splits(root, scheme, ids, folds, val_frac, seed)
-    if path.is_file():
+    groups = _groups(root, scheme, ids)
+    test = _test_folds(scheme, ids, groups, folds, val_frac, seed)
+    return {"scheme": scheme, "folds": len(test), "seed": seed, "val_frac": val_frac if scheme == "single" else None,
+            "inner_frac": inner_frac, "ids": ids, "groups": groups,
+            "group_names": sorted(set(groups.values())) or None, "test": test,
+            "inner": [_inner(ids, part, inner_frac, seed, k) for k, part in enumerate(test)]}
+
+
+def default_manifest_path(root, cache_dir, scheme, folds, seed, val_frac):
+    """Where a manifest lives unless --splits names one: a cache folder (never the dataset folder, which may
+    be read-only), named by the dataset's folder name and absolute path so two datasets never share one."""
+    root = Path(root).resolve()
+    tag = f"val{round(val_frac * 100)}" if scheme == "single" else folds if scheme == "kfold" else "groups"
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{root.name}-{digest}-{scheme}-{tag}-{seed}.json"
+
+
+def _difference(stored, fresh):
+    """A few words on the first input that differs between a stored manifest and the dataset now."""
+    for key in ("scheme", "folds", "seed", "val_frac", "inner_frac"):
+        if stored.get(key) != fresh[key]:
+            return f"{key} {stored.get(key)} -> {fresh[key]}"
+    old, new = list(stored.get("ids", [])), fresh["ids"]
+    if old != new:
+        extra, missing = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        return f"new image {extra[0]}" if extra else f"image {missing[0]} gone" if missing else "ids reordered"
+    old_groups = stored.get("groups") or {}
+    for i in new:
+        if old_groups.get(i) != fresh["groups"].get(i):
+            return f"{fresh['scheme']} of {i} {old_groups.get(i)} -> {fresh['groups'].get(i)}"
+    return None
+
+
+def split_ids(root, scheme="kfold", fold=0, folds=3, seed=42, val_frac=0.2, inner_frac=0.15, manifest_path=None):
+    """(train_ids, inner_ids, test_ids) of one fold, from the manifest at manifest_path (written if absent).
+
+    A manifest whose inputs no longer match the dataset (an image added or removed, a corrected material,
+    another seed) is a UserError naming what changed, rather than folds that silently leak.
+    """
+    fresh = make_manifest(root, scheme, folds, seed, val_frac, inner_frac)
+    path = Path(manifest_path) if manifest_path else None
+    if path is not None and path.is_file():
         try:
-            manifest = json.loads(path.read_text())
-            stored = list(manifest["ids"])
-            if len(manifest["val"]) != manifest["folds"]:
-                raise ValueError
-        except (OSError, ValueError, KeyError, TypeError):
+            stored = json.loads(path.read_text())
+            changed = _difference(stored, fresh)
+        except (OSError, ValueError, AttributeError, TypeError):
             raise UserError(f"{path}: unreadable split manifest; delete it to re-split") from None
-        if stored != ids:
-            extra, missing = sorted(set(ids) - set(stored)), sorted(set(stored) - set(ids))
-            detail = f"new {extra[0]}" if extra else f"missing {missing[0]}" if missing else "different order"
-            raise UserError(f"{path}: split manifest lists {len(stored)} images, the dataset has {len(ids)} "
-                            f"({detail}); delete the manifest to re-split (earlier runs' folds will change)")
-    else:
-        _write_manifest(manifest, path)
-    if not 0 <= fold < manifest["folds"]:
-        names = f" ({', '.join(manifest['groups'])})" if manifest["groups"] else ""
-        raise UserError(f"--fold {fold}: --split {scheme} has folds 0..{manifest['folds'] - 1}{names}")
-    val_set = set(manifest["val"][fold])
-    return [i for i in ids if i not in val_set], [i for i in ids if i in val_set]
+        if changed:
+            raise UserError(f"{path}: split manifest no longer matches the dataset ({changed}); delete it (or pass "
+                            "another --splits) to re-split; earlier runs' folds will change")
+    elif path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(fresh, indent=1)))
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write the split manifest ({exc.strerror}); pass --splits FILE in a "
+                            "writable folder") from None
+    if not 0 <= fold < fresh["folds"]:
+        names = f" ({', '.join(fresh['group_names'])})" if fresh["group_names"] else ""
+        raise UserError(f"--fold {fold}: --split {scheme} has folds 0..{fresh['folds'] - 1}{names}")
+    test, inner = set(fresh["test"][fold]), set(fresh["inner"][fold])
+    ids = fresh["ids"]
+    return ([i for i in ids if i not in test and i not in inner], [i for i in ids if i in inner],
+            [i for i in ids if i in test])

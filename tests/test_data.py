@@ -2,7 +2,6 @@
 import csv
 import hashlib
 import io
-import json
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,6 @@ import files
 import prepare
 import preload
 import splits
-import synthetic
 from data import MEAN, STD
 from labels import PALETTE, UserError
 
@@ -171,75 +169,6 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
 
 
 
-@pytest.mark.parametrize("folds", [2, 3, 5])
-def test_kfold_folds_are_disjoint_cover_every_image_and_train_never_holds_val(tmp_path, folds):
-    root = write_dataset(tmp_path / "ds", count=11)
-    ids = {s.id for s in files.list_samples(root)}
-    vals = []
-    for fold in range(folds):
-        train, val = splits.split_ids(root, "kfold", fold, folds)
-        assert set(train).isdisjoint(val) and set(train) | set(val) == ids
-        vals.append(set(val))
-    assert sum(len(v) for v in vals) == len(ids) and set().union(*vals) == ids
-    assert max(map(len, vals)) - min(map(len, vals)) <= 1
-
-
-def test_single_split_holds_out_a_fifth(tmp_path):
-    root = write_dataset(tmp_path / "ds", count=10)
-    train, val = splits.split_ids(root, "single", 0)
-    assert len(val) == 2 and len(train) == 8 and set(train).isdisjoint(val)
-
-
-def test_splits_are_deterministic_and_depend_on_the_seed(tmp_path):
-    root = write_dataset(tmp_path / "ds", count=12)
-    def folds(seed):
-        return [splits.split_ids(root, "kfold", fold, 3, seed=seed)[1] for fold in range(3)]
-
-    first = folds(42)
-    for manifest in root.glob("splits-*.json"):
-        manifest.unlink()
-    assert folds(42) == first
-    assert folds(7) != first
-
-
-def test_leave_one_material_out_uses_sorted_materials_as_folds(dataset):
-    metadata = {row["id"]: row for row in read_csv(dataset / "metadata.csv")}
-    for fold, material in enumerate(sorted({"Paper", "Canvas", "Glass"})):
-        train, val = splits.split_ids(dataset, "material", fold)
-        assert {metadata[i]["material"] for i in val} == {material}
-        assert material not in {metadata[i]["material"] for i in train}
-    _, val = splits.split_ids(dataset, "content", 1)
-    assert {metadata[i]["content"] for i in val} == {"Line art"}
-    with pytest.raises(UserError, match="--fold 3"):
-        splits.split_ids(dataset, "material", 3)
-
-
-def test_group_split_without_the_metadata_column_is_a_user_error(dataset):
-    (dataset / "metadata.csv").write_text("id,width\n" + "".join(f"img{i:02d},40\n" for i in range(6)))
-    with pytest.raises(UserError, match="material"):
-        splits.split_ids(dataset, "material", 0)
-    (dataset / "metadata.csv").unlink()
-    with pytest.raises(UserError, match="metadata.csv"):
-        splits.split_ids(dataset, "content", 0)
-
-
-def test_manifest_is_written_reread_and_guards_against_a_changed_dataset(dataset):
-    splits.split_ids(dataset, "kfold", 1, 3)
-    manifest = dataset / "splits-kfold-3-42.json"
-    assert manifest.is_file()
-    stored = json.loads(manifest.read_text())
-    stored["val"][1] = stored["val"][1][:1]
-    manifest.write_text(json.dumps(stored))
-    # The stored folds win over a recomputation, which is what lets every CV job agree.
-    assert splits.split_ids(dataset, "kfold", 1, 3)[1] == stored["val"][1]
-    write_dataset(dataset / "more", count=1)
-    shutil.copy(dataset / "more" / "images" / "img00.png", dataset / "images" / "extra.png")
-    shutil.copy(dataset / "more" / "annotations" / "img00.png", dataset / "annotations" / "extra.png")
-    with pytest.raises(UserError, match="splits-kfold-3-42.json.*delete"):
-        splits.split_ids(dataset, "kfold", 0, 3)
-
-
-
 def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
     samples = files.list_samples(dataset)
     with preload.preload(samples, 16) as pre:
@@ -263,7 +192,7 @@ def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
 
 
 def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset, shm):
-    train_ids, val_ids = splits.split_ids(dataset, "kfold", 0, 3)
+    train_ids, _, val_ids = splits.split_ids(dataset, "kfold", 0, 3)
     by_id = {s.id: s for s in files.list_samples(dataset)}
     with preload.preload([by_id[i] for i in train_ids], 16, offline_aug=True) as train, \
             preload.preload([by_id[i] for i in val_ids], 16) as val:

@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory, synthetic_root):
                            str(run_dir), "--log-every", "1000"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 0, done.stderr
-    # train.py does not write confusion.json yet: a made-up one with a class absent from the truth (Hair).
+    # train.py's confusion.json replaced by a made-up one with a class absent from the truth (Hair).
     rng = np.random.default_rng(42)
     fine = rng.integers(0, 30, (16, 16)) + np.diag(np.full(16, 300))
     fine[5] = 0
@@ -93,8 +93,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "metrics.jsonl" in err
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "miou": 0.1,
-                                                        "binary_iou": None, "iou": {}, "absent": []}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "val": {
+        "miou": 0.1, "binary_iou": None, "iou": {}, "absent": []}}) + "\n")
     (tmp_path / "confusion.json").write_text(json.dumps({"fine": [[1, 2], [3, 4]]}))
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
+import config
 import data
 import files
 import preload
@@ -35,14 +36,24 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def epochs(run_dir):
+    return [m for m in metrics(run_dir) if "epoch" in m]
+
+
+def final_test(run_dir):
+    tests = [m for m in metrics(run_dir) if "test" in m]
+    assert len(tests) == 1, "the test fold is scored once"
+    return tests[0]
+
+
 def test_lr_scales_with_global_batch():
     for batch, lr in ((96, 1e-3), (32, 1e-3 / 3), (48, 5e-4)):
-        cfg = train.resolve_config(train.parse_args(["--batch-size", str(batch), "--img-size", "64"]), 1,
+        cfg = config.resolve_config(config.parse_args(["--batch-size", str(batch), "--img-size", "64"]), 1,
                                    torch.device("cpu"))
         assert cfg["lr"] == pytest.approx(lr)
-    cfg = train.resolve_config(train.parse_args(["--encoder", "mit_b3", "--img-size", "64"]), 2, torch.device("cpu"))
+    cfg = config.resolve_config(config.parse_args(["--encoder", "mit_b3", "--img-size", "64"]), 2, torch.device("cpu"))
     assert (cfg["batch_size"], cfg["per_rank_batch"]) == (32, 16)
-    cfg = train.resolve_config(train.parse_args(["--batch-size", "32", "--micro-batch", "4", "--img-size", "64"]), 2,
+    cfg = config.resolve_config(config.parse_args(["--batch-size", "32", "--micro-batch", "4", "--img-size", "64"]), 2,
                                torch.device("cpu"))
     assert cfg["accum_steps"] == 4
 
@@ -52,61 +63,77 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_root, tmp_
     for r in runs:
         assert r.returncode == 0, r.stderr
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert [(m["train_loss"], m["miou"], m["iou"]) for m in a] == [(m["train_loss"], m["miou"], m["iou"]) for m in b]
-    assert {"epoch", "train_loss", "miou", "iou", "binary_iou", "absent", "img_s", "epoch_time_s", "peak_mem_mb",
-            "lr"} <= set(a[0])
+    assert [{k: m[k] for k in ("epoch", "train_loss", "val") if k in m} for m in a] == \
+        [{k: m[k] for k in ("epoch", "train_loss", "val") if k in m} for m in b]
+    assert final_test(tmp_path / "a")["test"] == final_test(tmp_path / "b")["test"]
+    assert {"epoch", "train_loss", "val", "img_s", "epoch_time_s", "peak_mem_mb", "lr"} <= set(a[0])
+    assert {"miou", "iou", "binary_iou", "absent", "by_material", "by_content"} <= set(a[0]["val"])
     assert (tmp_path / "a" / "best.pt").is_file() and (tmp_path / "a" / "last.pt").is_file()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["encoder"] == "mit_b0"
-    assert "epoch 2/2" in runs[0].stdout and "mIoU" in runs[0].stdout
+    assert "epoch 2/2" in runs[0].stdout and "test mIoU" in runs[0].stdout
 
 
-def test_two_ranks_match_one_process(synthetic_root, tmp_path):
-    single = run_script(*tiny(synthetic_root, tmp_path / "one", "--loss", "ce", "--class-weights", "none"))
-    assert single.returncode == 0, single.stderr
-    double = torchrun(*tiny(synthetic_root, tmp_path / "two", "--loss", "ce", "--class-weights", "none"))
-    assert double.returncode == 0, double.stderr
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    # Same global batches in the same order. DDP averages the two ranks' mean losses with equal weight while one
-    # process averages over all valid pixels, so images with 255 borders shift the curve slightly.
-    np.testing.assert_allclose([m["train_loss"] for m in one], [m["train_loss"] for m in two], rtol=3e-3)
-    # Evaluating one checkpoint: a world of 2 counts every val pixel exactly once, so mIoU is identical.
-    args = ["--eval-only", "--checkpoint", tmp_path / "one" / "last.pt", "--data", synthetic_root,
-            "--img-size", "64", "--encoder", "mit_b0"]
-    eval_one = run_script("train.py", *args)
-    eval_two = torchrun("train.py", *args)
-    assert eval_one.returncode == 0 and eval_two.returncode == 0, eval_one.stderr + eval_two.stderr
-    m1, m2 = json.loads(eval_one.stdout), json.loads(eval_two.stdout)
-    assert m1["miou"] == m2["miou"] and m1["iou"] == m2["iou"]
-    assert m1["miou"] == pytest.approx(one[-1]["miou"])
+def train_losses(run_dir):
+    return [m["train_loss"] for m in epochs(run_dir)]
+
+
+def test_the_objective_does_not_depend_on_ranks_or_micro_batches(synthetic_root, tmp_path):
+    # DiceFocal with class weights on a set with 255 regions: the case where per-rank normalisation differed.
+    flags = ("--loss", "dicefocal", "--epochs", "2")
+    runs = {"one": run_script(*tiny(synthetic_root, tmp_path / "one", *flags)),
+            "two": torchrun(*tiny(synthetic_root, tmp_path / "two", *flags)),
+            "micro": run_script(*tiny(synthetic_root, tmp_path / "micro", *flags, "--micro-batch", "1"))}
+    for name, done in runs.items():
+        assert done.returncode == 0, (name, done.stderr)
+    np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=1e-5)
+    np.testing.assert_allclose(train_losses(tmp_path / "micro"), train_losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_focal_loss_accumulates_micro_batches_exactly_without_a_second_forward(synthetic_root, tmp_path):
+    flags = ("--loss", "focal", "--epochs", "1")
+    for name, extra in (("one", ()), ("micro", ("--micro-batch", "2"))):
+        assert run_script(*tiny(synthetic_root, tmp_path / name, *flags, *extra)).returncode == 0
+    np.testing.assert_allclose(train_losses(tmp_path / "micro"), train_losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_evaluation_counts_each_test_image_once_on_any_number_of_ranks(synthetic_root, tmp_path):
+    assert run_script(*tiny(synthetic_root, tmp_path, "--epochs", "1")).returncode == 0
+    args = ["train.py", "--eval-only", "--checkpoint", tmp_path / "best.pt", "--data", synthetic_root]
+    scored = []
+    for done in (run_script(*args), torchrun(*args)):
+        assert done.returncode == 0, done.stderr
+        scored.append(json.loads(done.stdout[done.stdout.index("{"):])["test"])
+    assert scored[0] == scored[1] == final_test(tmp_path)["test"]
 
 
 def test_logged_metrics_of_two_cpu_ranks_with_batchnorm_equal_eval_only_of_the_checkpoint(synthetic_root, tmp_path):
     # BatchNorm keeps running statistics per rank; rank 0's are the ones evaluated and saved.
     done = torchrun(*tiny(synthetic_root, tmp_path, "--norm", "bn", "--epochs", "1"))
     assert done.returncode == 0, done.stderr
-    logged = metrics(tmp_path)[-1]
-    for ranks in ("1", "2"):
-        args = ["train.py", "--eval-only", "--checkpoint", tmp_path / "best.pt", "--data", synthetic_root]
+    logged = {"val": epochs(tmp_path)[-1]["val"], "test": final_test(tmp_path)["test"]}
+    for ranks, part in (("1", "test"), ("2", "test"), ("1", "val")):
+        args = ["train.py", "--eval-only", "--checkpoint", tmp_path / "best.pt", "--data", synthetic_root,
+                "--eval-split", part]
         result = run_script(*args) if ranks == "1" else torchrun(*args)
         assert result.returncode == 0, result.stderr
-        scored = json.loads(result.stdout[result.stdout.index("{"):])
-        assert (scored["miou"], scored["iou"]) == (logged["miou"], logged["iou"]), ranks
+        assert json.loads(result.stdout[result.stdout.index("{"):])[part] == logged[part], (ranks, part)
 
 
 def test_hierarchical_upernet_trains_resumes_and_summarises_with_one_name_per_head(synthetic_root, tmp_path):
     flags = ("--decoder", "upernet", "--heads", "hierarchical")
     assert run_script(*tiny(synthetic_root, tmp_path, *flags)).returncode == 0
-    records = metrics(tmp_path)
+    records = epochs(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2]
-    for record in records:
-        assert isinstance(record["binary_iou"], float), "the fine head's damage-vs-clean IoU"
-        assert set(record["coarse"]["iou"]) == {"Clean", "Structural loss", "Surface deposits", "Additions & optical"}
-        assert set(record["binary"]["iou"]) == {"Clean", "Damage"}
+    for scores in [r["val"] for r in records] + [final_test(tmp_path)["test"]]:
+        assert isinstance(scores["binary_iou"], float), "the fine head's damage-vs-clean IoU"
+        assert set(scores["coarse"]["iou"]) == {"Clean", "Structural loss", "Surface deposits", "Additions & optical"}
+        assert set(scores["binary"]["iou"]) == {"Clean", "Damage"}
     confusion = json.loads((tmp_path / "confusion.json").read_text())
-    assert [len(confusion[h]) for h in ("fine", "coarse", "binary")] == [16, 4, 2]
+    assert confusion["split"] == "test" and [len(confusion[h]) for h in ("fine", "coarse", "binary")] == [16, 4, 2]
+    before = metrics(tmp_path)
     resumed = run_script(*tiny(synthetic_root, tmp_path, *flags, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert metrics(tmp_path) == records
+    assert metrics(tmp_path) == before
     summary = run_script("train.py", "--summary", tmp_path)
     assert summary.returncode == 0 and "| miou |" in summary.stdout
 
@@ -122,12 +149,12 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(synthetic_root, tmp
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(metrics(run_dir)) < 3, "the run finished before it could be killed"
+    assert len(epochs(run_dir)) < 3, "the run finished before it could be killed"
     resumed = run_script(*tiny(synthetic_root, run_dir, "--epochs", "3", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    keys = ("epoch", "train_loss", "miou", "iou")
-    assert [{k: m[k] for k in keys} for m in metrics(run_dir)] == \
-        [{k: m[k] for k in keys} for m in metrics(tmp_path / "straight")]
+    keys = ("epoch", "train_loss", "val", "test")
+    assert [{k: m[k] for k in keys if k in m} for m in metrics(run_dir)] == \
+        [{k: m[k] for k in keys if k in m} for m in metrics(tmp_path / "straight")]
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resume_continues(synthetic_root, tmp_path):
@@ -148,9 +175,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(synthetic_root, tmp_
     assert ckpt["epoch"] == 0 and 2 <= ckpt["step"] < 8
     resumed = run_script(*tiny(synthetic_root, run_dir, "--batch-size", "2", "--epochs", "1", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    a, b = metrics(run_dir)[-1], metrics(tmp_path / "straight")[-1]
-    assert (a["miou"], a["iou"]) == (b["miou"], b["iou"])
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert final_test(run_dir)["test"] == final_test(tmp_path / "straight")["test"]
+    assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-6)
 
 
 def test_a_killed_rank_stops_the_other_instead_of_hanging(synthetic_root, tmp_path):
@@ -173,23 +199,24 @@ def test_a_killed_rank_stops_the_other_instead_of_hanging(synthetic_root, tmp_pa
 
 
 def poison_loss_at_call(monkeypatch, bad_call):
-    """Makes the training loss nan at its bad_call-th evaluation (counted from 1)."""
+    """Makes the training loss nan at its bad_call-th evaluation (counted from 1; 0: every one)."""
     real = train.make_criterion
 
     def poisoned(*args):
         criterion = real(*args)
-        calls = {"n": 0}
+        calls, from_sums = {"n": 0}, criterion.from_sums
 
-        def loss(outputs, target):
+        def nan_once(sums):
             calls["n"] += 1
-            return criterion(outputs, target) * (float("nan") if calls["n"] == bad_call else 1.0)
-        return loss
+            return from_sums(sums) * (float("nan") if bad_call in (0, calls["n"]) else 1.0)
+        criterion.from_sums = nan_once
+        return criterion
     monkeypatch.setattr(train, "make_criterion", poisoned)
 
 
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch,
                                                                             capsys):
-    poison_loss_at_call(monkeypatch, 4 + 3)
+    poison_loss_at_call(monkeypatch, 3 + 3)  # 14 training images, batch 4: 3 steps per epoch
     code = train.main(tiny(synthetic_root, tmp_path)[1:])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: non-finite loss at epoch 2 step 3; last good checkpoint kept in "
@@ -225,7 +252,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     torch.manual_seed(0)
-    cfg = train.resolve_config(train.parse_args(["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn",
+    cfg = config.resolve_config(config.parse_args(["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn",
                                                  "--batch-size", "4", "--lr", "0.1"]),
                                1, torch.device("cpu"))
     samples = files.list_samples(synthetic_root)[:4]
@@ -235,7 +262,7 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     batch = [data.to_device_batch(images, masks, torch.device("cpu"), None)]
     for _ in range(250):
         train.train_step(parts, batch, cfg, torch.device("cpu"))
-    cms = train.evaluate(parts.raw_model, pre, torch.arange(4), cfg, torch.device("cpu"))
+    cms = train.evaluate(parts.raw_model, data.Part(samples, pre, {}), cfg, torch.device("cpu"))
     assert eval_metrics(cms)["pixel_acc"] > 0.9
     assert eval_metrics(cms)["miou"] > 0.6
     pre.close()
@@ -277,13 +304,37 @@ def test_dry_run_prints_the_resolved_config():
     assert result.returncode == 0 and cfg["batch_size"] == 48 and cfg["lr"] == pytest.approx(5e-4)
 
 
-def test_cross_validation_summary_is_mean_and_std_over_folds(tmp_path):
+def fold_run(folder, fold, miou, **config):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"encoder": "mit_b0", "select": "inner", "fold": fold, **config}))
+    scores = {"miou": miou, "binary_iou": 0.6, "iou": {c: miou for c in CLASS_NAMES},
+              "by_material": {"Paper": {"miou": miou, "binary_iou": 0.5}}
+              | ({"Glass": {"miou": 0.9, "binary_iou": 0.8}} if fold == 0 else {})}
+    lines = [{"epoch": 1, "train_loss": 1.0, "val": dict(scores, miou=0.99)},
+             {"test": scores, "selected_epoch": 1, "select": "inner"}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_cross_validation_summary_is_test_mean_and_std_over_folds_per_group_too(tmp_path):
     for fold, miou in enumerate((0.2, 0.3, 0.4)):
-        (tmp_path / f"fold{fold}").mkdir()
-        lines = [{"epoch": 1, "miou": miou - 0.1, "binary_iou": 0.5, "iou": {c: 0.1 for c in CLASS_NAMES}},
-                 {"epoch": 2, "miou": miou, "binary_iou": 0.6, "iou": {c: miou for c in CLASS_NAMES}}]
-        (tmp_path / f"fold{fold}" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        fold_run(tmp_path / f"fold{fold}", fold, miou)
     result = run_script("train.py", "--summary", *sorted(tmp_path.iterdir()))
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("| miou "))
-    assert "30.00 ± 10.00" in row and "| 20.00 | 30.00 | 40.00 |" in row
+    lines = result.stdout.splitlines()
+    assert "--select inner" in lines[0] and "scored once" in lines[0]
+    row = next(line for line in lines if line.startswith("| miou "))
+    assert "30.00 ± 10.00" in row and "| 20.00 | 30.00 | 40.00 |" in row, "the test fold, not the best val epoch"
+    assert "99.00" not in result.stdout
+    assert "| material/Paper miou | 30.00 ± 10.00 |" in result.stdout
+    assert "| material/Glass miou | 90.00 ± 0.00 (1) | 90.00 | — | — |" in result.stdout
+
+
+def test_summary_refuses_folds_of_different_protocols_and_unfinished_folds(tmp_path):
+    fold_run(tmp_path / "a", 0, 0.2)
+    fold_run(tmp_path / "b", 1, 0.3, lr=0.5)
+    result = run_script("train.py", "--summary", tmp_path / "a", tmp_path / "b")
+    assert result.returncode == 2 and "lr=0.5" in result.stderr and len(result.stderr.splitlines()) == 1
+    fold_run(tmp_path / "c", 2, 0.3)
+    (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
+    result = run_script("train.py", "--summary", tmp_path / "a", tmp_path / "c")
+    assert result.returncode == 2 and "no test record" in result.stderr

@@ -1,0 +1,162 @@
+"""Flags -> run config: the one argparse (train.py and bench.py share it), every flag checked in one line,
+and what follows from the flags: global, per-rank and micro-batch sizes, the scaled LR, the precision."""
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from labels import NUM_CLASSES, UserError
+from model import ENCODERS, check_img_size, default_batch
+from weights import METHODS
+
+BASE_BATCH = 96
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
+    p.add_argument("--decoder", default="unet", choices=["unet", "upernet"])
+    p.add_argument("--heads", default="fine", choices=["fine", "hierarchical"])
+    p.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights")
+    p.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
+    p.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default; "
+                   "--eval-only defaults to the checkpoint's)")
+    p.add_argument("--synthetic-count", type=int, default=64)
+    p.add_argument("--synthetic-size", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=384)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", default=None, help="global batch (default per encoder) or 'auto'")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch per forward; accumulates the rest")
+    p.add_argument("--lr", type=float, default=1e-3, help="base LR at global batch 96; scaled by batch/96")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--pct-start", type=float, default=0.3)
+    p.add_argument("--loss", default="dicefocal", choices=["dicefocal", "dice", "focal", "ce"])
+    p.add_argument("--class-weights", default="inverse_sqrt_log_scaled", help=f"{'|'.join(METHODS)} or a JSON file")
+    p.add_argument("--max-ratio", type=float, default=36.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--clip", type=float, default=None, help="gradient clipping max-norm (off by default)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--split", default="kfold", choices=["single", "kfold", "material", "content"])
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--select", default="inner", choices=["inner", "last"],
+                   help="checkpoint scored on the test fold: best epoch on an inner validation split carved from the "
+                        "training images, or the last epoch (a fixed schedule; no inner split)")
+    p.add_argument("--inner-frac", type=float, default=0.15, help="share of a fold's training images held out to "
+                   "select the checkpoint")
+    p.add_argument("--splits", default=None, help="split manifest JSON to use or create (default: "
+                   "<run-dir parent>/splits/<dataset>-...json, shared by the folds)")
+    p.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of training images")
+    p.add_argument("--preload", default="all", choices=["all", "val", "none"])
+    p.add_argument("--run-dir", default=None, help="default runs/<encoder>-<decoder>-<split><fold>")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only or --resume")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="with --eval-only: the fold's test part, or its inner validation part")
+    p.add_argument("--full-res", action="store_true", help="evaluate tiled at the images' own resolution")
+    p.add_argument("--pretrained", action="store_true", help="ImageNet encoder weights from the hub")
+    p.add_argument("--weights", default=None, help="local encoder weights file")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    p.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
+    p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss (syncs)")
+    p.add_argument("--max-skipped", type=int, default=20,
+                   help="with --skip-nonfinite: stop after this many consecutive skipped steps")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="mean ± std over finished folds")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def _batch_sizes(args, world_size):
+    """(global batch, per-rank batch, micro-batch) from --batch-size and --micro-batch."""
+    if args.batch_size in (None, "auto"):
+        batch = default_batch(args.encoder)
+    else:
+        try:
+            batch = int(args.batch_size)
+        except ValueError:
+            raise UserError(f"--batch-size {args.batch_size}: give a number or 'auto'") from None
+    if batch < world_size or batch % world_size:
+        raise UserError(f"--batch-size {batch}: must be a multiple of the {world_size} ranks; "
+                        f"use {max(world_size, batch // world_size * world_size)}")
+    per_rank = batch // world_size
+    micro = args.micro_batch or per_rank
+    if micro < 1 or per_rank % micro:
+        raise UserError(f"--micro-batch {micro}: must divide the per-rank batch {per_rank}")
+    return batch, per_rank, micro
+
+
+def _check_numbers(args):
+    """Every numeric flag in its range, or one line naming the flag and what it takes."""
+    def finite(x):
+        return x is not None and math.isfinite(x)
+
+    checks = [("--lr", args.lr, finite(args.lr) and args.lr > 0, "a positive number, e.g. 1e-3"),
+              ("--weight-decay", args.weight_decay, finite(args.weight_decay) and args.weight_decay >= 0,
+               "0 or more, e.g. 0.01"),
+              ("--pct-start", args.pct_start, finite(args.pct_start) and 0 < args.pct_start < 1,
+               "between 0 and 1, e.g. 0.3"),
+              ("--clip", args.clip, args.clip is None or (finite(args.clip) and args.clip > 0),
+               "a positive gradient max-norm, e.g. 1.0 (leave it out for no clipping)"),
+              ("--max-ratio", args.max_ratio, args.max_ratio >= 1, "at least 1 (inf for no cap)"),
+              ("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
+              ("--log-every", args.log_every, args.log_every >= 1, "at least 1 (steps)"),
+              ("--seed", args.seed, 0 <= args.seed < 2**32, "between 0 and 2**32 - 1"),
+              ("--synthetic-count", args.synthetic_count, args.synthetic_count >= 2, "at least 2 (images)"),
+              ("--synthetic-size", args.synthetic_size, args.synthetic_size >= 32, "at least 32 (px)"),
+              ("--micro-batch", args.micro_batch, args.micro_batch is None or args.micro_batch >= 1, "at least 1"),
+              ("--dist-timeout", args.dist_timeout, args.dist_timeout >= 1, "at least 1 (seconds)"),
+              ("--max-skipped", args.max_skipped, args.max_skipped >= 1, "at least 1 (steps)"),
+              ("--folds", args.folds, args.folds >= 2, "at least 2"),
+              ("--fold", args.fold, args.fold >= 0, "0 or more"),
+              ("--inner-frac", args.inner_frac, 0 < args.inner_frac < 1, "between 0 and 1, e.g. 0.15")]
+    for flag, value, ok, need in checks:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {need}")
+    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise UserError(f"--run-dir {args.run_dir}: is a file; pass a folder for the run's checkpoints and logs")
+
+
+def resolve_config(args, world_size, device):
+    """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
+    _check_numbers(args)
+    cfg = vars(args).copy()
+    cfg.update(data=args.data or "synthetic", data_flag=args.data)
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: folder not found; run `python prepare.py ingest` or use --data synthetic")
+    if args.encoder not in ENCODERS and not _timm_knows(args.encoder):
+        raise UserError(f"--encoder {args.encoder}: unknown; use one of {', '.join(ENCODERS)} or a timm model name")
+    check_img_size(args.encoder, args.img_size)
+    try:
+        cfg["head_weights"] = [float(w) for w in args.head_weights.split(",")]
+    except ValueError:
+        cfg["head_weights"] = []
+    if len(cfg["head_weights"]) != 3:
+        raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
+    batch, per_rank, micro = _batch_sizes(args, world_size)
+    if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
+        raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
+    if args.eval_only and not (args.checkpoint or args.run_dir):
+        raise UserError("--eval-only: give --checkpoint PATH (e.g. runs/NAME/best.pt)")
+    if args.full_res and not args.eval_only:
+        raise UserError("--full-res: only with --eval-only (tiled full-resolution evaluation is slow)")
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16: needs a GPU; use bf16 or fp32 on CPU")
+    cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro, accum_steps=per_rank // micro,
+               lr=args.lr * batch / BASE_BATCH, base_lr=args.lr, precision=precision, world_size=world_size,
+               channels_last=not args.no_channels_last, num_classes=NUM_CLASSES, device=device.type,
+               run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
+    return cfg
+
+
+def _timm_knows(name):
+    import timm
+    return name in timm.list_models() or name.split(".")[0] in timm.list_models()

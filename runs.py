@@ -1,0 +1,90 @@
+"""The run folder: config.json, metrics.jsonl, last.pt / best.pt, confusion.json, class_weights.json.
+
+A folder that holds checkpoints is never overwritten: only --resume continues it. metrics.jsonl holds one
+record per epoch ({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the
+selected checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices.
+"""
+import json
+from pathlib import Path
+
+from checkpoint import load_resumable, restore_training, save_checkpoint, training_state
+from files import atomic_write, remove_stale_temporaries
+from labels import UserError
+
+
+def log(rank, *parts):
+    if rank == 0:
+        print(*parts, flush=True)
+
+
+def load_resume(cfg, run_dir, rank):
+    """The checkpoint to resume from, or None to start afresh."""
+    path = Path(cfg["checkpoint"] or run_dir / "last.pt")
+    if not cfg["resume"]:
+        return None
+    if not cfg["checkpoint"] and not path.is_file():
+        # A job pre-empted before its first epoch ended is requeued with --resume too: it starts afresh.
+        log(rank, f"--resume: no {path} yet; starting from scratch")
+        return None
+    return load_resumable(path, cfg)
+
+
+def prepare_run_dir(cfg, run_dir, resume, rank):
+    """Never overwrites an earlier run's checkpoints; a fresh start begins a fresh metrics.jsonl."""
+    earlier = [name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
+    if earlier and not cfg["resume"]:
+        raise UserError(f"--run-dir {run_dir}: holds {' and '.join(earlier)} of an earlier run; pass --resume to "
+                        "continue it, or a fresh --run-dir to start another")
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}); pass a writable folder") from None
+        remove_stale_temporaries(run_dir)
+        if resume is None:
+            (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def restore(parts, resume, run_dir, rank):
+    """Loads the resumed states; keeps the metrics records of the epochs the checkpoint holds (a kill between a
+    record and its checkpoint must not leave a duplicate behind) and drops a test record, which is redone."""
+    progress = restore_training(parts, resume)
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0 and metrics_path.is_file():
+        lines = metrics_path.read_text().splitlines(keepends=True)
+        metrics_path.write_text("".join(line for line in lines
+                                        if json.loads(line).get("epoch", resume["epoch"] + 1) <= resume["epoch"]
+                                        and "test" not in json.loads(line)))
+    log(rank, f"resumed {run_dir} at epoch {resume['epoch'] + 1} step {resume['step']}")
+    return progress
+
+
+def append_record(run_dir, record):
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_epoch(parts, cfg, record, selected, run_dir):
+    """Rank 0: the epoch's metrics record and last.pt; best.pt too when this epoch is the one selected."""
+    append_record(run_dir, record)
+    state = training_state(parts, cfg, record["epoch"], 0, record["best_val_miou"])
+    save_checkpoint(run_dir / "last.pt", state)
+    if selected:
+        save_checkpoint(run_dir / "best.pt", state)
+
+
+def save_preempted(parts, cfg, run_dir, epoch, step, best, partial_loss, rank):
+    """Rank 0 writes last.pt where the pre-emption hit; --resume continues from there."""
+    if rank == 0:
+        save_checkpoint(run_dir / "last.pt", training_state(parts, cfg, epoch, step, best, partial_loss))
+    log(rank, f"SIGTERM: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {step}; "
+              "rerun with --resume to continue")
+
+
+def save_test(run_dir, record, confusion):
+    """Rank 0: the test record in metrics.jsonl and its confusion matrices (rows truth, columns prediction) in
+    confusion.json, so any table or picture can be recomputed without a GPU."""
+    append_record(run_dir, record)
+    payload = {"split": "test", "epoch": record["selected_epoch"], **confusion}
+    atomic_write(Path(run_dir) / "confusion.json", lambda tmp: tmp.write_text(json.dumps(payload)))
