@@ -175,12 +175,22 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             state = self.job(job_id)
             if state.get("JobState") in FINISHED:
                 return state
-            if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-                # Slurm holds a requeued job back for a while; the test need not wait for that.
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            self.skip_requeue_hold(job_id, state)
             if time.monotonic() > deadline:
                 self.run("scancel", job_id)
                 pytest.fail(f"job {job_id} not finished after {timeout} s: {state}\n{self.output(job_id)}")
+            time.sleep(0.5)
+
+    def skip_requeue_hold(self, job_id, state):
+        # Slurm holds a requeued job back for a while (Reason=BeginTime); the test need not wait for that.
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def wait_until_running(self, job_id, timeout=180):
+        deadline = time.monotonic() + timeout
+        while (state := self.job(job_id)).get("JobState") != "RUNNING":
+            assert time.monotonic() < deadline and state.get("JobState") not in FINISHED, self.output(job_id)
+            self.skip_requeue_hold(job_id, state)
             time.sleep(0.5)
 
     def output(self, job_id):
@@ -237,25 +247,37 @@ def test_cross_validation_array_then_the_summary_job(slurm):
     assert miou_row in slurm.output(summary_id)
 
 
+def interrupt_after(slurm, job_id, log, line, scancel_options):
+    """Sends SIGTERM with scancel once the job's log has `line` after its latest start."""
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and line in log.read_text().rsplit(" restart ", 1)[-1]):
+        assert time.monotonic() < deadline and slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
+            slurm.output(job_id)
+        time.sleep(0.2)
+    result = slurm.run("scancel", "--signal=TERM", *scancel_options, job_id)
+    assert result.returncode == 0, result.stderr
+
+
 def test_sigterm_requeues_and_the_resumed_run_ends_like_an_uninterrupted_one(slurm, uninterrupted):
     _, reference_dir, reference_state = uninterrupted
     assert reference_state["JobState"] == "COMPLETED"
     run_dir = slurm.root / "runs" / "interrupted"
     job_id = slurm.sbatch("slurm/train.sbatch", *TRAIN_ARGS, "--epochs", EPOCHS, "--run-dir", run_dir)
     log = run_dir / "logs" / f"slurm-{job_id}.log"
+    # As pre-emption does: the batch shell only, then (scancel --full) every process of the job, tee included.
+    interrupt_after(slurm, job_id, log, f"epoch 2/{EPOCHS} ", ["--batch"])
     deadline = time.monotonic() + 180
-    while not (log.is_file() and f"epoch 2/{EPOCHS} " in log.read_text()):
-        assert time.monotonic() < deadline and slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
-            slurm.output(job_id)
+    while slurm.job(job_id).get("Restarts") != "1":
+        assert time.monotonic() < deadline, slurm.output(job_id)
         time.sleep(0.2)
-    result = slurm.run("scancel", "--signal=TERM", "--batch", job_id)
-    assert result.returncode == 0, result.stderr
+    slurm.wait_until_running(job_id)
+    interrupt_after(slurm, job_id, log, f"epoch 6/{EPOCHS} ", ["--full"])
     state = slurm.wait(job_id)
     text = log.read_text()
-    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), text
-    assert "SIGTERM: saved" in text and f"requeueing job {job_id}" in text, text
-    assert "torchrun exited with 1, the job with 0" in text
-    assert f"resumed {run_dir} at epoch" in text
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "2"), text
+    assert text.count("SIGTERM: saved") == 2 and text.count(f"requeueing job {job_id}") == 2, text
+    assert text.count("torchrun exited with 1, the job with 0") == 2, text
+    assert text.count(f"resumed {run_dir} at epoch") == 2, text
     assert stable(metrics(run_dir)) == stable(metrics(reference_dir))
 
 
