@@ -37,7 +37,8 @@ for encoder in "${encoders[@]}"; do
     for ((fold = 0; fold < folds; fold++)); do
         after=()
         [ -z "$previous" ] || after=(--dependency="afterok:$previous" --kill-on-invalid-dep=yes)
-        previous=$(submit "${RESOURCE_OPTIONS[@]}" "${after[@]}" --job-name="bench-$encoder-fold$fold" --output="$LOG_DIR/%x-%j.out" \
+        previous=$(submit "${RESOURCE_OPTIONS[@]}" "${after[@]}" \
+            --job-name="bench-$encoder-fold$fold" --output="$LOG_DIR/%x-%j.out" \
             slurm/train.sbatch --encoder "$encoder" --fold "$fold" --folds "$folds" \
             --run-dir "$bench_dir/$encoder/fold$fold" "$@")
         echo "submitted $encoder fold $fold as job $previous"

@@ -32,8 +32,8 @@ check_data submit_cv.sh "$(flag_value --data "${DATA:-synthetic}" "$@")"
 mkdir -p "$LOG_DIR"
 resource_options
 
-array_id=$(submit "${RESOURCE_OPTIONS[@]}" --array="0-$((folds - 1))" --job-name="cv-$encoder" --output="$LOG_DIR/%x-%A_%a.out" \
-    --export="ALL,CV_DIR=$cv_dir" slurm/cv.sbatch --encoder "$encoder" --folds "$folds" "$@")
+array_id=$(submit "${RESOURCE_OPTIONS[@]}" --array="0-$((folds - 1))" --job-name="cv-$encoder" \
+    --output="$LOG_DIR/%x-%A_%a.out" --export="ALL,CV_DIR=$cv_dir" slurm/cv.sbatch --encoder "$encoder" --folds "$folds" "$@")
 summary_id=$(submit --dependency="afterok:$array_id" --kill-on-invalid-dep=yes \
     --job-name="cv-$encoder-summary" --output="$LOG_DIR/%x-%j.out" slurm/summary.sbatch "$cv_dir")
 echo "submitted folds 0-$((folds - 1)) as array job $array_id and the summary as job $summary_id -> $cv_dir/summary.md"

@@ -267,8 +267,8 @@ def test_sigterm_requeues_and_the_resumed_run_ends_like_an_uninterrupted_one(slu
     # As pre-emption does: the batch shell only, then (scancel --full) every process of the job, tee included.
     interrupt_after(slurm, job_id, log, f"epoch 2/{EPOCHS} ", ["--batch"])
     deadline = time.monotonic() + 180
-    while slurm.job(job_id).get("Restarts") != "1":
-        assert time.monotonic() < deadline, slurm.output(job_id)
+    while (state := slurm.job(job_id)).get("Restarts") != "1":
+        assert time.monotonic() < deadline and state.get("JobState") not in FINISHED, slurm.output(job_id)
         time.sleep(0.2)
     slurm.wait_until_running(job_id)
     interrupt_after(slurm, job_id, log, f"epoch 6/{EPOCHS} ", ["--full"])
