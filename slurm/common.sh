@@ -2,7 +2,14 @@
 # submission, and a launcher wrapper that turns SIGTERM into checkpoint-then-requeue.
 # Expects REPO (the repository root) to be set by the sourcing script.
 
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
 if [ -n "${VENV:-}" ]; then
+    [ -f "$VENV/bin/activate" ] \
+        || die "VENV=$VENV has no bin/activate; set VENV to a virtual environment (or PYTHON=/path/to/venv/bin/python)"
     # Activation scripts are not written for `set -u`.
     set +u
     # shellcheck disable=SC1091
@@ -14,11 +21,6 @@ LOG_DIR=${LOG_DIR:-$REPO/logs}
 # torchrun SIGKILLs its workers this many seconds after forwarding SIGTERM (default 30); leave
 # train.py most of the 120 s warning (--signal=B:TERM@120) to reach its next checkpoint.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
-
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
 
 check_env() {
     local script=$1
@@ -72,6 +74,22 @@ submit() {
     printf '%s\n' "$out"
 }
 
+# Leaves in RESOURCE_OPTIONS the sbatch options for CPUS_PER_TASK and GPUS_PER_NODE, where set. On the
+# command line they override the job scripts' #SBATCH lines (sbatch reads no variable for CPUs per
+# task), so CPU-only or smaller nodes need no edited copy of the scripts.
+resource_options() {
+    RESOURCE_OPTIONS=()
+    if [ -n "${CPUS_PER_TASK:-}" ]; then
+        [[ $CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] || die "CPUS_PER_TASK=$CPUS_PER_TASK; set it to a number of CPUs (1 or more)"
+        RESOURCE_OPTIONS+=(--cpus-per-task="$CPUS_PER_TASK")
+    fi
+    if [ -n "${GPUS_PER_NODE:-}" ]; then
+        [[ $GPUS_PER_NODE =~ ^([A-Za-z0-9_-]+:)?[0-9]+$ ]] \
+            || die "GPUS_PER_NODE=$GPUS_PER_NODE; set it to a count (0 on CPU-only nodes) or TYPE:COUNT"
+        RESOURCE_OPTIONS+=(--gpus-per-node="$GPUS_PER_NODE")
+    fi
+}
+
 # prepare_training SCRIPT ARGS...: resolves encoder, data and run directory (flags win over the
 # ENCODER, DATA, RUN_DIR environment), checks them, and leaves train.py's arguments in TRAIN_ARGS.
 # With DRY_RUN=1 or --dry-run it runs `train.py ... --dry-run` in this process instead of returning.
@@ -99,9 +117,12 @@ prepare_training() {
 }
 
 # Copies everything this job prints into RUN_DIR/logs/, next to the checkpoints; requeued runs append.
+# Requeue, pre-emption and `scancel --full` signal every process of the job: tee ignores TERM/INT so
+# the lines after the signal ("saved last.pt") still reach the logs and this shell gets no SIGPIPE;
+# it ends when this shell closes its output.
 start_log() {
     mkdir -p "$RUN_DIR/logs"
-    exec > >(tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID:-local}.log") 2>&1
+    exec > >(trap '' TERM INT; exec tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID:-local}.log") 2>&1
     echo "== $(date -Is) job ${SLURM_JOB_ID:-local} on $(hostname) restart ${SLURM_RESTART_COUNT:-0}: train.py ${TRAIN_ARGS[*]}"
 }
 
@@ -128,22 +149,32 @@ gpus_per_node() {
 
 # run_requeueable CMD...: runs CMD; on SIGTERM (Slurm sends it to this shell only, --signal=B:TERM)
 # forwards it so train.py checkpoints and exits, then requeues this job, which restarts with --resume.
+# torchrun exits 1 after a SIGTERM even when train.py saved cleanly, so a last.pt written after the
+# signal counts as success: the interrupted run ends with 0, not FAILED.
 run_requeueable() {
-    local status=0 launcher=${1##*/}
+    local status=0 launcher=${1##*/} marker=$RUN_DIR/logs/.sigterm-${SLURM_JOB_ID:-local}
     TERM_RECEIVED=0
     "$@" &
     LAUNCHER_PID=$!
-    trap 'TERM_RECEIVED=1; kill -TERM "$LAUNCHER_PID" 2>/dev/null || true' TERM
+    trap 'TERM_RECEIVED=1; : > "$marker"; kill -TERM "$LAUNCHER_PID" 2>/dev/null || true' TERM
     wait "$LAUNCHER_PID" || status=$?
     if [ "$TERM_RECEIVED" = 1 ]; then
         # The first wait returned because of the signal; this one collects the launcher's exit.
         status=0
         wait "$LAUNCHER_PID" || status=$?
+        if [ "$RUN_DIR/last.pt" -nt "$marker" ]; then
+            echo "== $(date -Is) SIGTERM: $RUN_DIR/last.pt saved; $launcher exited with $status, the job with 0"
+            status=0
+        fi
+        rm -f "$marker"
     fi
-    trap - TERM
     if [ "$TERM_RECEIVED" = 1 ] && [ "${REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-        echo "== $(date -Is) SIGTERM forwarded for train.py to checkpoint; $launcher exited with $status; requeueing job $SLURM_JOB_ID"
+        # The requeue signals the whole job again; this shell only has to exit.
+        trap '' TERM
+        echo "== $(date -Is) requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue $SLURM_JOB_ID failed (job cancelled?)" >&2
+    else
+        trap - TERM
     fi
     return "$status"
 }

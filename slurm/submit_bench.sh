@@ -10,8 +10,9 @@
 # (default runs/bench) change the grid. Each run uses its encoder's default batch and scaled LR.
 # A failed job cancels the rest of the chain (--kill-on-invalid-dep). Works from any directory;
 # Slurm logs go to LOG_DIR (default <repo>/logs). DRY_RUN=1 makes every job only resolve its config.
-# Partition, account and similar come from sbatch's own environment (SBATCH_PARTITION=gpu,
-# SBATCH_ACCOUNT=proj, SBATCH_TIMELIMIT=12:00:00 ...).
+# CPUS_PER_TASK and GPUS_PER_NODE replace train.sbatch's 16 CPUs and 2 GPUs per run. Partition,
+# account and similar come from sbatch's own environment (SBATCH_PARTITION=gpu, SBATCH_ACCOUNT=proj,
+# SBATCH_TIMELIMIT=12:00:00 ...).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO
@@ -27,6 +28,7 @@ cd "$REPO"
 check_env submit_bench.sh
 check_data submit_bench.sh "$(flag_value --data "${DATA:-synthetic}" "$@")"
 mkdir -p "$LOG_DIR"
+resource_options
 
 previous=""
 cv_dirs=()
@@ -35,7 +37,8 @@ for encoder in "${encoders[@]}"; do
     for ((fold = 0; fold < folds; fold++)); do
         after=()
         [ -z "$previous" ] || after=(--dependency="afterok:$previous" --kill-on-invalid-dep=yes)
-        previous=$(submit "${after[@]}" --job-name="bench-$encoder-fold$fold" --output="$LOG_DIR/%x-%j.out" \
+        previous=$(submit "${RESOURCE_OPTIONS[@]}" "${after[@]}" \
+            --job-name="bench-$encoder-fold$fold" --output="$LOG_DIR/%x-%j.out" \
             slurm/train.sbatch --encoder "$encoder" --fold "$fold" --folds "$folds" \
             --run-dir "$bench_dir/$encoder/fold$fold" "$@")
         echo "submitted $encoder fold $fold as job $previous"

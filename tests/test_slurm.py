@@ -37,6 +37,7 @@ exec "$@"
     "scontrol": r"""#!/usr/bin/env bash
 echo "$*" >> "$STUB_LOG/scontrol.log"
 if [ "$1 $2" = "show hostnames" ]; then printf 'node-a\nnode-b\n'; fi
+if [ "$1 $2" = "show node" ]; then printf 'NodeName=%s Arch=x86_64 CoresPerSocket=8\n   NodeAddr=10.1.0.7 NodeHostName=%s\n' "$3" "$3"; fi
 """,
     "torchrun": r"""#!/usr/bin/env bash
 printf '%s\0' "$@" > "$STUB_LOG/torchrun.args"
@@ -44,8 +45,12 @@ pwd > "$STUB_LOG/torchrun.cwd"
 echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$STUB_LOG/torchrun.shutdown-timeout"
 echo "stub torchrun running"
 if [ -n "${STUB_WAIT_FOR_TERM:-}" ]; then
+    run_dir=$(while [ $# -gt 0 ]; do [ "$1" = --run-dir ] && echo "$2"; shift; done)
     sleep 60 &
-    trap 'echo TERM > "$STUB_LOG/torchrun.signal"; kill $!; exit 0' TERM
+    # Like torchrun: exit 1 after a SIGTERM, whether or not train.py saved (at its next step) a checkpoint.
+    trap 'echo TERM > "$STUB_LOG/torchrun.signal"; kill $!; sleep 0.5
+          if [ -n "${STUB_CHECKPOINT:-}" ]; then touch "$run_dir/last.pt"; echo "stub train.py saved last.pt"; fi
+          exit 1' TERM
     touch "$STUB_LOG/torchrun.started"
     wait $!
     exit 1
@@ -253,22 +258,47 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     assert argv(log_dir / "torchrun.args")[-1] == "--resume"
 
 
-def test_sigterm_reaches_torchrun_and_the_job_requeues_itself(cluster, tmp_path):
-    env, log_dir = cluster
+def start_waiting_train_job(env, log_dir, run_dir, **extra):
+    """train.sbatch in its own session, as slurmd starts a batch job, once the stub torchrun is running."""
     job_env = dict(env, STUB_WAIT_FOR_TERM="1", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
-                   SLURM_GPUS_ON_NODE="2")
-    job = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), "--run-dir", str(tmp_path / "run")],
-                           env=job_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   SLURM_GPUS_ON_NODE="2", **extra)
+    job = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), "--run-dir", str(run_dir)], env=job_env, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for _ in range(300):
         if (log_dir / "torchrun.started").exists() or job.poll() is not None:
             break
         time.sleep(0.1)
     assert (log_dir / "torchrun.started").exists(), job.communicate(timeout=30)
+    return job
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["checkpoint-saved", "no-checkpoint"])
+def test_sigterm_reaches_torchrun_and_the_job_requeues_itself(cluster, tmp_path, saved):
+    env, log_dir = cluster
+    job = start_waiting_train_job(env, log_dir, tmp_path / "run", **({"STUB_CHECKPOINT": "1"} if saved else {}))
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=30)
-    assert job.returncode == 0, stderr
+    assert job.returncode == (0 if saved else 1), "a clean checkpoint is a success, torchrun's exit 1 is not"
     assert (log_dir / "torchrun.signal").read_text().strip() == "TERM"
     assert int((log_dir / "torchrun.shutdown-timeout").read_text()) >= 60, "workers need time to checkpoint"
+    assert "requeue 4242" in (log_dir / "scontrol.log").read_text().splitlines()
+
+
+def test_job_wide_sigterm_keeps_the_log_and_the_job_alive(cluster, tmp_path):
+    """Requeue, pre-emption and `scancel --full` send SIGTERM to every process of the job, tee included."""
+    env, log_dir = cluster
+    run_dir = tmp_path / "run"
+    job = start_waiting_train_job(env, log_dir, run_dir, STUB_CHECKPOINT="1")
+    os.killpg(job.pid, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 0, stderr
+    log = run_dir / "logs" / "slurm-4242.log"
+    for _ in range(50):  # tee flushes after the script's own exit
+        if "requeueing job 4242" in log.read_text():
+            break
+        time.sleep(0.1)
+    text = log.read_text()
+    assert "stub train.py saved last.pt" in text and "requeueing job 4242" in text, text
     assert "requeue 4242" in (log_dir / "scontrol.log").read_text().splitlines()
 
 
@@ -295,9 +325,38 @@ def test_multinode_job_starts_one_torchrun_per_node_meeting_on_the_first_node(cl
     port = 20000 + 555 % 20000
     assert argv(log_dir / "torchrun.args") == [
         "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=555", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=node-a:{port}", "train.py", "--data", "synthetic", "--run-dir", str(tmp_path / "run"),
+        f"--rdzv_endpoint=10.1.0.7:{port}", "train.py", "--data", "synthetic", "--run-dir", str(tmp_path / "run"),
         "--encoder", "mit_b3"]
-    assert "show hostnames node-[a-b]" in (log_dir / "scontrol.log").read_text()
+    assert "show node node-a" in (log_dir / "scontrol.log").read_text().splitlines(), "node names need not resolve"
+
+    result = run_as_slurm_job(tmp_path, "slurm/multinode.sbatch", ["--encoder", "mit_b3"],
+                              dict(env, RUN_DIR=str(tmp_path / "run"), MASTER_ADDR="node-a-ib"), ROOT,
+                              SLURM_JOB_ID="556", SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2")
+    assert result.returncode == 0, result.stderr
+    assert f"--rdzv_endpoint=node-a-ib:{20556}" in argv(log_dir / "torchrun.args")
+
+
+def test_multinode_job_has_no_fixed_node_count():
+    """A --nodes the partition cannot offer waits forever; the count comes from `sbatch --nodes=N`."""
+    lines = (SLURM / "multinode.sbatch").read_text().splitlines()
+    assert not [line for line in lines if line.startswith("#SBATCH --nodes")]
+
+
+def test_cpu_and_gpu_counts_from_the_environment_reach_sbatch(cluster, tmp_path):
+    env, log_dir = cluster
+    env = dict(env, CPUS_PER_TASK="2", GPUS_PER_NODE="0")
+    assert bash(SLURM / "submit_cv.sh", "mit_b0", "2", env=env, cwd=tmp_path).returncode == 0
+    assert bash(SLURM / "submit_bench.sh", env=env, cwd=tmp_path).returncode == 0
+    calls = submissions(log_dir)
+    assert len(calls) == 2 + 10
+    for _, options, script, _, _ in calls:
+        expected = [] if script == "slurm/summary.sbatch" else ["--cpus-per-task=2", "--gpus-per-node=0"]
+        assert [o for o in options if o.startswith(("--cpus", "--gpus"))] == expected, script
+
+    result = bash(SLURM / "submit_cv.sh", "mit_b0", env=dict(env, CPUS_PER_TASK="all"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: CPUS_PER_TASK=all; set it to a number of CPUs (1 or more)"]
+    assert len(submissions(log_dir)) == 12
 
 
 def test_missing_dataset_fails_before_launching_with_one_line(cluster, tmp_path):
@@ -325,3 +384,15 @@ def test_missing_torch_fails_before_submitting_with_one_line(cluster, tmp_path):
     result = bash(SLURM / "submit_cv.sh", "mit_b3", env=dict(env, PYTHON=str(tmp_path / "nowhere")), cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and "not found" in result.stderr
+
+
+def test_wrong_venv_fails_with_one_line(cluster, tmp_path):
+    env, log_dir = cluster
+    venv = tmp_path / "no-venv"
+    result = run_as_slurm_job(tmp_path, "slurm/train.sbatch", [], dict(env, VENV=str(venv)), ROOT,
+                              SLURM_JOB_ID="3", SLURM_GPUS_ON_NODE="2")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: VENV={venv} has no bin/activate; set VENV to a virtual environment "
+        "(or PYTHON=/path/to/venv/bin/python)"]
+    assert not (log_dir / "torchrun.args").exists()
