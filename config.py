@@ -22,7 +22,13 @@ def build_parser():
                    "--eval-only defaults to the checkpoint's)")
     p.add_argument("--synthetic-count", type=int, default=64)
     p.add_argument("--synthetic-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=384)
+    p.add_argument("--img-size", type=int, default=384, help="side of the square training crops and of the "
+                   "evaluation/prediction tiles (px)")
+    p.add_argument("--work-size", type=int, default=1024, help="long side (px) each image is resized to once, "
+                   "keeping its aspect ratio; training crops and tiled evaluation work at this scale; 0 squashes "
+                   "each whole image to --img-size instead (the earlier prototype's mode)")
+    p.add_argument("--rare-crops", type=float, default=0.5, help="share of training crops centred on a pixel of a "
+                   "damage class in the image (rarer classes more often)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", default=None, help="global batch (default per encoder) or 'auto'")
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch per forward; accumulates the rest")
@@ -64,6 +70,7 @@ def build_parser():
     p.add_argument("--max-skipped", type=int, default=20,
                    help="with --skip-nonfinite: stop after this many consecutive skipped steps")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
     p.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="mean ± std over finished folds")
     return p
 
@@ -114,7 +121,10 @@ def _check_numbers(args):
               ("--max-skipped", args.max_skipped, args.max_skipped >= 1, "at least 1 (steps)"),
               ("--folds", args.folds, args.folds >= 2, "at least 2"),
               ("--fold", args.fold, args.fold >= 0, "0 or more"),
-              ("--inner-frac", args.inner_frac, 0 < args.inner_frac < 1, "between 0 and 1, e.g. 0.15")]
+              ("--inner-frac", args.inner_frac, 0 < args.inner_frac < 1, "between 0 and 1, e.g. 0.15"),
+              ("--work-size", args.work_size, args.work_size == 0 or args.work_size >= args.img_size,
+               f"0 (squash to --img-size) or at least --img-size {args.img_size}"),
+              ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5")]
     for flag, value, ok, need in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {need}")

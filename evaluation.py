@@ -2,6 +2,7 @@
 once, per head and per metadata group, at the training size or tiled at the images' own resolution.
 `train.py --eval-only` runs eval_only (the checkpoint's test fold by default)."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import data
 from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
-from files import read_image, read_mask
+from files import atomic_write, read_image, read_mask
 from labels import HEAD_NAMES, NUM_CLASSES, UserError
 from losses import hierarchy_targets
 from metrics import confusion, confusion_record, eval_metrics
@@ -127,7 +128,14 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         cms = evaluate_full_res(model, part, rank, world, cfg, device)
     else:
         cms = evaluate(model, part, cfg, device, rank, world)
-    record = {cfg["eval_split"]: eval_metrics(cms)}
+    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: eval_metrics(cms)}
     if rank == 0:
-        print(json.dumps({"checkpoint": str(path), "full_res": cfg["full_res"], **record}, indent=1), flush=True)
-    return record, confusion_record(cms)
+        print(json.dumps(record, indent=1), flush=True)
+        # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
+        out = Path(path).parent / f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}.json"
+        try:
+            atomic_write(out, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
+            print(f"wrote {out}", file=sys.stderr, flush=True)
+        except OSError as exc:
+            print(f"note: could not save {out} ({exc.strerror}); the scores are above", file=sys.stderr, flush=True)
+    return record

@@ -4,7 +4,9 @@ A folder that holds checkpoints is never overwritten: only --resume continues it
 record per epoch ({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the
 selected checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices.
 """
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from checkpoint import load_resumable, restore_training, save_checkpoint, training_state
@@ -15,6 +17,44 @@ from labels import UserError
 def log(rank, *parts):
     if rank == 0:
         print(*parts, flush=True)
+
+
+class _Tee:
+    """A text stream that writes to the console stream and the log file alike."""
+
+    def __init__(self, stream, log_file):
+        self.stream, self.log_file = stream, log_file
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log_file.write(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log_file.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+
+@contextlib.contextmanager
+def logged_to(path, rank):
+    """Rank 0's stdout and stderr also go to path (appended, a resumed run continues it), so a plain torchrun
+    run keeps a log like a SLURM job's; a user error that ends the run is logged there too."""
+    if rank != 0:
+        yield
+        return
+    with open(path, "a", buffering=1) as log_file:
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log_file), _Tee(sys.stderr, log_file)
+        try:
+            yield
+        except UserError as exc:
+            log_file.write(f"error: {exc}\n")
+            raise
+        finally:
+            sys.stdout, sys.stderr = streams
 
 
 def load_resume(cfg, run_dir, rank):

@@ -28,7 +28,7 @@ from labels import NUM_CLASSES, UserError, run_cli
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, default_batch
-from runs import load_resume, log, prepare_run_dir, restore, save_epoch, save_preempted, save_test
+from runs import load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted, save_test
 from weights import resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole.
@@ -252,6 +252,24 @@ def train(cfg, rank, world, local_rank, local_world, device):
     torch.manual_seed(cfg["seed"])
     resume = load_resume(cfg, run_dir, rank)
     prepare_run_dir(cfg, run_dir, resume, rank)
+    with logged_to(run_dir / "train.log", rank):
+        result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
+        if result is not None and rank == 0 and not cfg["no_report"]:
+            write_report(run_dir)
+    return result
+
+
+def write_report(run_dir):
+    """The pictures and report.md; a failure there costs the finished run nothing."""
+    from report import build_report
+    try:
+        print(f"report: {build_report([run_dir])}", flush=True)
+    except UserError as exc:
+        print(f"note: no report ({exc}); the run itself is complete", file=sys.stderr, flush=True)
+
+
+def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
+    """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
     split = data.load_split(cfg, local_rank, local_world)
     n_train = len(split["train"].pre)
     if n_train < cfg["batch_size"]:

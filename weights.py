@@ -27,7 +27,7 @@ Then, in this order:
 So for every method a rarer class never gets a smaller weight than a commoner one.
 
 CLI: ``python weights.py --data DIR|synthetic --method M [--max-ratio 36] [--out FILE.json]``
-prints class, pixels, share and weight, and writes JSON (default DIR/class_weights-<method>.json).
+prints class, pixels, share and weight, and writes JSON (default runs/class_weights/<dataset>-<method>.json).
 """
 import argparse
 import json
@@ -175,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
                         help="cap on max/min weight (inf for none)")
-    parser.add_argument("--out", help="JSON file to write (default DIR/class_weights-<method>.json)")
+    parser.add_argument("--out", help="JSON file to write (default runs/class_weights/<dataset>-<method>.json)")
     return run_cli(_write_for_dataset, parser.parse_args(argv))
 
 
@@ -184,7 +184,8 @@ def _write_for_dataset(args):
     counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
     weights = compute_weights(counts, args.method, max_ratio)
-    out = Path(args.out) if args.out else Path(root) / f"class_weights-{args.method}.json"
+    out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}-{args.method}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(out, args.method, counts, weights, max_ratio)
     print(format_table(counts, weights))
     print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")

@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory, synthetic_root):
                            str(run_dir), "--log-every", "1000"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 0, done.stderr
+    assert (run_dir / "report.md").is_file() and "report: " in done.stdout, "training ends with its report"
     # train.py's confusion.json replaced by a made-up one with a class absent from the truth (Hair).
     rng = np.random.default_rng(42)
     fine = rng.integers(0, 30, (16, 16)) + np.diag(np.full(16, 300))

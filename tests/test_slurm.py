@@ -202,9 +202,11 @@ def test_summary_job_writes_mean_and_std_over_folds(cluster, tmp_path):
     best = [0.40, 0.50, 0.60]
     for k, miou in enumerate(best):
         (cv_dir / f"fold{k}").mkdir(parents=True)
-        epochs = [{"epoch": 1, "miou": miou - 0.1, "binary_iou": 0.5, "iou": {"Clean": 0.9}},
-                  {"epoch": 2, "miou": miou, "binary_iou": 0.7, "iou": {"Clean": 0.95}}]
-        (cv_dir / f"fold{k}" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        (cv_dir / f"fold{k}" / "config.json").write_text(json.dumps({"encoder": "mit_b0", "select": "inner",
+                                                                     "fold": k}))
+        records = [{"epoch": 1, "train_loss": 1.0, "val": {"miou": 0.9, "iou": {"Clean": 0.9}}},
+                   {"test": {"miou": miou, "binary_iou": 0.7, "iou": {"Clean": 0.95}}, "selected_epoch": 1}]
+        (cv_dir / f"fold{k}" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in records))
     result = run_as_slurm_job(tmp_path, "slurm/summary.sbatch", [cv_dir], env, ROOT, SLURM_JOB_ID="9")
     assert result.returncode == 0, result.stderr
     table = (cv_dir / "summary.md").read_text()

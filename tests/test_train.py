@@ -23,7 +23,8 @@ from metrics import eval_metrics
 
 def tiny(data_root, run_dir, *extra):
     return ["train.py", "--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4",
-            "--epochs", "2", "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", *extra]
+            "--epochs", "2", "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", "--no-report",
+            *extra]
 
 
 def torchrun(*args, timeout=400):
@@ -71,6 +72,8 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_root, tmp_
     assert (tmp_path / "a" / "best.pt").is_file() and (tmp_path / "a" / "last.pt").is_file()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["encoder"] == "mit_b0"
     assert "epoch 2/2" in runs[0].stdout and "test mIoU" in runs[0].stdout
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "epoch 2/2" in log and "test mIoU" in log, "a plain run keeps what rank 0 printed"
 
 
 def train_losses(run_dir):

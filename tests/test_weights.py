@@ -2,13 +2,14 @@
 import json
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import weights
-from conftest import run_script
+from conftest import ROOT, run_script
 from labels import CLASS_NAMES, UserError
 from weights import (DEFAULT_MAX_RATIO, METHODS, compute_weights, count_pixels, load_weights, resolve_class_weights,
                      save_weights)
@@ -201,19 +202,23 @@ def run_cli(*args):
     return run_script("weights.py", *args)
 
 
-def test_cli_prints_the_table_and_writes_json_next_to_the_data(tmp_path):
+def test_cli_prints_the_table_and_writes_json_beside_the_runs_not_into_the_data(tmp_path):
     masks = random_masks()
     write_folder(tmp_path / "set", masks)
-    result = run_cli("--data", str(tmp_path / "set"), "--method", "inverse_sqrt")
+    before = sorted((tmp_path / "set").rglob("*"))
+    result = run_script(ROOT / "weights.py", "--data", str(tmp_path / "set"), "--method", "inverse_sqrt",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    written = tmp_path / "set" / "class_weights-inverse_sqrt.json"
+    assert sorted((tmp_path / "set").rglob("*")) == before
+    written = Path("runs") / "class_weights" / "set-inverse_sqrt.json"
+    assert str(written) in result.stdout
+    written = tmp_path / written
     record = json.loads(written.read_text())
     expected_counts = brute_force_counts(masks)
     assert record["counts"] == expected_counts.tolist()
     np.testing.assert_allclose(record["weights"], compute_weights(expected_counts, "inverse_sqrt"))
     for name in CLASS_NAMES:
         assert name in result.stdout
-    assert str(written) in result.stdout
 
     out = tmp_path / "elsewhere.json"
     result = run_cli("--data", str(tmp_path / "set"), "--method", "inverse", "--max-ratio", "inf", "--out", str(out))
