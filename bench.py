@@ -152,7 +152,7 @@ def _bench_data(root, count, source_size, seed=42):
 
 
 def _touch(pre):
-    return int(pre.images.sum(dtype=np.uint64)) + int(pre.masks.sum(dtype=np.uint64))
+    return int(pre.buffer.sum(dtype=np.uint64))
 
 
 def _second_rank(samples, size, conn):

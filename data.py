@@ -12,7 +12,7 @@ import torch
 
 from distributed import barrier
 from files import list_samples, read_metadata
-from labels import GROUP_COLUMNS, UserError
+from labels import GROUP_COLUMNS, IGNORE_INDEX, UserError
 from preload import preload
 from splits import default_manifest_path, split_ids
 from synthetic import make_synthetic
@@ -80,14 +80,54 @@ def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")
     for name in needed:
         samples = [by_id[i] for i in ids[name]]
         shared = cfg["preload"] == "all" or (cfg["preload"] == "val" and name != "train")
-        pre = preload(samples, cfg["img_size"], local_rank, local_world,
-                      offline_aug=cfg["offline_aug"] and name == "train", mode="shm" if shared else "disk")
+        pre = preload(samples, cfg["img_size"], local_rank, local_world, offline_aug=cfg["offline_aug"] and name == "train",
+                      mode="shm" if shared else "disk", work_size=cfg["work_size"])
         parts[name] = Part(samples, pre, _groups(metadata, samples))
     return parts
 
 
-def batches(pre, indices, batch_size, pin=True, prefetch=2):
-    """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors for pre's rows at indices, in order.
+# A crop that is almost all outside the object (255) teaches nothing: it is drawn again, this many times at most.
+MIN_VALID, REDRAWS = 0.1, 4
+
+
+def _damage_centre(pre, row, class_weights, rng):
+    """A stored pixel position (y, x) of a damage class present in the row, rarer classes (higher class
+    weight) drawn more often; None when the row has no damage."""
+    present = np.flatnonzero(pre.counts[row, 1:len(class_weights)]) + 1
+    if not len(present):
+        return None
+    odds = class_weights[present] / class_weights[present].sum()
+    c = rng.choice(present, p=odds)
+    points = pre.points[row, c]
+    return points[rng.integers((points[:, 0] >= 0).sum())]
+
+
+def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
+    """(n, 2) top-left corners of every row's training crop in an epoch, from (seed, epoch) alone, so any
+    number of ranks and a resumed run draw the same crops. A share rare_crops of them is centred on a damage
+    pixel (see _damage_centre); a crop with less than MIN_VALID of its pixels inside the object is redrawn."""
+    rng = np.random.default_rng([seed, epoch, 2])
+    weights = np.ones(pre.counts.shape[1] - 1) if class_weights is None else np.asarray(class_weights, float)
+    corners = np.zeros((len(pre), 2), dtype=np.int64)
+    for row, (height, width) in enumerate(pre.shapes.tolist()):
+        if (height, width) == (size, size):
+            continue
+        for _ in range(REDRAWS):
+            centre = _damage_centre(pre, row, weights, rng) if rng.random() < rare_crops else None
+            if centre is None:
+                top, left = rng.integers(height - size + 1), rng.integers(width - size + 1)
+            else:
+                top = min(max(int(centre[0]) - size // 2, 0), height - size)
+                left = min(max(int(centre[1]) - size // 2, 0), width - size)
+            corners[row] = top, left
+            if (pre.mask(row)[top:top + size, left:left + size] != IGNORE_INDEX).mean() >= MIN_VALID:
+                break
+    return corners
+
+
+def batches(pre, indices, batch_size, corners=None, pin=True, prefetch=2):
+    """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
+    corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order.
 
     A background thread gathers the next batches into fresh (pinned, when CUDA is there) tensors, so
     a yielded batch stays valid however long the caller keeps it.
@@ -95,6 +135,8 @@ def batches(pre, indices, batch_size, pin=True, prefetch=2):
     indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= len(pre)):
         raise IndexError(f"batches: indices {indices.min()}..{indices.max()} outside 0..{len(pre) - 1}")
+    size = pre.size
+    corners = np.zeros((len(indices), 2), np.int64) if corners is None else np.asarray(corners, np.int64)
     stops = list(range(0, len(indices), batch_size))
     pin = pin and torch.cuda.is_available()
     done, ready = threading.Event(), queue.Queue(maxsize=max(1, prefetch))
@@ -112,9 +154,9 @@ def batches(pre, indices, batch_size, pin=True, prefetch=2):
         try:
             for start in stops:
                 idx = indices[start:start + batch_size]
-                images = torch.empty((len(idx), pre.size, pre.size, 3), dtype=torch.uint8, pin_memory=pin)
-                masks = torch.empty((len(idx), pre.size, pre.size), dtype=torch.uint8, pin_memory=pin)
-                pre.gather(idx, images.numpy(), masks.numpy())
+                images = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, pin_memory=pin)
+                masks = torch.empty((len(idx), size, size), dtype=torch.uint8, pin_memory=pin)
+                pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy())
                 if not offer((images, masks)):
                     return
         except BaseException as exc:

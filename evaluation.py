@@ -1,13 +1,13 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
-once, per head and per metadata group, at the training size or tiled at the images' own resolution.
-`train.py --eval-only` runs eval_only (the checkpoint's test fold by default)."""
+once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
+with predict.py's tiles, and scored there (or, --full-res, at their own resolution). `train.py --eval-only`
+runs eval_only (the checkpoint's test fold by default)."""
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
 from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
@@ -16,38 +16,52 @@ from files import atomic_write, read_image, read_mask
 from labels import HEAD_NAMES, NUM_CLASSES, UserError
 from losses import hierarchy_targets
 from metrics import confusion, confusion_record, eval_metrics
-from model import autocast
-from tiles import predict_image
+from tiles import predict_at_scale, predict_image
 
 
-def _common_batches(n, batch):
-    """Batches every rank evaluates (its eval_shard), the least over ranks: each may poll that often."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return min(-(-len(data.eval_shard(n, r, world)) // batch) for r in range(world))
+def _common_count(n, world):
+    """Images every rank evaluates (its eval_shard), the least over ranks: each may poll that often."""
+    return min(len(data.eval_shard(n, r, world)) for r in range(world))
 
 
-def _group_ids(part, device):
-    """{column: (group names, group id per sample on device)} of the part's metadata groups."""
+def _group_ids(part):
+    """{column: (group names, group id per sample)} of the part's metadata groups."""
     out = {}
     for column, values in part.groups.items():
         names = sorted(set(values))
-        out[column] = names, torch.tensor([names.index(v) for v in values], device=device)
+        out[column] = names, [names.index(v) for v in values]
     return out
 
 
-def _empty(cfg, part, device):
+def _empty(cfg, part):
     heads = list(HEAD_NAMES) if cfg["heads"] == "hierarchical" else ["fine"]
-    cms = {h: torch.zeros(len(HEAD_NAMES[h]), len(HEAD_NAMES[h]), dtype=torch.long, device=device) for h in heads}
+    cms = {h: torch.zeros(len(HEAD_NAMES[h]), len(HEAD_NAMES[h]), dtype=torch.long) for h in heads}
     for column, values in part.groups.items():
-        cms[f"by_{column}"] = torch.zeros(len(set(values)), NUM_CLASSES, NUM_CLASSES, dtype=torch.long, device=device)
+        cms[f"by_{column}"] = torch.zeros(len(set(values)), NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     return cms
 
 
-def _reduced(cms, groups):
-    """Sums over ranks; grouped matrices become {group name: matrix}."""
+def _count(cms, groups, row, labels, mask):
+    """Adds one image's (prediction, truth) pixels to every matrix. The coarse and binary scores of a
+    hierarchical model are its fine prediction grouped, the map predict.py draws."""
+    pred = torch.from_numpy(labels.astype(np.int64))
+    # read_mask's and the preload's arrays are read-only; astype gives torch a writable copy in its dtype.
+    truth = torch.from_numpy(mask.astype(np.int64))
+    cm = confusion(pred, truth, NUM_CLASSES)
+    cms["fine"] += cm
+    if "coarse" in cms:
+        grouped_pred, grouped_truth = hierarchy_targets(pred), hierarchy_targets(truth)
+        for head in ("coarse", "binary"):
+            cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(HEAD_NAMES[head]))
+    for column, (_, ids) in groups.items():
+        cms[f"by_{column}"][ids[row]] += cm
+
+
+def _reduced(cms, groups, device):
+    """Sums over ranks (on the device, as NCCL needs); grouped matrices become {group name: matrix}."""
     out = {}
     for key, cm in cms.items():
-        all_reduce(cm)
+        cm = all_reduce(cm.to(device))
         out[key] = dict(zip(groups[key[3:]][0], cm)) if key.startswith("by_") else cm
     return out
 
@@ -55,55 +69,36 @@ def _reduced(cms, groups):
 @torch.no_grad()
 def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
-    of a part at the training size, summed over ranks. With a preemption flag it is polled after each batch all
+    of a part at the working scale: each image is predicted whole with predict.py's overlapping blended tiles
+    and scored pixel by pixel; summed over ranks. With a preemption flag it is polled after each image all
     ranks share; None means a SIGTERM came first."""
-    indices = data.eval_shard(len(part.pre), rank, world)
-    polls = _common_batches(len(part.pre), cfg["micro_batch"]) if preemption else 0
-    groups, cms = _group_ids(part, device), _empty(cfg, part, device)
-    model.eval()
-    start = 0
-    for i, (images, masks) in enumerate(data.batches(part.pre, indices, cfg["micro_batch"],
-                                                     pin=device.type == "cuda")):
-        if i < polls and preemption.poll():
-            model.train()
+    polls = _common_count(len(part.pre), world) if preemption else 0
+    groups, cms = _group_ids(part), _empty(cfg, part)
+    for k, row in enumerate(data.eval_shard(len(part.pre), rank, world).tolist()):
+        if k < polls and preemption.poll():
             return None
-        x, y = data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"])
-        with autocast(cfg["precision"], device):
-            outputs = model(x)
-        targets = hierarchy_targets(y) if "coarse" in cms else {"fine": y}
-        outputs = outputs if isinstance(outputs, dict) else {"fine": outputs}
-        predictions = {h: outputs[h].argmax(1) for h in targets}
-        for h in targets:
-            cms[h] += confusion(predictions[h], targets[h], len(HEAD_NAMES[h]))
-        rows = indices[start:start + len(images)].to(device)
-        start += len(images)
-        for column, (names, ids) in groups.items():
-            cms[f"by_{column}"] += confusion(predictions["fine"], y, NUM_CLASSES, ids[rows], len(names))
-    model.train()
-    return _reduced(cms, groups)
+        labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
+                               device=device, precision=cfg["precision"])
+        _count(cms, groups, row, labels, part.pre.mask(row))
+    return _reduced(cms, groups, device)
 
 
 def evaluate_full_res(model, part, rank, world, cfg, device):
-    """Tiled prediction at each image's own resolution; confusion matrices over every original pixel."""
-    model.eval()
-    groups = _group_ids(part, "cpu")
-    cms = {key: cm.cpu() for key, cm in _empty(dict(cfg, heads="fine"), part, "cpu").items()}
-    for i in data.eval_shard(len(part.samples), rank, world).tolist():
-        image = read_image(part.samples[i].image)
-        mask = read_mask(part.samples[i].mask, image.shape[:2])
-        # read_mask's array is read-only; astype gives torch a writable copy in the dtype it needs anyway.
-        pred = torch.from_numpy(predict_image(model, image, tile=cfg["img_size"], device=device,
-                                              precision=cfg["precision"]).astype(np.int64))
-        truth = torch.from_numpy(mask.astype(np.int64))
-        cms["fine"] += confusion(pred, truth, NUM_CLASSES)
-        for column, (names, ids) in groups.items():
-            cms[f"by_{column}"][ids[i]] += confusion(pred, truth, NUM_CLASSES)
-    return _reduced({key: cm.to(device) for key, cm in cms.items()}, groups)
+    """The same prediction at the working scale, resized back to each image's own resolution and scored over
+    every original pixel (what predict.py's damage map shows)."""
+    groups, cms = _group_ids(part), _empty(cfg, part)
+    for row in data.eval_shard(len(part.samples), rank, world).tolist():
+        image = read_image(part.samples[row].image)
+        mask = read_mask(part.samples[row].mask, image.shape[:2])
+        labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
+                                  device=device, precision=cfg["precision"])
+        _count(cms, groups, row, labels, mask)
+    return _reduced(cms, groups, device)
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
 EVAL_KEYS = MODEL_KEYS + ("split", "fold", "folds", "seed", "synthetic_count", "synthetic_size", "select",
-                          "inner_frac")
+                          "inner_frac", "work_size")
 
 
 def eval_only(cfg, rank, world, local_rank, local_world, device):

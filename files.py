@@ -216,3 +216,67 @@ def write_metadata(path, rows):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(("id", "material", "content", "width", "height"))
         writer.writerows(rows)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def displayed_size(path):
+    """(height, width) of an image as displayed (after its EXIF orientation), read from its header alone."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; check the dataset folder") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make the file readable") from None
+    except Exception as exc:  # a header the decoders cannot parse means an unreadable image
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable image ({reason}); re-export or remove it") from None
+    return (width, height) if turned else (height, width)
+
+
+def working_shape(height, width, size, work_size):
+    """(height, width) an image is stored and seen at: long side work_size (never enlarged), each side padded
+    to at least size so a size x size crop fits; work_size 0 squashes every image to size x size."""
+    scaled_h, scaled_w = scaled_shape(height, width, size, work_size)
+    return max(size, scaled_h), max(size, scaled_w)
+
+
+def resize_image(pixels, height, width):
+    """Area-like bilinear resize of uint8 (H, W, 3) pixels: Pillow widens its kernel when shrinking, and
+    reducing_gap first box-reduces very large images by an integer factor, which keeps 200+ MP sources fast."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+def resize_labels(labels, height, width):
+    """Nearest-neighbour resize of a uint8 (H, W) id map: ids are never blended."""
+    if labels.shape == (height, width):
+        return labels
+    return np.array(Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST))
+
+
+def scaled_shape(height, width, size, work_size):
+    """The working shape before padding: what an image is resized to (work_size 0: size x size)."""
+    if not work_size:
+        return size, size
+    scale = min(1.0, work_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def load_working(sample, size, work_size):
+    """(image uint8 (h, w, 3), mask uint8 (h, w)) of a sample at its working shape (see working_shape); padding
+    is black in the image and 255 (ignored) in the mask."""
+    image = open_image(sample.image)
+    mask = read_mask(sample.mask, image_size=(image.height, image.width))
+    height, width = scaled_shape(image.height, image.width, size, work_size)
+    pixels = resize_image(rgb_array(image, sample.image), height, width)
+    labels = resize_labels(mask, height, width)
+    padded_h, padded_w = working_shape(image.height, image.width, size, work_size)
+    if (padded_h, padded_w) != (height, width):
+        pixels = np.pad(pixels, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
+        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=IGNORE_INDEX)
+    return pixels, labels

@@ -22,11 +22,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from files import IMAGE_SUFFIXES, read_image, read_mask
+from files import IMAGE_SUFFIXES, read_image, read_mask, scaled_shape
 from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, colour_table, run_cli
 from metrics import confusion, iou_report
 from model import DTYPES, check_img_size
-from tiles import predict_image, tile_count
+from tiles import predict_at_scale, tile_count
 
 OUTSIDE = IGNORE_INDEX
 HUGE_OVERLAY_PIXELS = 40_000_000
@@ -214,10 +214,12 @@ def predict_file(model, path, args, tile, writer):
         if truth.shape != image.shape[:2]:
             raise UserError(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]} but {path} is "
                             f"{width}x{height}; pass masks of the same size as their images")
-    large = tile_count(height, width, tile, args.overlap) >= PROGRESS_MIN_TILES
+    large = tile_count(*scaled_shape(height, width, tile, args.work_size), tile, args.overlap) >= PROGRESS_MIN_TILES
     progress = _progress_printer(path.name) if large else None
-    labels = predict_image(model, image, tile, args.overlap, args.batch_size, args.tta, args.device,
-                           args.precision, progress, args.consistency)
+    # At the checkpoint's working scale, then back to the photograph's own size for the map and the report.
+    labels = predict_at_scale(model, image, tile, args.work_size, overlap=args.overlap, batch_size=args.batch_size,
+                              tta=args.tta, device=args.device, precision=args.precision, progress=progress,
+                              consistency=args.consistency)
     if truth is not None:
         labels[truth == OUTSIDE] = OUTSIDE
     report = area_report(labels, truth)
@@ -230,7 +232,8 @@ def predict_file(model, path, args, tile, writer):
     report = {"image": str(path), "width": width, "height": height,
               "object": str(mask_path) if truth is not None else "whole image", **report,
               "mask": str(mask_path_out), "overlay": str(overlay_path),
-              "settings": {"checkpoint": str(args.checkpoint), "tile": tile, "overlap": args.overlap,
+              "settings": {"checkpoint": str(args.checkpoint), "tile": tile, "work_size": args.work_size,
+                           "overlap": args.overlap,
                            "tta": args.tta, "precision": args.precision, "consistency": args.consistency}}
     (out / f"{path.stem}_report.json").write_text(json.dumps(report, indent=2) + "\n")
     for entry in report["classes"]:
@@ -282,6 +285,8 @@ def run(args):
     images = list_images(args.images)
     model, config = load_model(args.checkpoint, args.device, args.img_size)
     tile = args.img_size or config.get("img_size", 384)
+    # Checkpoints from before --work-size were trained on whole images squashed to the tile.
+    args.work_size = config.get("work_size", 0)
     if args.consistency and config.get("heads", "fine") != "hierarchical":
         print("note: --consistency needs a --heads hierarchical checkpoint; using the fine head", file=sys.stderr)
         args.consistency = False

@@ -1,7 +1,11 @@
-"""Resized images and masks shared by a node's processes: one uint8 file in /dev/shm, or decoded on access.
+"""Images and masks at the working scale, shared by a node's processes: one uint8 file in /dev/shm, or decoded
+on access (--preload none).
 
-Local rank 0 decodes and resizes once; every local rank and loader thread maps the same bytes. Files of runs
-that died are reclaimed by the next preload on the node; files with a live user are never touched.
+Each row is one image (or an offline-augmented copy) at its own working size (see files.working_shape), stored
+back to back with its mask, plus per-row class pixel counts and a few pixel positions of each damage class
+(for crops centred on damage). Local rank 0 decodes and resizes once; every local rank and loader thread maps
+the same bytes. Files of runs that died are reclaimed by the next preload on the node; files with a live user
+are never touched.
 """
 import atexit
 import collections
@@ -10,41 +14,102 @@ import errno
 import fcntl
 import hashlib
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from files import open_image, read_mask, rgb_array
-from labels import UserError
+from files import displayed_size, load_working, working_shape
+from labels import IGNORE_INDEX, NUM_CLASSES, UserError
 
 # Offline augmentation rows per sample: the prototype's "3x" means three copies (hflip, vflip, rot90)
 # next to the original, so each training image becomes 4 rows.
 OFFLINE_COPIES = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], np.rot90)
+# Pixel positions kept per damage class and row: enough to centre crops on varied spots of a rare class.
+POINTS = 32
+COUNT_COLUMNS = NUM_CLASSES + 1  # class pixel counts, then the ignored (255) pixels
+
+Layout = collections.namedtuple("Layout", "shapes image_offsets mask_offsets counts_offset points_offset nbytes")
 
 
-def load_resized(sample, size):
-    """(image uint8 (S,S,3), mask uint8 (S,S)): area-like bilinear for the image, nearest for the mask."""
-    image = open_image(sample.image)
-    mask = read_mask(sample.mask, image_size=(image.height, image.width))
-    pixels = rgb_array(image, sample.image)
-    # Pillow's bilinear widens its kernel when shrinking (an area-like filter); reducing_gap first box-reduces
-    # very large images by an integer factor, which keeps 200+ MP sources fast.
-    small = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    small_mask = Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(small), np.asarray(small_mask)
-
-
-def _fill(samples, size, images, masks, copies):
-    def one(i):
-        image, mask = load_resized(samples[i], size)
+def row_layout(samples, size, work_size, copies):
+    """Every row's working shape and where its bytes lie in the flat buffer."""
+    shapes = []
+    for sample in samples:
+        height, width = working_shape(*displayed_size(sample.image), size, work_size)
         for j in range(copies):
-            images[i * copies + j] = OFFLINE_COPIES[j](image)
-            masks[i * copies + j] = OFFLINE_COPIES[j](mask)
+            # rot90 swaps the sides.
+            shapes.append((width, height) if j == 3 else (height, width))
+    shapes = np.array(shapes, dtype=np.int64).reshape(-1, 2)
+    pixels = shapes[:, 0] * shapes[:, 1]
+    image_offsets = np.concatenate([[0], np.cumsum(pixels * 3)])
+    mask_offsets = image_offsets[-1] + np.concatenate([[0], np.cumsum(pixels)])
+    counts_offset = int(mask_offsets[-1] + 7) // 8 * 8
+    points_offset = counts_offset + len(shapes) * COUNT_COLUMNS * 8
+    return Layout(shapes, image_offsets[:-1], mask_offsets[:-1], counts_offset, points_offset,
+                  points_offset + len(shapes) * NUM_CLASSES * POINTS * 2 * 4)
+
+
+def row_stats(mask):
+    """(class pixel counts (17,), up to POINTS (y, x) positions of each damage class (16, POINTS, 2), -1 padded)."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    points = np.full((NUM_CLASSES, POINTS, 2), -1, dtype=np.int32)
+    for c in np.flatnonzero(counts[1:NUM_CLASSES]) + 1:
+        where = np.flatnonzero(mask.ravel() == c)
+        chosen = np.sort(np.random.default_rng(int(c)).choice(where, min(POINTS, len(where)), replace=False))
+        points[c, :len(chosen)] = np.stack(np.divmod(chosen, mask.shape[1]), axis=1)
+    return np.concatenate([counts[:NUM_CLASSES], counts[IGNORE_INDEX:]]).astype(np.int64), points
+
+
+class _Progress:
+    """Preload progress on stderr: images k/N, MB and ETA, at most every 10 s and at the end."""
+
+    def __init__(self, total, nbytes):
+        self.total, self.nbytes, self.done = total, nbytes, 0
+        self.start = self.shown = time.monotonic()
+        self.lock = threading.Lock()
+
+    def step(self):
+        with self.lock:
+            self.done += 1
+            now = time.monotonic()
+            if now - self.shown < 10 and self.done < self.total:
+                return
+            self.shown = now
+            eta = (now - self.start) / self.done * (self.total - self.done)
+            print(f"preload: {self.done}/{self.total} images, {self.nbytes / 2**20:.0f} MB, ETA {eta:.0f} s",
+                  file=sys.stderr, flush=True)
+
+
+def _fill(samples, size, work_size, buffer, layout, copies):
+    counts = np.ndarray((len(layout.shapes), COUNT_COLUMNS), np.int64, buffer, layout.counts_offset)
+    points = np.ndarray((len(layout.shapes), NUM_CLASSES, POINTS, 2), np.int32, buffer, layout.points_offset)
+    progress = _Progress(len(samples), layout.nbytes)
+
+    def one(i):
+        image, mask = load_working(samples[i], size, work_size)
+        for j in range(copies):
+            row = i * copies + j
+            h, w = layout.shapes[row]
+            _image_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](image)
+            _mask_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](mask)
+            counts[row], points[row] = row_stats(_mask_view(buffer, layout, row))
+        progress.step()
 
     with concurrent.futures.ThreadPoolExecutor(cores()) as pool:
         list(pool.map(one, range(len(samples))))
+
+
+def _image_view(buffer, layout, row):
+    h, w = layout.shapes[row]
+    return np.ndarray((h, w, 3), np.uint8, buffer, layout.image_offsets[row])
+
+
+def _mask_view(buffer, layout, row):
+    h, w = layout.shapes[row]
+    return np.ndarray((h, w), np.uint8, buffer, layout.mask_offsets[row])
 
 
 def cores():
@@ -149,26 +214,47 @@ def _reclaim(directory, keep_key):
 _registered = collections.Counter()
 
 
-class Preloaded:
-    """Resized images (N,S,S,3) and masks (N,S,S) uint8 in one /dev/shm file shared by a node's processes.
+class _Rows:
+    """What Preloaded and OnDisk share: rows by index, crops of them, per-row class statistics."""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def gather(self, indices, corners, images, masks):
+        """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j]."""
+        size = images.shape[1]
+        for j, (row, (top, left)) in enumerate(zip(indices.tolist(), corners.tolist())):
+            images[j] = self.image(row)[top:top + size, left:left + size]
+            masks[j] = self.mask(row)[top:top + size, left:left + size]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Preloaded(_Rows):
+    """Rows at their working size, back to back in one /dev/shm file shared by a node's processes.
 
     Each process registers a pid file in artdamage-KEY.users/; close() (also run at exit) unregisters
     it and the last user removes the file. Files of runs that died (SIGKILL, OOM) are reclaimed by the
     next preload on the node; files with a live user are never touched.
     """
 
-    def __init__(self, samples, size, local_rank=0, local_world=1, offline_aug=False, timeout=3600.0):
-        self.size, self.copies = size, len(OFFLINE_COPIES) if offline_aug else 1
+    def __init__(self, samples, size, work_size=0, local_rank=0, local_world=1, offline_aug=False,
+                 timeout=3600.0):
+        self.size, self.work_size = size, work_size
+        self.copies = len(OFFLINE_COPIES) if offline_aug else 1
         self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.directory, self.key = _shm_dir(), _cache_key(samples, size, offline_aug)
+        self.directory, self.key = _shm_dir(), _cache_key(samples, size, work_size, offline_aug)
         if not self.directory.is_dir():
             raise UserError(f"{self.directory}: no shared-memory folder; use --preload none, or point "
                             "ARTDAMAGE_SHM_DIR at a tmpfs folder")
+        self.layout = row_layout(samples, size, work_size, self.copies)
+        self.shapes, self.nbytes = self.layout.shapes, self.layout.nbytes
         self.files = _key_files(self.directory, self.key)
         self.path, self._owner, self._closed = self.files["data"], os.getpid(), False
-        n = len(self.ids)
-        self._shape = ((n, size, size, 3), (n, size, size))
-        self.nbytes = n * size * size * 4
         with _Lock(self.directory):
             _reclaim(self.directory, self.key)
             self._register()
@@ -211,8 +297,18 @@ class Preloaded:
         if self.path.stat().st_size != self.nbytes:
             raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} differs from the expected "
                                f"{self.nbytes} bytes; delete it")
-        self.images = np.memmap(self.path, np.uint8, "r", 0, self._shape[0])
-        self.masks = np.memmap(self.path, np.uint8, "r", self.nbytes // 4 * 3, self._shape[1])
+        self.buffer = np.memmap(self.path, np.uint8, "r")
+        n = len(self.ids)
+        self.counts = np.ndarray((n, COUNT_COLUMNS), np.int64, self.buffer, self.layout.counts_offset)
+        self.points = np.ndarray((n, NUM_CLASSES, POINTS, 2), np.int32, self.buffer, self.layout.points_offset)
+
+    def image(self, row):
+        """uint8 (h, w, 3) view of a row's image at its working size."""
+        return _image_view(self.buffer, self.layout, row)
+
+    def mask(self, row):
+        """uint8 (h, w) view of a row's mask (255 outside the object and in the padding)."""
+        return _mask_view(self.buffer, self.layout, row)
 
     def _build(self, samples, tmp, fd):
         try:
@@ -224,11 +320,11 @@ class Preloaded:
                 free = os.statvfs(self.directory)
                 raise UserError(f"{self.directory}: preload needs {self.nbytes / 2**30:.2f} GiB, "
                                 f"{free.f_bavail * free.f_frsize / 2**30:.2f} GiB free; use --preload none, "
-                                "a smaller --img-size, or a larger /dev/shm") from None
-            images = np.memmap(tmp, np.uint8, "r+", 0, self._shape[0])
-            masks = np.memmap(tmp, np.uint8, "r+", self.nbytes // 4 * 3, self._shape[1])
-            _fill(samples, self.size, images, masks, self.copies)
-            del images, masks
+                                "a smaller --work-size, or a larger /dev/shm") from None
+            buffer = np.memmap(tmp, np.uint8, "r+")
+            _fill(samples, self.size, self.work_size, buffer, self.layout, self.copies)
+            buffer.flush()
+            del buffer
             os.rename(tmp, self.path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
@@ -238,21 +334,13 @@ class Preloaded:
         finally:
             os.close(fd)
 
-    def __len__(self):
-        return len(self.ids)
-
-    def gather(self, indices, images, masks):
-        # mode="clip" avoids numpy's extra buffer for out=; batches() has checked the bounds.
-        np.take(self.images, indices, axis=0, out=images, mode="clip")
-        np.take(self.masks, indices, axis=0, out=masks, mode="clip")
-
     def close(self):
         """Unregisters this process; the last user on the node removes the shared file. Idempotent."""
         if self._closed or os.getpid() != self._owner:
             return
         self._closed = True
         atexit.unregister(self.close)
-        self.images = self.masks = None
+        self.buffer = self.counts = self.points = None
         with _Lock(self.directory):
             _registered[self.path] -= 1
             if _registered[self.path] > 0:
@@ -261,15 +349,9 @@ class Preloaded:
             (self.files["users"] / _me()).unlink(missing_ok=True)
             _reclaim(self.directory, None)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _cache_key(samples, size, offline_aug):
-    digest = hashlib.sha256(f"v1 {size} {bool(offline_aug)}".encode())
+def _cache_key(samples, size, work_size, offline_aug):
+    digest = hashlib.sha256(f"v2 {size} {work_size} {bool(offline_aug)}".encode())
     for sample in samples:
         for path in (sample.image, sample.mask):
             try:
@@ -280,64 +362,54 @@ def _cache_key(samples, size, offline_aug):
     return digest.hexdigest()[:20]
 
 
-class _Lazy:
-    """Sequence of images or masks decoded and resized from disk on access (the --preload none path)."""
+class OnDisk(_Rows):
+    """Same interface as Preloaded, but every access decodes and resizes from disk (slow, no RAM cost); the
+    per-row class statistics are worked out once, on first use, from the masks alone."""
 
-    def __init__(self, owner, part):
-        self.owner, self.part = owner, part
-
-    def __len__(self):
-        return len(self.owner.ids)
-
-    def __getitem__(self, row):
-        return self.owner.row(row)[self.part]
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
-class OnDisk:
-    """Same interface as Preloaded, but every access decodes and resizes from disk (slow, no RAM cost)."""
-
-    def __init__(self, samples, size, offline_aug=False):
-        self.samples, self.size = samples, size
+    def __init__(self, samples, size, work_size=0, offline_aug=False):
+        self.samples, self.size, self.work_size = samples, size, work_size
         self.copies = len(OFFLINE_COPIES) if offline_aug else 1
         self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.images, self.masks = _Lazy(self, 0), _Lazy(self, 1)
-        self._pool = None
+        self.shapes = row_layout(samples, size, work_size, self.copies).shapes
+        self._stats = None
 
-    def __len__(self):
-        return len(self.ids)
-
-    def row(self, row):
-        image, mask = load_resized(self.samples[row // self.copies], self.size)
+    def _row(self, row):
+        image, mask = load_working(self.samples[row // self.copies], self.size, self.work_size)
         augment = OFFLINE_COPIES[row % self.copies]
         return np.ascontiguousarray(augment(image)), np.ascontiguousarray(augment(mask))
 
-    def gather(self, indices, images, masks):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(cores())
-        for j, (image, mask) in enumerate(self._pool.map(self.row, indices.tolist())):
-            images[j], masks[j] = image, mask
+    def image(self, row):
+        return self._row(row)[0]
+
+    def mask(self, row):
+        return self._row(row)[1]
+
+    def _statistics(self):
+        if self._stats is None:
+            stats = [row_stats(self.mask(row)) for row in range(len(self.ids))]
+            self._stats = (np.array([c for c, _ in stats]).reshape(-1, COUNT_COLUMNS),
+                           np.array([p for _, p in stats]).reshape(-1, NUM_CLASSES, POINTS, 2))
+        return self._stats
+
+    @property
+    def counts(self):
+        return self._statistics()[0]
+
+    @property
+    def points(self):
+        return self._statistics()[1]
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        pass
 
 
-def preload(samples, size, local_rank=0, local_world=1, offline_aug=False, mode="shm", timeout=3600.0):
-    """Samples resized to size x size: mode "shm" builds/maps the node-shared array (Preloaded), "disk"
-    reads on access (OnDisk). offline_aug adds hflip, vflip and rot90 copies: pass it for training
-    samples only, after the split. Local rank 0 builds; other local ranks wait up to timeout seconds."""
+def preload(samples, size, local_rank=0, local_world=1, offline_aug=False, mode="shm", timeout=3600.0, work_size=0):
+    """Samples at their working scale (work_size 0: squashed to size x size; else long side work_size, padded to
+    at least size): mode "shm" builds/maps the node-shared file (Preloaded), "disk" reads on access (OnDisk).
+    offline_aug adds hflip, vflip and rot90 copies: pass it for training samples only, after the split. Local
+    rank 0 builds; other local ranks wait up to timeout seconds."""
     if mode == "disk" or not samples:
-        return OnDisk(samples, size, offline_aug)
+        return OnDisk(samples, size, work_size, offline_aug)
     if mode != "shm":
         raise ValueError(f"preload mode {mode!r}: use 'shm' or 'disk'")
-    return Preloaded(samples, size, local_rank, local_world, offline_aug, timeout)
+    return Preloaded(samples, size, work_size, local_rank, local_world, offline_aug, timeout)

@@ -25,7 +25,7 @@ from labels import (BACKGROUND_COLOUR, CLASS_NAMES, COARSE_NAMES, IGNORE_INDEX, 
                     colour_table, run_cli)
 from metrics import iou_report
 from predict import write_mask
-from tiles import predict_image
+from tiles import predict_at_scale
 
 try:
     import matplotlib
@@ -213,7 +213,7 @@ def predict_panels(checkpoint_path, out, count, seed):
     for sample in panel_samples(config, count, seed):
         image = read_image(sample.image)
         image, truth = _shrink(image, read_mask(sample.mask, image.shape[:2]))
-        pred = predict_image(model, image, tile=config.get("img_size", 384), device=device)
+        pred = predict_at_scale(model, image, config.get("img_size", 384), config.get("work_size", 0), device=device)
         pred[truth == IGNORE_INDEX] = IGNORE_INDEX
         write_mask(out / "samples" / f"{sample.id}_truth.png", np.ascontiguousarray(truth))
         write_mask(out / "samples" / f"{sample.id}_prediction.png", pred)

@@ -6,14 +6,18 @@ zero at its edges, summed, and divided by the summed weights, so seams from tile
 pixel (image borders included) has a prediction. Tiles are taken one row of tiles at a time and the running
 sums keep only the rows that a later tile row can still reach (``C x tile x width`` floats), so memory stays
 bounded for images of 100+ megapixels; finished rows are turned into class ids at once. One function serves
-evaluation (train.py --full-res) and predict.py.
+evaluation and predict.py, at the working scale the model trained at (predict_at_scale).
 """
 import numpy as np
 import torch
 
 from data import normalize
+from files import resize_image, resize_labels, scaled_shape
 from labels import COARSE_OF_FINE
 from model import autocast
+
+# Share of a tile its neighbours overlap: 25 % costs ~1.8x the tiles of none and hides tile borders.
+OVERLAP = 0.25
 
 def tile_starts(size, tile, overlap):
     """Start offsets of tiles covering ``size`` (>= tile); the last tile is flush with the far border."""
@@ -131,7 +135,7 @@ def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precisio
         model.train(was_training)
 
 
-def predict_image(model, image, tile, overlap=0.25, batch_size=8, tta=False, device=None, precision="fp32",
+def predict_image(model, image, tile, overlap=OVERLAP, batch_size=8, tta=False, device=None, precision="fp32",
                   progress=None, consistency=False):
     """Class ids (uint8 H x W) for a uint8 H x W x 3 image of any size; others as below.
 
@@ -147,3 +151,14 @@ def predict_image(model, image, tile, overlap=0.25, batch_size=8, tta=False, dev
                                        progress, consistency):
         labels[row0:row0 + sums.shape[1]] = sums.max(0).indices.to(torch.uint8).cpu().numpy()
     return labels
+
+
+def predict_at_scale(model, image, tile, work_size, **options):
+    """Class ids (uint8 H x W) of an image of any size, predicted at the scale the model was trained at: the
+    image is resized to its working size (files.scaled_shape: long side work_size; 0 squashes it to
+    tile x tile, the earlier prototype's mode), tiled there by predict_image (options as there), and the label
+    map resized back to H x W (nearest)."""
+    height, width = image.shape[:2]
+    scaled_h, scaled_w = scaled_shape(height, width, tile, work_size)
+    labels = predict_image(model, resize_image(image, scaled_h, scaled_w), tile, **options)
+    return resize_labels(labels, height, width)

@@ -142,18 +142,22 @@ def epoch_order(cfg, epoch, n):
     return order, torch.randint(0, 2, (n, 3), generator=generator).bool()
 
 
-def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption, skips):
+def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption, run_state):
     """Steps step0.. of one epoch; returns its loss sum (device tensor), the steps done, skipped steps and
     whether a pre-emption stopped it early. Non-finite losses raise at the logging points; with
-    --skip-nonfinite, more than --max-skipped consecutive skips (counted in skips across epochs) raise."""
+    --skip-nonfinite, more than --max-skipped consecutive skipped steps (counted in run_state across epochs)
+    raise."""
     steps_per_epoch = len(pre) // cfg["batch_size"]
     per_rank, micro_batch = cfg["per_rank_batch"], cfg["micro_batch"]
     order, flips = epoch_order(cfg, epoch, len(pre))
+    corners = data.epoch_crops(pre, cfg["img_size"], cfg["seed"], epoch, cfg["rare_crops"],
+                               run_state["class_weights"])
     mine = order[rank::world][step0 * per_rank: steps_per_epoch * per_rank]
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
     skipped, step, micro, start = 0, step0, [], time.time()
-    for i, (images, masks) in enumerate(data.batches(pre, mine, micro_batch, pin=device.type == "cuda")):
+    for i, (images, masks) in enumerate(data.batches(pre, mine, micro_batch, corners[mine.numpy()],
+                                                     pin=device.type == "cuda")):
         micro.append(data.to_device_batch(images, masks, device, flips[mine[i * micro_batch:(i + 1) * micro_batch]],
                                           channels_last=cfg["channels_last"]))
         if len(micro) < cfg["accum_steps"]:
@@ -164,13 +168,13 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
         if cfg["skip_nonfinite"]:
             # train_step skipped on the loss summed over ranks; every rank must count the same skips.
             finite = torch.isfinite(all_reduce(loss.clone()))
-            skips["consecutive"] = 0 if finite else skips["consecutive"] + 1
+            run_state["consecutive"] = 0 if finite else run_state["consecutive"] + 1
             if not finite:
                 skipped += 1
                 log(rank, f"  skipped a non-finite loss at epoch {epoch + 1} step {step + 1}")
-            if skips["consecutive"] > cfg["max_skipped"]:
-                raise UserError(f"--skip-nonfinite: {skips['consecutive']} consecutive steps had a non-finite loss "
-                                f"(epoch {epoch + 1} step {step + 1}, --max-skipped {cfg['max_skipped']}); "
+            if run_state["consecutive"] > cfg["max_skipped"]:
+                raise UserError(f"--skip-nonfinite: {run_state['consecutive']} consecutive steps had a non-finite "
+                                f"loss (epoch {epoch + 1} step {step + 1}, --max-skipped {cfg['max_skipped']}); "
                                 "lower --lr or use --precision fp32")
         first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
         loss_sum += torch.where(finite, loss, 0.0)
@@ -198,7 +202,7 @@ def check_finite(first_bad, epoch, cfg):
                         "--precision fp32, or pass --skip-nonfinite")
 
 
-def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, device, preemption, skips):
+def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, device, preemption, run_state):
     """Trains one epoch and scores the inner validation part; returns its record (with its val confusion
     matrices under "_cms"), or None after writing last.pt when a pre-emption stopped it."""
     steps_per_epoch = len(split["train"].pre) // cfg["batch_size"]
@@ -206,7 +210,7 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()
     loss_sum, step, skipped, preempted = train_one_epoch(parts, split["train"].pre, epoch, step0, carried, cfg,
-                                                         rank, world, device, preemption, skips)
+                                                         rank, world, device, preemption, run_state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.time() - start
@@ -274,7 +278,9 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     n_train = len(split["train"].pre)
     if n_train < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {n_train} training images; lower it")
-    class_weights = resolve_class_weights(cfg["class_weights"], split["train"].pre.masks, cfg["max_ratio"],
+    # The preload counted every row's class pixels (at the working scale) while building.
+    counts = split["train"].pre.counts[:, :NUM_CLASSES].sum(0)
+    class_weights = resolve_class_weights(cfg["class_weights"], counts, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
     parts = build_training(cfg, world, local_rank, device, n_train // cfg["batch_size"], class_weights,
                            cfg["pretrained"], cfg["weights"])
@@ -283,12 +289,13 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
               f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), lr {cfg['lr']:.3g}, "
               f"{cfg['precision']}, {n_train // cfg['batch_size']} steps/epoch, select {cfg['select']}")
-    preemption, skips, run_start = Preemption(), {"consecutive": 0}, time.time()
+    # Run state the epochs share: consecutive skipped steps, and the weights that pick rare-damage crops.
+    preemption, run_state, run_start = Preemption(), {"consecutive": 0, "class_weights": class_weights}, time.time()
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             record = fit_epoch(parts, split, epoch, start_step if epoch == start_epoch else 0,
                                carried if epoch == start_epoch else 0.0, best, cfg, rank, world, device, preemption,
-                               skips)
+                               run_state)
             if record is None:
                 return None
             last = epoch + 1 == cfg["epochs"]

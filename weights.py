@@ -145,11 +145,10 @@ def load_weights(path, num_classes=NUM_CLASSES):
     return weights
 
 
-def resolve_class_weights(spec, masks, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
-    """Weights for ``--class-weights``: a method name (computed from ``masks``, and written as JSON to
-    ``save_to`` when given) or a JSON file path."""
+def resolve_class_weights(spec, counts, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
+    """Weights for ``--class-weights``: a method name (computed from the class pixel ``counts``, see
+    count_pixels, and written as JSON to ``save_to`` when given) or a JSON file path."""
     if spec in METHODS:
-        counts = count_pixels(masks)
         weights = compute_weights(counts, spec, max_ratio)
         if save_to is not None:
             save_weights(save_to, spec, counts, weights, max_ratio)

@@ -166,7 +166,7 @@ def test_json_round_trip(tmp_path):
     record = json.loads(path.read_text())
     assert record["method"] == "median_frequency" and record["max_ratio"] == 36.0
     assert record["classes"] == CLASS_NAMES and record["counts"] == ARTEFACT_COUNTS.tolist()
-    np.testing.assert_array_equal(resolve_class_weights(str(path), masks=None), weights)
+    np.testing.assert_array_equal(resolve_class_weights(str(path), counts=None), weights)
 
 
 def test_load_weights_names_the_file_when_it_is_unusable(tmp_path):
@@ -184,7 +184,7 @@ def test_load_weights_names_the_file_when_it_is_unusable(tmp_path):
 
 def test_class_weights_flag_takes_a_method_or_a_file():
     masks = random_masks()
-    np.testing.assert_array_equal(resolve_class_weights("inverse", np.stack(masks)),
+    np.testing.assert_array_equal(resolve_class_weights("inverse", count_pixels(np.stack(masks))),
                                   compute_weights(brute_force_counts(masks), "inverse"))
     with pytest.raises(UserError, match="--class-weights"):
         resolve_class_weights("balanced", masks)
