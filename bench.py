@@ -108,7 +108,8 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     cfg["data"] = "synthetic"
     train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
-    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (steps + warmup) + 1,
+    rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
+    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (rounds * steps + warmup) + 1,
                            np.ones(NUM_CLASSES))
     generator = torch.Generator().manual_seed(cfg["seed"])
     flips = torch.randint(0, 2, (len(train_pre), 3), generator=generator).bool()
@@ -118,7 +119,7 @@ def bench(cfg, rank, world, local_rank, local_world, device):
              for images, masks in data.batches(train_pre, index, cfg["micro_batch"], pin=device.type == "cuda")]
     model, x = parts.raw_model, micro[0][0]
     ref_name, ref_model, ref_step, ref_reason = _reference(cfg, parts, device, world) if cfg["reference"] else (None,) * 4
-    rounds = max(1, cfg["bench_rounds"]) if ref_model is not None else 1
+    rounds = rounds if ref_model is not None else 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
