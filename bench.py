@@ -2,12 +2,14 @@
 
     python bench.py --encoder mit_b3 --img-size 384 --bench-steps 50      # one row; bash bench.sh runs the table
     python bench.py --loader --img-size 384                                 # loader img/s and shared-memory PSS
+    python bench.py --encoder convnext_tiny --img-size 64 --reference       # + smp's Unet, timed interleaved
 
 Takes train.py's flags, so a row measures exactly what training would run.
 """
 import json
 import multiprocessing
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +25,14 @@ from labels import NUM_CLASSES
 from preload import OnDisk, cores, preload
 from model import autocast
 from config import build_parser
-from train import build_training, peak_memory_mb, run_main, train_step
+from train import build_training, make_criterion, peak_memory_mb, run_main, train_step
+
+# Our encoder names -> segmentation_models_pytorch encoder names of the same network ("tu-" = timm inside
+# smp); other timm models are tried as "tu-NAME". Encoders that smp cannot build get the reference "n/a".
+SMP_ENCODERS = {"convnext_tiny": "tu-convnext_tiny", **{f"mit_b{i}": f"mit_b{i}" for i in range(6)},
+                "maxvit_tiny": "tu-maxvit_tiny_tf_384", "swin_tiny": "tu-swin_tiny_patch4_window7_224",
+                "coatnet_0": "tu-coatnet_0_rw_224"}
+SMP_DECODERS = {"unet": "Unet", "upernet": "UPerNet"}
 
 
 def _sync(device):
@@ -54,13 +63,53 @@ def _loader_img_s(pre, flips, cfg, device, generator):
     return loaded / (time.perf_counter() - start)
 
 
+def _reference(cfg, parts, device, world):
+    """(smp encoder name, model, train step, reason): segmentation_models_pytorch's model of the same encoder
+    and decoder, trained with our AdamW settings and our loss module; model None with the reason when there is
+    no equivalent. smp is imported here only (a test-only dependency, never used by training)."""
+    import segmentation_models_pytorch as smp
+    name = SMP_ENCODERS.get(cfg["encoder"], "tu-" + cfg["encoder"])
+    if cfg["heads"] != "fine" or cfg["decoder"] not in SMP_DECODERS or world > 1:
+        return name, None, None, "smp has no equivalent of --heads/--decoder/multi-rank here"
+    try:
+        kwargs = {"img_size": cfg["img_size"]} if name.startswith("tu-") else {}
+        try:
+            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=NUM_CLASSES,
+                                                                 **kwargs)
+        except TypeError:  # a timm CNN without img_size
+            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=NUM_CLASSES)
+        model = model.to(device)
+        if cfg["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    except Exception as err:  # smp lacks this encoder or cannot build it at this size
+        return name, None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    defaults = parts.optimizer.defaults
+    optimizer = torch.optim.AdamW(model.parameters(), lr=defaults["lr"], weight_decay=defaults["weight_decay"],
+                                  fused=defaults["fused"])
+    criterion = make_criterion(cfg, np.ones(NUM_CLASSES), device)
+
+    def step(micro):
+        model.train()
+        for x, y in micro:
+            with autocast(cfg["precision"], device):
+                outputs = model(x)
+            criterion(outputs, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return name, model, step, None
+
+
 def bench(cfg, rank, world, local_rank, local_world, device):
-    """Times the real train_step and inference after warm-up; one JSON line with throughput, memory, FLOPs, MFU."""
+    """Times the real train_step and inference after warm-up; one JSON line with throughput, memory, FLOPs, MFU.
+
+    With --reference, segmentation_models_pytorch's model of the same encoder is timed in the same process,
+    alternating with ours for --bench-rounds rounds; img/s are then medians over the rounds, for both."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg["data"] = "synthetic"
     train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
-    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (steps + warmup) + 1,
+    rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
+    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (rounds * steps + warmup) + 1,
                            np.ones(NUM_CLASSES))
     generator = torch.Generator().manual_seed(cfg["seed"])
     flips = torch.randint(0, 2, (len(train_pre), 3), generator=generator).bool()
@@ -68,19 +117,39 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     micro = [data.to_device_batch(images, masks, device, flips[index[:len(images)]],
                                   channels_last=cfg["channels_last"])
              for images, masks in data.batches(train_pre, index, cfg["micro_batch"], pin=device.type == "cuda")]
+    model, x = parts.raw_model, micro[0][0]
+    ref_name, ref_model, ref_step, ref_reason = _reference(cfg, parts, device, world) if cfg["reference"] else (None,) * 4
+    rounds = rounds if ref_model is not None else 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_s = _timed(lambda: train_step(parts, micro, cfg, device), steps, warmup, device)
-    peak = peak_memory_mb(device)
-    model, x = parts.raw_model.eval(), micro[0][0]
-    with torch.no_grad():
+
+    def infer_of(net):
         def infer():
-            with autocast(cfg["precision"], device):
-                model(x)
-        infer_s = _timed(infer, steps, warmup, device)
+            with torch.no_grad(), autocast(cfg["precision"], device):
+                net(x)
+        return infer
+
+    def train_ours():
+        model.train()
+        train_step(parts, micro, cfg, device)
+    times = {"train": [], "infer": [], "ref_train": [], "ref_infer": []}
+    peak = None
+    for r in range(rounds):
+        # Ours, then the reference: the same warm-up in round 0, the same steps in every round.
+        times["train"].append(_timed(train_ours, steps, warmup if r == 0 else 0, device))
+        peak = peak if peak is not None else peak_memory_mb(device)
+        if ref_model is not None:
+            times["ref_train"].append(_timed(lambda: ref_step(micro), steps, warmup if r == 0 else 0, device))
+        model.eval()
+        times["infer"].append(_timed(infer_of(model), steps, warmup if r == 0 else 0, device))
+        if ref_model is not None:
+            ref_model.eval()
+            times["ref_infer"].append(_timed(infer_of(ref_model), steps, warmup if r == 0 else 0, device))
+    with torch.no_grad():
         flops = FlopCounterMode(display=False)
         with flops:
             model(x[:1])
+    train_s, infer_s = statistics.median(times["train"]), statistics.median(times["infer"])
     train_img_s = steps * cfg["batch_size"] / train_s
     gflops = flops.get_total_flops() / 1e9
     peak_tflops = cfg["peak_tflops"] or _peak_tflops(device, cfg["precision"])
@@ -92,7 +161,20 @@ def bench(cfg, rank, world, local_rank, local_world, device):
               "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, flips, cfg, device, generator),
               # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
               "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "fused_adamw": bool(parts.optimizer.defaults.get("fused")),
+              "rounds": rounds}
+    if cfg["reference"]:
+        result["ref_encoder"] = ref_name
+        if ref_model is None:
+            result.update(ref_train_img_s=None, ref_infer_img_s=None, train_x_ref=None, infer_x_ref=None,
+                          ref_note=f"n/a: {ref_reason}")
+        else:
+            ref_train = steps * cfg["batch_size"] / statistics.median(times["ref_train"])
+            ref_infer = steps * len(x) * world / statistics.median(times["ref_infer"])
+            result.update(ref_train_img_s=ref_train, ref_infer_img_s=ref_infer,
+                          ref_params_m=sum(p.numel() for p in ref_model.parameters()) / 1e6,
+                          train_x_ref=train_img_s / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
     if rank == 0:
         print(json.dumps(result), flush=True)
         if cfg["bench_out"]:
@@ -222,6 +304,11 @@ def main(argv=None):
     group.add_argument("--bench-steps", type=int, default=20, help="timed training steps after the warm-up")
     group.add_argument("--bench-out", default=None, help="append the JSON result line to this file")
     group.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: detected)")
+    group.add_argument("--reference", action="store_true",
+                       help="also time segmentation_models_pytorch's Unet/UPerNet of the same encoder (same size, "
+                            "batch, precision, AdamW, loss), alternating with ours; needs segmentation-models-pytorch")
+    group.add_argument("--bench-rounds", type=int, default=3,
+                       help="with --reference: alternating ours/reference rounds; img/s are their medians")
     group.add_argument("--loader", action="store_true",
                        help="instead: loader img/s (preloaded vs PNG decoding) and shared-memory PSS at --img-size")
     group.add_argument("--loader-count", type=int, default=64, help="generated images for --loader")
