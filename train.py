@@ -372,9 +372,9 @@ def use_threads(args):
 
 def setup(args):
     """(cfg, rank, world, local_rank, local_world, device) with the process group up and --batch-size resolved."""
-    threads = use_threads(args)
     rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout)
     cfg = resolve_config(args, world, device)
+    threads = use_threads(args)
     if args.batch_size == "auto" and device.type == "cuda":
         found = torch.tensor(find_batch_size(cfg, world, device), device=device)
         args.batch_size = str(int(all_reduce(found, dist.ReduceOp.MIN)))

@@ -86,3 +86,20 @@ def test_threads_below_one_is_one_error_line():
 def _cpu():
     import torch
     return torch.device("cpu")
+
+
+def test_setup_applies_threads_records_them_and_prints_the_lr_line_on_rank_0(capsys, monkeypatch):
+    import torch
+    import train
+    for name in ("RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    try:
+        cfg = train.setup(config.parse_args(["--encoder", "mit_b0", "--img-size", "64", "--batch-size", "8",
+                                             "--lr", "100", "--threads", "1"]))[0]
+        assert cfg["threads"] == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr()
+    assert "lr 8.3e+00 = --lr 100 x batch 8 / 96\n" in out.out
+    assert out.err.startswith("warning: scaled lr 8.3e+00 is above 0.1:")
