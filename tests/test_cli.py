@@ -1,5 +1,6 @@
 """The command lines as users meet them: --help fast and complete, the LR explained, --threads recorded."""
 import re
+import shutil
 import subprocess
 import sys
 
@@ -103,3 +104,14 @@ def test_setup_applies_threads_records_them_and_prints_the_lr_line_on_rank_0(cap
     out = capsys.readouterr()
     assert "lr 8.3e+00 = --lr 100 x batch 8 / 96\n" in out.out
     assert out.err.startswith("warning: scaled lr 8.3e+00 is above 0.1:")
+
+
+def test_make_demo_runs_the_readme_command_and_ci_runs_make_test():
+    if not shutil.which("make"):
+        pytest.skip("no make here")
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith(".venv/bin/torchrun "))
+    planned = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert planned.returncode == 0, planned.stderr
+    assert command in " ".join(planned.stdout.replace("\\\n", " ").split())
+    assert "make test VENV=.venv-ci" in (ROOT / ".ci" / "run").read_text() and "make test" in readme
