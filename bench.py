@@ -15,6 +15,35 @@ import tempfile
 import time
 from pathlib import Path
 
+from config import build_parser
+
+
+def build_bench_parser():
+    """train.py's flags plus the benchmark's own group."""
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0]
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--bench-steps", type=int, default=20, help="timed training steps after the warm-up")
+    group.add_argument("--bench-out", default=None, help="append the JSON result line to this file (default: "
+                       "print only)")
+    group.add_argument("--peak-tflops", type=float, default=None, help="device peak (TFLOP/s) for MFU (default: "
+                       "detected)")
+    group.add_argument("--reference", action="store_true",
+                       help="also time segmentation_models_pytorch's Unet/UPerNet of the same encoder (same size, "
+                            "batch, precision, AdamW, loss), alternating with ours; needs segmentation-models-pytorch")
+    group.add_argument("--bench-rounds", type=int, default=3,
+                       help="with --reference: alternating ours/reference rounds; img/s are their medians")
+    group.add_argument("--loader", action="store_true",
+                       help="instead: loader img/s (preloaded vs PNG decoding) and shared-memory PSS at --img-size")
+    group.add_argument("--loader-count", type=int, default=64, help="generated images for --loader")
+    group.add_argument("--loader-source-size", type=int, default=1024, help="side of the generated PNGs (px)")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag mistakes answer before torch loads (seconds on a cold node); main() parses again.
+    build_bench_parser().parse_args()
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,7 +53,6 @@ from files import list_samples
 from labels import NUM_CLASSES
 from preload import OnDisk, cores, preload
 from model import autocast
-from config import build_parser
 from train import build_training, make_criterion, peak_memory_mb, run_main, train_step
 
 # Our encoder names -> segmentation_models_pytorch encoder names of the same network ("tu-" = timm inside
@@ -299,21 +327,7 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
 
 
 def main(argv=None):
-    parser = build_parser()
-    group = parser.add_argument_group("benchmark")
-    group.add_argument("--bench-steps", type=int, default=20, help="timed training steps after the warm-up")
-    group.add_argument("--bench-out", default=None, help="append the JSON result line to this file")
-    group.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: detected)")
-    group.add_argument("--reference", action="store_true",
-                       help="also time segmentation_models_pytorch's Unet/UPerNet of the same encoder (same size, "
-                            "batch, precision, AdamW, loss), alternating with ours; needs segmentation-models-pytorch")
-    group.add_argument("--bench-rounds", type=int, default=3,
-                       help="with --reference: alternating ours/reference rounds; img/s are their medians")
-    group.add_argument("--loader", action="store_true",
-                       help="instead: loader img/s (preloaded vs PNG decoding) and shared-memory PSS at --img-size")
-    group.add_argument("--loader-count", type=int, default=64, help="generated images for --loader")
-    group.add_argument("--loader-source-size", type=int, default=1024, help="side of the generated PNGs")
-    args = parser.parse_args(argv)
+    args = build_bench_parser().parse_args(argv)
     if args.loader:
         print(json.dumps(bench_loader(args.img_size, args.loader_count, args.loader_source_size,
                                       int(args.batch_size or 32), args.data)))

@@ -4,75 +4,113 @@ import argparse
 import math
 from pathlib import Path
 
-import torch
-
-from labels import NUM_CLASSES, UserError
-from model import ENCODERS, check_img_size, default_batch
+from encoders import ENCODERS
+from labels import NUM_CLASSES, HelpFormatter, UserError
 from weights import METHODS
 
+# torch and timm are imported inside the functions that need them: `--help` and flag mistakes answer in a
+# fraction of a second instead of waiting seconds for them.
 BASE_BATCH = 96
+# Scaled LRs outside this range rarely train: below, the weights barely move; above, AdamW diverges.
+LR_SANE = (1e-5, 1e-1)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
-    p.add_argument("--decoder", default="unet", choices=["unet", "upernet"])
-    p.add_argument("--heads", default="fine", choices=["fine", "hierarchical"])
-    p.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights")
-    p.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
-    p.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default; "
-                   "--eval-only defaults to the checkpoint's)")
-    p.add_argument("--synthetic-count", type=int, default=64)
-    p.add_argument("--synthetic-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=384, help="side of the square training crops and of the "
-                   "evaluation/prediction tiles (px)")
-    p.add_argument("--work-size", type=int, default=1024, help="long side (px) each image is resized to once, "
+    p = argparse.ArgumentParser(description="Train and evaluate a damage-segmentation model: DDP (torchrun or srun), "
+                                "AMP, dataset-level mIoU, k-fold splits, resume.", formatter_class=HelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default: "
+                   "synthetic; --eval-only: the checkpoint's)")
+    d.add_argument("--synthetic-count", type=int, default=64, help="images in the generated synthetic set")
+    d.add_argument("--synthetic-size", type=int, default=256, help="side of each synthetic image (px)")
+    d.add_argument("--img-size", type=int, default=384, help="side of the square training crops and of the "
+                   "evaluation/prediction tiles (px, a multiple of 32)")
+    d.add_argument("--work-size", type=int, default=1024, help="long side (px) each image is resized to once, "
                    "keeping its aspect ratio; training crops and tiled evaluation work at this scale; 0 squashes "
                    "each whole image to --img-size instead (the earlier prototype's mode)")
-    p.add_argument("--rare-crops", type=float, default=0.5, help="share of training crops centred on a pixel of a "
-                   "damage class in the image (rarer classes more often)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", default=None, help="global batch (default per encoder) or 'auto'")
-    p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch per forward; accumulates the rest")
-    p.add_argument("--lr", type=float, default=1e-3, help="base LR at global batch 96; scaled by batch/96")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--pct-start", type=float, default=0.3)
-    p.add_argument("--loss", default="dicefocal", choices=["dicefocal", "dice", "focal", "ce"])
-    p.add_argument("--class-weights", default="inverse_sqrt_log_scaled", help=f"{'|'.join(METHODS)} or a JSON file")
-    p.add_argument("--max-ratio", type=float, default=36.0)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--clip", type=float, default=None, help="gradient clipping max-norm (off by default)")
-    p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--split", default="kfold", choices=["single", "kfold", "material", "content"])
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--select", default="inner", choices=["inner", "last"],
+    d.add_argument("--rare-crops", type=float, default=0.5, help="share (0-1) of training crops centred on a pixel "
+                   "of a damage class in the image (rarer classes more often)")
+    d.add_argument("--split", default="kfold", choices=["single", "kfold", "material", "content"],
+                   help="how images are split (by source image; material/content leave one group out)")
+    d.add_argument("--fold", type=int, default=0, help="which fold (or left-out group) is the test set")
+    d.add_argument("--folds", type=int, default=3, help="number of folds for --split kfold")
+    d.add_argument("--inner-frac", type=float, default=0.15, help="share (0-1) of a fold's training images held "
+                   "out to select the checkpoint")
+    d.add_argument("--splits", default=None, help="split manifest JSON to use or create (default: "
+                   "<run-dir parent>/splits/<dataset>-...json, shared by the folds)")
+    d.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of the training images")
+    d.add_argument("--preload", default="all", choices=["all", "val", "none"],
+                   help="which splits are decoded once into shared memory per node (none: decode every batch)")
+    m = p.add_argument_group("model")
+    m.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
+    m.add_argument("--decoder", default="unet", choices=["unet", "upernet"], help="decoder over the encoder's maps")
+    m.add_argument("--heads", default="fine", choices=["fine", "hierarchical"],
+                   help="one 16-class head, or binary + coarse + fine heads")
+    m.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights (hierarchical)")
+    m.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
+    m.add_argument("--pretrained", action="store_true", help="ImageNet encoder weights from the Hugging Face hub")
+    m.add_argument("--weights", default=None, help="local encoder weights file (default: none; random or "
+                   "--pretrained)")
+    m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
+    m.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors instead of channels_last")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=50, help="passes over the training images (epochs)")
+    o.add_argument("--batch-size", default=None, help="global batch over all ranks (images) or 'auto' (largest that "
+                   "fits the GPU) (default: per encoder, e.g. mit_b3 32, convnext_tiny 96)")
+    o.add_argument("--micro-batch", type=int, default=None, help="images per rank per forward; gradients of the "
+                   "rest are accumulated (default: the whole per-rank batch)")
+    o.add_argument("--lr", type=float, default=1e-3, help=f"base peak LR at global batch {BASE_BATCH}; the run "
+                   f"uses lr x batch / {BASE_BATCH}")
+    o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    o.add_argument("--pct-start", type=float, default=0.3, help="share (0-1) of the steps spent warming up "
+                   "(OneCycle)")
+    o.add_argument("--loss", default="dicefocal", choices=["dicefocal", "dice", "focal", "ce"], help="loss function")
+    o.add_argument("--class-weights", default="inverse_sqrt_log_scaled", help=f"{'|'.join(METHODS)} or a JSON "
+                   "file from weights.py")
+    o.add_argument("--max-ratio", type=float, default=36.0, help="cap on the largest/smallest class weight "
+                   "(inf: no cap)")
+    o.add_argument("--clip", type=float, default=None, help="gradient clipping max-norm (default: no clipping)")
+    o.add_argument("--seed", type=int, default=42, help="seed of the splits, crops and initialisation")
+    o.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss (syncs)")
+    o.add_argument("--max-skipped", type=int, default=20,
+                   help="with --skip-nonfinite: stop after this many consecutive skipped steps")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--select", default="inner", choices=["inner", "last"],
                    help="checkpoint scored on the test fold: best epoch on an inner validation split carved from the "
                         "training images, or the last epoch (a fixed schedule; no inner split)")
-    p.add_argument("--inner-frac", type=float, default=0.15, help="share of a fold's training images held out to "
-                   "select the checkpoint")
-    p.add_argument("--splits", default=None, help="split manifest JSON to use or create (default: "
-                   "<run-dir parent>/splits/<dataset>-...json, shared by the folds)")
-    p.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of training images")
-    p.add_argument("--preload", default="all", choices=["all", "val", "none"])
-    p.add_argument("--run-dir", default=None, help="default runs/<encoder>-<decoder>-<split><fold>")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only or --resume")
-    p.add_argument("--eval-only", action="store_true")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+    e.add_argument("--eval-only", action="store_true", help="score --checkpoint on a split, no training")
+    e.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only or --resume (default: "
+                   "RUN_DIR/last.pt with --resume; --eval-only needs it)")
+    e.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="with --eval-only: the fold's test part, or its inner validation part")
-    p.add_argument("--full-res", action="store_true", help="evaluate tiled at the images' own resolution")
-    p.add_argument("--pretrained", action="store_true", help="ImageNet encoder weights from the hub")
-    p.add_argument("--weights", default=None, help="local encoder weights file")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
-    p.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
-    p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss (syncs)")
-    p.add_argument("--max-skipped", type=int, default=20,
-                   help="with --skip-nonfinite: stop after this many consecutive skipped steps")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
-    p.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="mean ± std over finished folds")
+    e.add_argument("--full-res", action="store_true", help="with --eval-only: tiled at the images' own resolution")
+    e.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="print mean ± std of the test "
+                   "metrics over finished folds and exit (default: off)")
+    t = p.add_argument_group("distributed")
+    t.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads per process for torch (default: "
+                   "OMP_NUM_THREADS if set, else torch's choice; with several ranks on one CPU node, cores / ranks)")
+    r = p.add_argument_group("output")
+    r.add_argument("--run-dir", default=None, help="folder for config, logs, metrics and checkpoints (default: "
+                   "runs/<encoder>-<decoder>-<split><fold>)")
+    r.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    r.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    r.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
     return p
+
+
+def lr_line(cfg):
+    """(how the run's LR follows from the flags, a warning when it is outside LR_SANE or None)."""
+    line = f"lr {cfg['lr']:.1e} = --lr {cfg['base_lr']:g} x batch {cfg['batch_size']} / {BASE_BATCH}"
+    low, high = LR_SANE
+    if cfg["lr"] < low:
+        return line, f"warning: scaled lr {cfg['lr']:.1e} is below {low:g}: training will barely move; raise --lr"
+    if cfg["lr"] > high:
+        return line, f"warning: scaled lr {cfg['lr']:.1e} is above {high:g}: training may diverge; lower --lr"
+    return line, None
 
 
 def parse_args(argv=None):
@@ -81,6 +119,7 @@ def parse_args(argv=None):
 
 def _batch_sizes(args, world_size):
     """(global batch, per-rank batch, micro-batch) from --batch-size and --micro-batch."""
+    from model import default_batch
     if args.batch_size in (None, "auto"):
         batch = default_batch(args.encoder)
     else:
@@ -118,6 +157,7 @@ def _check_numbers(args):
               ("--synthetic-size", args.synthetic_size, args.synthetic_size >= 32, "at least 32 (px)"),
               ("--micro-batch", args.micro_batch, args.micro_batch is None or args.micro_batch >= 1, "at least 1"),
               ("--dist-timeout", args.dist_timeout, args.dist_timeout >= 1, "at least 1 (seconds)"),
+              ("--threads", args.threads, args.threads is None or args.threads >= 1, "at least 1 (threads)"),
               ("--max-skipped", args.max_skipped, args.max_skipped >= 1, "at least 1 (steps)"),
               ("--folds", args.folds, args.folds >= 2, "at least 2"),
               ("--fold", args.fold, args.fold >= 0, "0 or more"),
@@ -134,6 +174,9 @@ def _check_numbers(args):
 
 def resolve_config(args, world_size, device):
     """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
+    import torch
+    from model import check_img_size
+
     _check_numbers(args)
     cfg = vars(args).copy()
     cfg.update(data=args.data or "synthetic", data_flag=args.data)

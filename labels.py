@@ -1,9 +1,14 @@
-"""ARTeFACT's label scheme (fine, coarse and binary ids, names, colours, the ignore index) and the user error.
+"""ARTeFACT's label scheme (fine, coarse and binary ids, names, colours, the ignore index), the user error and
+the command-line helpers (one-line errors, progress lines).
 
 The bottom of the house: every other file takes its class facts from here, and this file imports nothing
 of the project.
 """
+import argparse
+import datetime
+import os
 import sys
+import time
 
 NUM_CLASSES = 16
 IGNORE_INDEX = 255
@@ -34,6 +39,16 @@ def colour_table():
     return table
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends (default: X) to every flag's help, except required ones and where the help already says what the
+    default is (defaults decided at run time: per encoder, from the checkpoint, ...)."""
+
+    def _get_help_string(self, action):
+        if action.required or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class UserError(Exception):
     """A one-line, user-fixable problem; the message names the file or flag and the fix."""
 
@@ -46,3 +61,22 @@ def run_cli(job, *args):
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def progress(what, total, every=10.0):
+    """show(done, note="") prints `what done/total note, ETA h:mm:ss` to stderr at most every `every` seconds
+    and once at done == total: plain lines (no carriage returns) that read well in a SLURM log. Only the main
+    process prints (rank 0 under torchrun or srun), so several ranks doing the same work print once."""
+    main_process = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+    start = last = time.monotonic()
+
+    def show(done, note=""):
+        nonlocal last
+        now = time.monotonic()
+        if not main_process or (done < total and now - last < every):
+            return
+        last = now
+        eta = (now - start) / done * (total - done) if done else 0
+        print(f"{what} {done}/{total}{note}, ETA {datetime.timedelta(seconds=int(eta))}", file=sys.stderr,
+              flush=True)
+    return show

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from files import atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
+from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, progress, run_cli
 
 HF_DATASET = "danielaivanova/damaged-media"
 
@@ -114,7 +114,8 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
         if not {"id", "image", "annotation"} <= names:
             raise UserError(f"{file}: columns {sorted(names)} lack id/image/annotation; is it {HF_DATASET}?")
         columns = ["id", "image", "annotation"] + [c for c in ("material", "content") if c in names]
-        before = len(rows)
+        before, written = len(rows), 0
+        show = progress(f"{file.name}: rows", shard.metadata.num_rows)
         for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
             for record in batch.to_pylist():
                 where = f"{file} row {len(rows) - before + 1}"
@@ -122,6 +123,8 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
                     raise UserError(f"{where}: id {record['id']} appears twice; pass each shard once")
                 seen.add(str(record["id"]))
                 rows.append(_prepare_row(where, record, out))
+                written += sum((out / sub / f"{rows[-1][0]}.png").stat().st_size for sub in ("images", "annotations"))
+                show(len(rows) - before, f", {written / 2**20:.1f} MB written")
         print(f"{file.name}: {len(rows) - before} images", flush=True)
     atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
     return out

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from files import write_metadata
-from labels import IGNORE_INDEX, UserError
+from labels import IGNORE_INDEX, UserError, progress
 
 SYNTHETIC_MATERIALS = ("Paper", "Canvas", "Tesserae", "Parchment")
 SYNTHETIC_CONTENTS = ("Artistic depiction", "Geometric patterns", "Line art")
@@ -649,12 +649,14 @@ def make_synthetic(root, count=64, size=128, seed=42):
         (tmp / "images").mkdir(parents=True)
         (tmp / "annotations").mkdir()
         rows = []
+        show = progress(f"synthetic set {root.name}: images", count)
         for index in range(count):
             image, mask, material, content = _render(index, size, seed)
             name = f"synthetic_{index:04d}"
             Image.fromarray(image).save(tmp / "images" / f"{name}.png")
             Image.fromarray(mask).save(tmp / "annotations" / f"{name}.png")
             rows.append((name, material, content, size, size))
+            show(index + 1)
         write_metadata(tmp / "metadata.csv", rows)
         try:
             # rename(2) replaces an empty directory atomically and refuses a non-empty one.

@@ -15,13 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+from config import lr_line, parse_args, resolve_config
+
+if __name__ == "__main__":
+    # --help and flag mistakes answer before torch loads (seconds on a cold node); main() parses again.
+    parse_args()
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 from checkpoint import load_checkpoint
-from config import parse_args, resolve_config
 from distributed import Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed
 from evaluation import eval_only, evaluate
 from labels import NUM_CLASSES, UserError, run_cli
@@ -366,16 +371,29 @@ def find_batch_size(cfg, world, device):
     return max(1, int(low * 0.9)) * world
 
 
+def use_threads(args):
+    """Applies --threads; returns the CPU threads torch will use, which the run config records."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
+
+
 def setup(args):
     """(cfg, rank, world, local_rank, local_world, device) with the process group up and --batch-size resolved."""
     rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout)
     cfg = resolve_config(args, world, device)
+    threads = use_threads(args)
     if args.batch_size == "auto" and device.type == "cuda":
         found = torch.tensor(find_batch_size(cfg, world, device), device=device)
         args.batch_size = str(int(all_reduce(found, dist.ReduceOp.MIN)))
         torch.cuda.empty_cache()
         cfg = resolve_config(args, world, device)
         log(rank, f"--batch-size auto: {cfg['batch_size']} fits (lr {cfg['lr']:.3g})")
+    cfg["threads"] = threads
+    line, warning = lr_line(cfg)
+    log(rank, line)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -406,7 +424,11 @@ def dry_run(args):
     """Prints the config a run with these flags would use, without data or process group."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    print(json.dumps(resolve_config(args, world, device), indent=2))
+    cfg = dict(resolve_config(args, world, device), threads=use_threads(args))
+    for line in lr_line(cfg):
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    print(json.dumps(cfg, indent=2))
 
 
 def main(argv=None):

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data import resolve_data
 from files import atomic_write, list_samples, read_mask
 from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
 
@@ -179,6 +178,9 @@ def main(argv=None):
 
 
 def _write_for_dataset(args):
+    # Imported here: data pulls in torch, which config.py's --help (it reads METHODS) must not wait for.
+    from data import resolve_data
+
     root = resolve_data(args.data, synthetic_count=args.synthetic_count)
     counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio

@@ -400,7 +400,7 @@ def jpeg_bytes(array):
     return out.getvalue()
 
 
-def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path):
+def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path, capsys):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     rng = np.random.default_rng(0)
@@ -422,6 +422,9 @@ def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path):
             "type": ["t"] * len(part)})
         pq.write_table(table, tmp_path / "shards" / f"train-{shard:05d}-of-00002.parquet", row_group_size=1)
     assert prepare.main(["ingest", "--parquet", str(tmp_path / "shards"), "--out", str(tmp_path / "out")]) == 0
+    progress = capsys.readouterr().err
+    assert "train-00000-of-00002.parquet: rows 2/2, " in progress and " MB written, ETA " in progress
+    assert "train-00001-of-00002.parquet: rows 1/1, " in progress and "\r" not in progress
     samples = files.list_samples(tmp_path / "out")
     assert [s.id for s in samples] == [r["id"] for r in rows]
     for sample, row in zip(samples, rows):

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import ROOT, run_script
 from data import MEAN, STD
-from labels import BACKGROUND_COLOUR, CLASS_NAMES, PALETTE
-from predict import area_report, main, render_overlay, write_mask
+from labels import BACKGROUND_COLOUR, CLASS_NAMES, PALETTE, UserError
+from predict import _progress_printer, area_report, main, parse_args, render_overlay, write_mask
 from tiles import predict_image
 
 # Fine id -> coarse group, written out from the DESIGN.md table.
@@ -151,6 +151,19 @@ def test_progress_counts_every_tile_once():
     total = (math.ceil((100 - 32) / 24) + 1) * (math.ceil((150 - 32) / 24) + 1)
     assert calls[-1] == (total, total)
     assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_tile_progress_of_a_large_image_is_plain_lines_at_most_every_10_s_and_at_the_end(capsys):
+    show = _progress_printer("fresco.png")
+    for done in range(1, 41):
+        show(done, 40)
+    assert capsys.readouterr().err == "fresco.png: tiles 40/40, ETA 0:00:00\n"
+
+
+def test_the_old_batch_size_flag_still_sets_the_tiles_per_forward(tmp_path):
+    assert parse_args(["x.png", "--checkpoint", "c.pt", "--out", str(tmp_path), "--batch-size", "5"]).batch_size == 5
+    with pytest.raises(UserError, match="--tile-batch 0: must be at least 1"):
+        parse_args(["x.png", "--checkpoint", "c.pt", "--out", str(tmp_path), "--tile-batch", "0"])
 
 
 def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_colours(tmp_path):
@@ -289,8 +302,12 @@ def test_cli_writes_mask_overlay_and_reports_for_every_image(tmp_path, checkpoin
         Image.fromarray(truth).save(masks / f"{stem}.png")
 
     done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--masks", masks,
-                      "--overlap", "0.5", "--batch-size", "3")
+                      "--overlap", "0.5", "--tile-batch", "3", "--threads", "1")
     assert done.returncode == 0, done.stderr
+    # The folder's progress: one plain line per image with the ETA of the rest (SLURM logs have no \r).
+    assert [line.split(",")[0] for line in done.stderr.splitlines() if line.startswith("image ")] == \
+        ["image 1/2 film.jpg", "image 2/2 fresco.png"]
+    assert "\r" not in done.stderr
 
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert len(rows) == 2 * 16

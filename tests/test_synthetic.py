@@ -119,3 +119,11 @@ def test_a_folder_holding_something_else_is_refused_not_mixed_in(tmp_path):
     with pytest.raises(UserError, match="other"):
         make_synthetic(tmp_path / "other", count=4, size=64)
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_generation_prints_plain_progress_lines_on_the_main_process_only(tmp_path, capsys, monkeypatch):
+    make_synthetic(tmp_path / "set", count=3, size=64)
+    assert capsys.readouterr().err == "synthetic set set: images 3/3, ETA 0:00:00\n"
+    monkeypatch.setenv("RANK", "1")
+    make_synthetic(tmp_path / "other", count=3, size=64)
+    assert capsys.readouterr().err == ""

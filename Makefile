@@ -1,0 +1,23 @@
+# Two commands from a fresh clone: `make demo` trains the README's demo, `make test` runs the tests.
+# Each creates the virtual environment $(VENV) on first use; pip runs again only when requirements*.txt change
+# (the stamp files below), so the second call goes straight to the work. `.ci/run` is `make test VENV=.venv-ci`.
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: demo test
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc_per_node=2 train.py --encoder mit_b0 --data synthetic --synthetic-count 128 \
+		--img-size 128 --batch-size 8 --lr 0.05 --epochs 60
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/python -m pytest -q tests
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(VENV)/bin/python -m pip install -r requirements-dev.txt
+	touch $@
