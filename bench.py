@@ -51,7 +51,7 @@ from PIL import Image
 import data
 from files import list_samples
 from labels import NUM_CLASSES
-from preload import OnDisk, cores, preload
+from preload import cores, preload
 from model import autocast
 from train import build_training, make_criterion, peak_memory_mb, run_main, train_step
 
@@ -265,47 +265,79 @@ def _touch(pre):
     return int(pre.buffer.sum(dtype=np.uint64))
 
 
-def _second_rank(samples, size, conn):
-    pre = preload(samples, size, local_rank=1, local_world=2)
+def _second_rank(samples, size, work_size, conn):
+    pre = preload(samples, size, local_rank=1, local_world=2, work_size=work_size)
     _touch(pre)
     conn.send((*mapped_pss(pre.path), rollup_pss_shmem()))
     conn.recv()
     pre.close()
 
 
-def _loader_rate(pre, batch, order, device):
-    """Images per second through batches(), and through to_device_batch with augmentation when device is set."""
-    generator = torch.Generator().manual_seed(0)
+def _host_path_img_s(pre, batch, epochs, on_host):
+    """Images per second from the preloaded rows to normalised, flipped crops on the CPU: flips cut during the
+    gather (on_host, what training runs) or applied to the gathered batch (the path before, device-style)."""
     start, seen = time.perf_counter(), 0
-    for images, masks in data.batches(pre, order, batch):
-        if device is not None:
-            data.to_device_batch(images, masks, device, augment=True, generator=generator)
-        seen += len(images)
+    for epoch in range(epochs):
+        corners = data.epoch_crops(pre, pre.size, 0, epoch, 0.5, None)
+        generator = torch.Generator().manual_seed(epoch)
+        order = torch.randperm(len(pre), generator=generator).numpy()
+        flips = torch.randint(0, 2, (len(pre), 3), generator=generator).bool().numpy()
+        for k, (images, masks) in enumerate(data.batches(pre, order, batch, corners[order],
+                                                         flips[order] if on_host else None)):
+            rows = order[k * batch:(k + 1) * batch]
+            data.to_device_batch(images, masks, "cpu", False if on_host else torch.from_numpy(flips[rows]))
+            seen += len(images)
     return round(seen / (time.perf_counter() - start), 1)
 
 
-def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=4):
-    """Loader throughput (preloaded vs decoding PNGs per sample) and the shared array's PSS in 1 and 2 processes.
+def _torchvision_img_s(root, size, batch, epochs):
+    """What a user would otherwise write: torchvision transforms.v2 over the PNG files in a DataLoader with 2
+    workers (decode, random crop, flips, float, normalise per sample)."""
+    from torchvision import tv_tensors
+    from torchvision.io import decode_image
+    from torchvision.transforms import v2
 
-    host_*: batches() alone, the part that runs on the host when augmentation runs on an accelerator;
-    cpu_*: batches() + to_device_batch(augment=True) on the CPU.
-    """
+    transform = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.MEAN, data.STD)])
+
+    class PngCrops(torch.utils.data.Dataset):
+        def __init__(self, samples):
+            self.samples = samples
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, i):
+            image = decode_image(str(self.samples[i].image), mode="RGB")
+            mask = decode_image(str(self.samples[i].mask))
+            return transform(image, tv_tensors.Mask(mask))
+
+    loader = torch.utils.data.DataLoader(PngCrops(list_samples(root)), batch_size=batch, shuffle=True,
+                                         num_workers=2, persistent_workers=True)
+    start, seen = time.perf_counter(), 0
+    for _ in range(epochs):
+        for images, _ in loader:
+            seen += len(images)
+    return round(seen / (time.perf_counter() - start), 1)
+
+
+def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=4, work_size=1024):
+    """Training data path throughput, measured in one run: the preloaded host path (crops and flips cut while
+    copying, then normalised), the path before it (flips on the gathered batch), and a torchvision
+    transforms.v2 + DataLoader (2 workers) PNG loader; plus the shared file's PSS in 1 and 2 processes."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
         samples = list_samples(root)
         start = time.perf_counter()
-        pre = preload(samples, size)
-        result = {"size": size, "images": len(samples), "source": str(folder or f"{source_size} px PNG"),
-                  "batch": batch, "torch_threads": torch.get_num_threads(), "cores": cores(),
-                  "build_s": round(time.perf_counter() - start, 2)}
-        order = torch.randperm(len(pre), generator=torch.Generator().manual_seed(0))
-        result["host_preloaded_img_s"] = _loader_rate(pre, batch, order.repeat(4 * epochs), None)
-        result["cpu_preloaded_img_s"] = _loader_rate(pre, batch, order.repeat(epochs), "cpu")
-        with OnDisk(samples, size) as disk:
-            result["host_png_img_s"] = _loader_rate(disk, batch, order, None)
-            result["cpu_png_img_s"] = _loader_rate(disk, batch, order, "cpu")
-        result["host_speedup"] = round(result["host_preloaded_img_s"] / result["host_png_img_s"], 1)
-        result["cpu_speedup"] = round(result["cpu_preloaded_img_s"] / result["cpu_png_img_s"], 1)
+        pre = preload(samples, size, work_size=work_size)
+        result = {"size": size, "work_size": work_size, "images": len(samples), "batch": batch,
+                  "source": str(folder or f"{source_size} px PNG"), "torch_threads": torch.get_num_threads(),
+                  "cores": cores(), "build_s": round(time.perf_counter() - start, 2)}
+        result["host_path_img_s"] = _host_path_img_s(pre, batch, epochs, on_host=True)
+        result["previous_path_img_s"] = _host_path_img_s(pre, batch, epochs, on_host=False)
+        result["torchvision_png_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 2))
+        result["x_previous"] = round(result["host_path_img_s"] / result["previous_path_img_s"], 2)
+        result["x_torchvision"] = round(result["host_path_img_s"] / result["torchvision_png_img_s"], 1)
         _touch(pre)
         mib = 2 ** 20
         result["array_mib"] = round(pre.nbytes / mib, 1)
@@ -313,7 +345,7 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
         result["rollup_pss_shmem_1proc_mib"] = round(rollup_pss_shmem() / mib, 1)
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        other = context.Process(target=_second_rank, args=(samples, size, child))
+        other = context.Process(target=_second_rank, args=(samples, size, work_size, child))
         other.start()
         _, other_pss, other_rollup = parent.recv()
         mine = mapped_pss(pre.path)[1]
@@ -330,7 +362,7 @@ def main(argv=None):
     args = build_bench_parser().parse_args(argv)
     if args.loader:
         print(json.dumps(bench_loader(args.img_size, args.loader_count, args.loader_source_size,
-                                      int(args.batch_size or 32), args.data)))
+                                      int(args.batch_size or 32), args.data, work_size=args.work_size)))
         return 0
     return run_main(args, bench)
 

@@ -125,9 +125,10 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
     return corners
 
 
-def batches(pre, indices, batch_size, corners=None, pin=True, prefetch=2):
+def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2):
     """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
-    corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order.
+    corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
+    flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied.
 
     A background thread gathers the next batches into fresh (pinned, when CUDA is there) tensors, so
     a yielded batch stays valid however long the caller keeps it.
@@ -137,6 +138,7 @@ def batches(pre, indices, batch_size, corners=None, pin=True, prefetch=2):
         raise IndexError(f"batches: indices {indices.min()}..{indices.max()} outside 0..{len(pre) - 1}")
     size = pre.size
     corners = np.zeros((len(indices), 2), np.int64) if corners is None else np.asarray(corners, np.int64)
+    flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
     stops = list(range(0, len(indices), batch_size))
     pin = pin and torch.cuda.is_available()
     done, ready = threading.Event(), queue.Queue(maxsize=max(1, prefetch))
@@ -156,7 +158,8 @@ def batches(pre, indices, batch_size, corners=None, pin=True, prefetch=2):
                 idx = indices[start:start + batch_size]
                 images = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, pin_memory=pin)
                 masks = torch.empty((len(idx), size, size), dtype=torch.uint8, pin_memory=pin)
-                pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy())
+                pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy(),
+                           flips[start:start + batch_size])
                 if not offer((images, masks)):
                     return
         except BaseException as exc:
@@ -217,14 +220,22 @@ def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, 
 
 def normalize(images_u8):
     """uint8 (B,H,W,3) or (B,3,H,W) -> float (B,3,H,W) in ImageNet units; NHWC input stays NHWC in memory."""
-    nhwc = images_u8.shape[1] != 3
-    shape = (1, 1, 1, 3) if nhwc else (1, 3, 1, 1)
-    scale = torch.tensor([1 / (255 * s) for s in STD]).to(images_u8.device, non_blocking=True).view(shape)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).to(images_u8.device, non_blocking=True).view(shape)
-    # One fused multiply-add over the contiguous layout; broadcasting over a permuted view is several times slower.
+    nhwc = images_u8.shape[1] != 3 and images_u8.is_contiguous()
+    scale = torch.tensor([1 / (255 * s) for s in STD])
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)])
     x = images_u8.float()
-    torch.addcmul(shift, x, scale, out=x)
-    return x.permute(0, 3, 1, 2) if nhwc else x
+    if nhwc:
+        # One fused multiply-add over rows of W * 3 values with the per-channel factors tiled along them:
+        # broadcasting over an innermost dimension of 3 measured six times slower on CPU.
+        width = x.shape[2]
+        rows = x.view(-1, width * 3)
+        torch.addcmul(shift.repeat(width).to(x.device, non_blocking=True), rows,
+                      scale.repeat(width).to(x.device, non_blocking=True), out=rows)
+        return x.permute(0, 3, 1, 2)
+    shape = (1, 3, 1, 1) if images_u8.shape[1] == 3 else (1, 1, 1, 3)
+    torch.addcmul(shift.to(x.device, non_blocking=True).view(shape), x,
+                  scale.to(x.device, non_blocking=True).view(shape), out=x)
+    return x if images_u8.shape[1] == 3 else x.permute(0, 3, 1, 2)
 
 
 def eval_shard(n, rank, world):

@@ -220,12 +220,22 @@ class _Rows:
     def __len__(self):
         return len(self.ids)
 
-    def gather(self, indices, corners, images, masks):
-        """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j]."""
+    def gather(self, indices, corners, images, masks, flips=None):
+        """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j], flipped on the
+        way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy nothing extra."""
         size = images.shape[1]
-        for j, (row, (top, left)) in enumerate(zip(indices.tolist(), corners.tolist())):
-            images[j] = self.image(row)[top:top + size, left:left + size]
-            masks[j] = self.mask(row)[top:top + size, left:left + size]
+        flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
+        for j, (row, (top, left), (hflip, vflip, rot)) in enumerate(zip(indices.tolist(), corners.tolist(),
+                                                                      flips.tolist())):
+            image = self.image(row)[top:top + size, left:left + size]
+            mask = self.mask(row)[top:top + size, left:left + size]
+            if hflip:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+            if vflip:
+                image, mask = image[::-1], mask[::-1]
+            if rot:
+                image, mask = np.rot90(image), np.rot90(mask)
+            images[j], masks[j] = image, mask
 
     def __enter__(self):
         return self

@@ -162,10 +162,11 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
     skipped, step, micro, start = 0, step0, [], time.time()
-    for i, (images, masks) in enumerate(data.batches(pre, mine, micro_batch, corners[mine.numpy()],
-                                                     pin=device.type == "cuda")):
-        micro.append(data.to_device_batch(images, masks, device, flips[mine[i * micro_batch:(i + 1) * micro_batch]],
-                                          channels_last=cfg["channels_last"]))
+    # Crops and flips are cut on the host while the batch is copied out of the shared buffer.
+    rows = mine.numpy()
+    for images, masks in data.batches(pre, rows, micro_batch, corners[rows], flips[rows].numpy(),
+                                      pin=device.type == "cuda"):
+        micro.append(data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"]))
         if len(micro) < cfg["accum_steps"]:
             continue
         loss = train_step(parts, micro, cfg, device)

@@ -453,3 +453,17 @@ def test_download_failure_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
     with pytest.raises(UserError) as raised:
         prepare.prepare([], tmp_path / "out", download=True)
     assert "\n" not in str(raised.value) and "--parquet" in str(raised.value)
+
+
+def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(tmp_path, shm):
+    root = write_dataset(tmp_path / "ds", count=5, size=(70, 50))
+    with preload.preload(files.list_samples(root), 32, work_size=70) as pre:
+        rows = np.array([3, 0, 4, 1, 2, 0])
+        corners = data.epoch_crops(pre, 32, 42, 0, 0.5, None)[rows]
+        flags = torch.rand(len(rows), 3, generator=torch.Generator().manual_seed(1)) < 0.5
+        (images, masks), = data.batches(pre, rows, len(rows), corners, flags.numpy())
+        (plain_images, plain_masks), = data.batches(pre, rows, len(rows), corners)
+        x_host, y_host = data.to_device_batch(images, masks, "cpu")
+        x_device, y_device = data.to_device_batch(plain_images, plain_masks, "cpu", augment=flags)
+        assert torch.equal(x_host, x_device) and torch.equal(y_host, y_device)
+        assert x_host.is_contiguous(memory_format=torch.channels_last)
