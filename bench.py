@@ -148,6 +148,39 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     model, x = parts.raw_model, micro[0][0]
     ref_name, ref_model, ref_step, ref_reason = _reference(cfg, parts, device, world) if cfg["reference"] else (None,) * 4
     rounds = rounds if ref_model is not None else 1
+    times, peak = _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, warmup)
+    with torch.no_grad():
+        flops = FlopCounterMode(display=False)
+        with flops:
+            model(x[:1])
+    train_s, infer_s = statistics.median(times["train"]), statistics.median(times["infer"])
+    train_img_s = steps * cfg["batch_size"] / train_s
+    gflops = flops.get_total_flops() / 1e9
+    peak_tflops = cfg["peak_tflops"] or _peak_tflops(device, cfg["precision"])
+    result = {"encoder": cfg["encoder"], "decoder": cfg["decoder"], "heads": cfg["heads"],
+              "img_size": cfg["img_size"], "batch": cfg["batch_size"], "world": world,
+              "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+              "clip": cfg["clip"], "train_img_s": train_img_s, "infer_img_s": steps * len(x) * world / infer_s,
+              "peak_mem_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, flips, cfg, device, generator),
+              # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
+              "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "fused_adamw": bool(parts.optimizer.defaults.get("fused")),
+              "rounds": rounds}
+    if cfg["reference"]:
+        result.update(_reference_fields(result, ref_name, ref_model, ref_reason, times, steps, len(x) * world))
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+        if cfg["bench_out"]:
+            with open(cfg["bench_out"], "a") as f:
+                f.write(json.dumps(result) + "\n")
+    return result
+
+
+def _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, warmup):
+    """Seconds per round of ours and the reference, alternating (train, then inference), and our peak memory."""
+    model, x = parts.raw_model, micro[0][0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -173,42 +206,19 @@ def bench(cfg, rank, world, local_rank, local_world, device):
         if ref_model is not None:
             ref_model.eval()
             times["ref_infer"].append(_timed(infer_of(ref_model), steps, warmup if r == 0 else 0, device))
-    with torch.no_grad():
-        flops = FlopCounterMode(display=False)
-        with flops:
-            model(x[:1])
-    train_s, infer_s = statistics.median(times["train"]), statistics.median(times["infer"])
-    train_img_s = steps * cfg["batch_size"] / train_s
-    gflops = flops.get_total_flops() / 1e9
-    peak_tflops = cfg["peak_tflops"] or _peak_tflops(device, cfg["precision"])
-    result = {"encoder": cfg["encoder"], "decoder": cfg["decoder"], "heads": cfg["heads"],
-              "img_size": cfg["img_size"], "batch": cfg["batch_size"], "world": world,
-              "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
-              "clip": cfg["clip"], "train_img_s": train_img_s, "infer_img_s": steps * len(x) * world / infer_s,
-              "peak_mem_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, flips, cfg, device, generator),
-              # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
-              "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "fused_adamw": bool(parts.optimizer.defaults.get("fused")),
-              "rounds": rounds}
-    if cfg["reference"]:
-        result["ref_encoder"] = ref_name
-        if ref_model is None:
-            result.update(ref_train_img_s=None, ref_infer_img_s=None, train_x_ref=None, infer_x_ref=None,
-                          ref_note=f"n/a: {ref_reason}")
-        else:
-            ref_train = steps * cfg["batch_size"] / statistics.median(times["ref_train"])
-            ref_infer = steps * len(x) * world / statistics.median(times["ref_infer"])
-            result.update(ref_train_img_s=ref_train, ref_infer_img_s=ref_infer,
-                          ref_params_m=sum(p.numel() for p in ref_model.parameters()) / 1e6,
-                          train_x_ref=train_img_s / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
-    if rank == 0:
-        print(json.dumps(result), flush=True)
-        if cfg["bench_out"]:
-            with open(cfg["bench_out"], "a") as f:
-                f.write(json.dumps(result) + "\n")
-    return result
+    return times, peak
+
+
+def _reference_fields(result, ref_name, ref_model, ref_reason, times, steps, infer_batch):
+    """The reference's img/s and our ratios to them, or n/a with the reason."""
+    if ref_model is None:
+        return dict(ref_encoder=ref_name, ref_train_img_s=None, ref_infer_img_s=None, train_x_ref=None,
+                    infer_x_ref=None, ref_note=f"n/a: {ref_reason}")
+    ref_train = steps * result["batch"] / statistics.median(times["ref_train"])
+    ref_infer = steps * infer_batch / statistics.median(times["ref_infer"])
+    return dict(ref_encoder=ref_name, ref_train_img_s=ref_train, ref_infer_img_s=ref_infer,
+                ref_params_m=sum(p.numel() for p in ref_model.parameters()) / 1e6,
+                train_x_ref=result["train_img_s"] / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
 
 
 def _peak_tflops(device, precision):

@@ -16,9 +16,18 @@ LR_SANE = (1e-5, 1e-1)
 
 
 def build_parser():
+    """train.py's flags in their groups; bench.py adds its own group to the same parser."""
     p = argparse.ArgumentParser(description="Train and evaluate a damage-segmentation model: DDP (torchrun or srun), "
                                 "AMP, dataset-level mIoU, k-fold splits, resume.", formatter_class=HelpFormatter)
-    d = p.add_argument_group("data")
+    _data_flags(p.add_argument_group("data"))
+    _model_flags(p.add_argument_group("model"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _evaluation_flags(p.add_argument_group("evaluation"))
+    _run_flags(p.add_argument_group("distributed"), p.add_argument_group("output"))
+    return p
+
+
+def _data_flags(d):
     d.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default: "
                    "synthetic; --eval-only: the checkpoint's)")
     d.add_argument("--synthetic-count", type=int, default=64, help="images in the generated synthetic set")
@@ -41,7 +50,9 @@ def build_parser():
     d.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of the training images")
     d.add_argument("--preload", default="all", choices=["all", "val", "none"],
                    help="which splits are decoded once into shared memory per node (none: decode every batch)")
-    m = p.add_argument_group("model")
+
+
+def _model_flags(m):
     m.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
     m.add_argument("--decoder", default="unet", choices=["unet", "upernet"], help="decoder over the encoder's maps")
     m.add_argument("--heads", default="fine", choices=["fine", "hierarchical"],
@@ -55,7 +66,9 @@ def build_parser():
                    help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
     m.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
     m.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors instead of channels_last")
-    o = p.add_argument_group("optimisation")
+
+
+def _optimisation_flags(o):
     o.add_argument("--epochs", type=int, default=50, help="passes over the training images (epochs)")
     o.add_argument("--batch-size", default=None, help="global batch over all ranks (images) or 'auto' (largest that "
                    "fits the GPU) (default: per encoder, e.g. mit_b3 32, convnext_tiny 96)")
@@ -76,7 +89,9 @@ def build_parser():
     o.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss (syncs)")
     o.add_argument("--max-skipped", type=int, default=20,
                    help="with --skip-nonfinite: stop after this many consecutive skipped steps")
-    e = p.add_argument_group("evaluation")
+
+
+def _evaluation_flags(e):
     e.add_argument("--select", default="inner", choices=["inner", "last"],
                    help="checkpoint scored on the test fold: best epoch on an inner validation split carved from the "
                         "training images, or the last epoch (a fixed schedule; no inner split)")
@@ -88,18 +103,18 @@ def build_parser():
     e.add_argument("--full-res", action="store_true", help="with --eval-only: tiled at the images' own resolution")
     e.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="print mean ± std of the test "
                    "metrics over finished folds and exit (default: off)")
-    t = p.add_argument_group("distributed")
+
+
+def _run_flags(t, r):
     t.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
     t.add_argument("--threads", type=int, default=None, help="CPU threads per process for torch (default: "
                    "OMP_NUM_THREADS if set, else torch's choice; with several ranks on one CPU node, cores / ranks)")
-    r = p.add_argument_group("output")
     r.add_argument("--run-dir", default=None, help="folder for config, logs, metrics and checkpoints (default: "
                    "runs/<encoder>-<decoder>-<split><fold>)")
     r.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     r.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     r.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
-    return p
 
 
 def lr_line(cfg):
