@@ -61,6 +61,14 @@ def _groups(metadata, samples):
     return {c: [metadata.get(s.id, {}).get(c) or "unknown" for s in samples] for c in columns}
 
 
+def part_samples(cfg, name):
+    """The samples of one part (train, val or test) of cfg's fold, with no preload and no collective: for
+    reports and tools that run on one rank."""
+    root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
+    by_id = {s.id: s for s in list_samples(root)}
+    return [by_id[i] for i in _fold_ids(cfg, root)[name]]
+
+
 def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")):
     """{name: Part} for the needed parts of cfg's fold: train, val (the inner validation split that selects
     the checkpoint; empty with --select last) and test (the outer fold, scored once). The preloaded arrays

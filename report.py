@@ -178,8 +178,7 @@ def read_confusion(run_dirs):
 
 def panel_samples(config, count, seed):
     """A fixed, seeded choice of the test images of the run's fold (in split order)."""
-    # preload "none" reads nothing up front: only the sample list is wanted here, not resized copies.
-    samples = data.load_split({**config, "preload": "none"}, needed=("test",))["test"].samples
+    samples = data.part_samples(config, "test")
     rng = np.random.default_rng(seed)
     return [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
 

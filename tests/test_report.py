@@ -136,3 +136,15 @@ def test_outlines_do_not_depend_on_where_row_chunks_are_cut(monkeypatch):
 def test_matplotlib_is_imported_only_by_report_py():
     users = [p.name for p in ROOT.glob("*.py") if re.search(r"^\s*(import|from) matplotlib", p.read_text(), re.M)]
     assert users == ["report.py"]
+
+
+def test_a_two_rank_run_ends_with_its_report(synthetic_root, tmp_path):
+    # The report runs on rank 0 alone: nothing in it may wait for the other rank.
+    run_dir = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4",
+                           "--epochs", "1", "--data", str(synthetic_root), "--run-dir", str(run_dir)],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "report.md").is_file() and (run_dir / "panels.png").is_file()
