@@ -285,17 +285,23 @@ def _second_rank(samples, size, work_size, conn):
 
 def _host_path_img_s(pre, batch, epochs, on_host):
     """Images per second from the preloaded rows to normalised, flipped crops on the CPU: flips cut during the
-    gather (on_host, what training runs) or applied to the gathered batch (the path before, device-style)."""
-    start, seen = time.perf_counter(), 0
+    gather into reused buffers (on_host, what training runs on a CPU) or applied to freshly gathered batches
+    (the path before, device-style)."""
+    start, seen, outputs = time.perf_counter(), 0, None
     for epoch in range(epochs):
         corners = data.epoch_crops(pre, pre.size, 0, epoch, 0.5, None)
         generator = torch.Generator().manual_seed(epoch)
         order = torch.randperm(len(pre), generator=generator).numpy()
         flips = torch.randint(0, 2, (len(pre), 3), generator=generator).bool().numpy()
         for k, (images, masks) in enumerate(data.batches(pre, order, batch, corners[order],
-                                                         flips[order] if on_host else None)):
-            rows = order[k * batch:(k + 1) * batch]
-            data.to_device_batch(images, masks, "cpu", False if on_host else torch.from_numpy(flips[rows]))
+                                                         flips[order] if on_host else None, reuse=on_host)):
+            if on_host:
+                outputs = outputs if outputs is not None and len(outputs[0]) == len(images) else \
+                    data.new_outputs(images)
+                data.to_device_batch(images, masks, "cpu", out=outputs)
+            else:
+                rows = order[k * batch:(k + 1) * batch]
+                data.to_device_batch(images, masks, "cpu", torch.from_numpy(flips[rows]))
             seen += len(images)
     return round(seen / (time.perf_counter() - start), 1)
 

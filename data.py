@@ -133,13 +133,15 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
     return corners
 
 
-def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2):
+def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False):
     """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
     corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
     flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied.
 
     A background thread gathers the next batches into fresh (pinned, when CUDA is there) tensors, so
-    a yielded batch stays valid however long the caller keeps it.
+    a yielded batch stays valid however long the caller keeps it. With reuse, a ring of prefetch + 2
+    buffers is filled in turn instead (fresh ~20 MB tensors cost their page faults every batch on a CPU): a
+    batch is then valid until the caller takes prefetch + 1 more, enough for a loop that converts it at once.
     """
     indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= len(pre)):
@@ -160,12 +162,25 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
                 pass
         return False
 
+    ring = {}
+
+    def fresh(n):
+        return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
+                torch.empty((n, size, size), dtype=torch.uint8, pin_memory=pin))
+
+    def buffers(k, n):
+        if not reuse:
+            return fresh(n)
+        slot = ring.get(k % (prefetch + 2))
+        if slot is None or len(slot[0]) != n:
+            slot = ring[k % (prefetch + 2)] = fresh(n)
+        return slot
+
     def produce():
         try:
-            for start in stops:
+            for k, start in enumerate(stops):
                 idx = indices[start:start + batch_size]
-                images = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, pin_memory=pin)
-                masks = torch.empty((len(idx), size, size), dtype=torch.uint8, pin_memory=pin)
+                images, masks = buffers(k, len(idx))
                 pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy(),
                            flips[start:start + batch_size])
                 if not offer((images, masks)):
@@ -195,12 +210,13 @@ def _flags(batch, augment, generator):
 _FLIPS = (lambda t: t.flip(2), lambda t: t.flip(1), lambda t: t.rot90(1, (1, 2)))
 
 
-def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, channels_last=True):
+def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, channels_last=True, out=None):
     """Batch -> (x float (B,3,S,S) normalised, channels_last by default; y long (B,S,S)) on device.
 
     augment: False, True (per-sample hflip/vflip/rot90 flags drawn from generator), or a (B,3) bool tensor
     of those flags, applied in that order to the uint8 batch on the device; image and mask move together.
-    rot90 is skipped for non-square batches.
+    rot90 is skipped for non-square batches. out: on the CPU, (x, y) tensors of the right shapes to write
+    into (reused buffers spare the page faults of ~100 MB of fresh memory per batch; see new_outputs).
     """
     device = torch.device(device)
     augmenting = isinstance(augment, torch.Tensor) or bool(augment)
@@ -218,6 +234,8 @@ def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, 
             if len(chosen):
                 images[chosen] = flip(images[chosen])
                 masks[chosen] = flip(masks[chosen])
+    if out is not None and device.type == "cpu" and channels_last:
+        return normalize(images, out[0]), out[1].copy_(masks)
     x = normalize(images)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -226,12 +244,18 @@ def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, 
     return x, masks.long()
 
 
-def normalize(images_u8):
-    """uint8 (B,H,W,3) or (B,3,H,W) -> float (B,3,H,W) in ImageNet units; NHWC input stays NHWC in memory."""
+def new_outputs(images_u8):
+    """(x, y) buffers for to_device_batch(out=...) of batches shaped like images_u8 (B, S, S, 3)."""
+    return torch.empty(images_u8.shape, dtype=torch.float32), torch.empty(images_u8.shape[:3], dtype=torch.long)
+
+
+def normalize(images_u8, out=None):
+    """uint8 (B,H,W,3) or (B,3,H,W) -> float (B,3,H,W) in ImageNet units; NHWC input stays NHWC in memory.
+    out: a float (B,H,W,3) buffer to write into instead of a fresh tensor (NHWC input)."""
     nhwc = images_u8.shape[1] != 3 and images_u8.is_contiguous()
     scale = torch.tensor([1 / (255 * s) for s in STD])
     shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)])
-    x = images_u8.float()
+    x = images_u8.float() if out is None or not nhwc else out.copy_(images_u8)
     if nhwc:
         # One fused multiply-add over rows of W * 3 values with the per-channel factors tiled along them:
         # broadcasting over an innermost dimension of 3 measured six times slower on CPU.

@@ -162,11 +162,16 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
     skipped, step, micro, start = 0, step0, [], time.time()
-    # Crops and flips are cut on the host while the batch is copied out of the shared buffer.
-    rows = mine.numpy()
+    # Crops and flips are cut on the host while the batch is copied out of the shared buffer. On a CPU the
+    # batch buffers are reused: a step is done with its micro-batches before the next ones are converted.
+    rows, on_cpu = mine.numpy(), device.type == "cpu"
+    outputs = [None] * cfg["accum_steps"]
     for images, masks in data.batches(pre, rows, micro_batch, corners[rows], flips[rows].numpy(),
-                                      pin=device.type == "cuda"):
-        micro.append(data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"]))
+                                      pin=not on_cpu, reuse=on_cpu):
+        k = len(micro)
+        outputs[k] = outputs[k] or (data.new_outputs(images) if on_cpu else None)
+        micro.append(data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"],
+                                          out=outputs[k]))
         if len(micro) < cfg["accum_steps"]:
             continue
         loss = train_step(parts, micro, cfg, device)

@@ -467,3 +467,20 @@ def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(t
         x_device, y_device = data.to_device_batch(plain_images, plain_masks, "cpu", augment=flags)
         assert torch.equal(x_host, x_device) and torch.equal(y_host, y_device)
         assert x_host.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
+    root = write_dataset(tmp_path / "ds", count=7, size=(70, 50))
+    with preload.preload(files.list_samples(root), 32, work_size=70) as pre:
+        rows = np.arange(7)[::-1].copy()
+        corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
+        flips = np.random.default_rng(3).random((7, 3)) < 0.5
+        fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, corners, flips)]
+        outputs, reused = None, []
+        for images, masks in data.batches(pre, rows, 2, corners, flips, reuse=True):
+            outputs = data.new_outputs(images) if outputs is None or len(outputs[0]) != len(images) else outputs
+            x, y = data.to_device_batch(images, masks, "cpu", out=outputs)
+            reused.append((x.clone(), y.clone()))
+        for (x, y), (x2, y2) in zip(fresh, reused):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+            assert x2.is_contiguous(memory_format=torch.channels_last) and y2.dtype == torch.long
