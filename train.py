@@ -4,7 +4,8 @@
     python train.py --eval-only --checkpoint runs/NAME/best.pt [--full-res]
     python train.py --summary runs/cv-mit_b3/fold*
 
-`main` orchestrates; `train_one_epoch` runs one epoch of `train_step`s; `evaluate` scores a split.
+`main` orchestrates; `train` -> `fit` -> `fit_epoch` -> `train_one_epoch` runs one epoch of `train_step`s;
+evaluation.py's `evaluate` scores a split; `test_selected` scores the selected checkpoint once.
 """
 import collections
 import contextlib
@@ -162,6 +163,10 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
     skipped, step, micro, start = 0, step0, [], time.time()
+    # Seconds spent on the data path (waiting for the gather, converting) vs stepping, as torchvision's
+    # MetricLogger splits them; a progress line at least every PROGRESS_SECONDS on rank 0.
+    timing = {"data": 0.0, "step": 0.0, "logged": start}
+    tick = time.time()
     # Crops and flips are cut on the host while the batch is copied out of the shared buffer. On a CPU the
     # batch buffers are reused: a step is done with its micro-batches before the next ones are converted.
     rows, on_cpu = mine.numpy(), device.type == "cpu"
@@ -174,7 +179,10 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
                                           out=outputs[k]))
         if len(micro) < cfg["accum_steps"]:
             continue
+        timing["data"] += time.time() - tick
+        tick = time.time()
         loss = train_step(parts, micro, cfg, device)
+        timing["step"] += time.time() - tick
         micro = []
         finite = torch.isfinite(loss)
         if cfg["skip_nonfinite"]:
@@ -193,13 +201,28 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
         step += 1
         if step % cfg["log_every"] == 0 and step < steps_per_epoch:
             check_finite(first_bad, epoch, cfg)
-            rate = (step - step0) * cfg["batch_size"] / (time.time() - start)
-            log(rank, f"  epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss_sum.item() / step:.4f} "
-                      f"{rate:.1f} img/s, epoch ETA {fmt_time((steps_per_epoch - step) * cfg['batch_size'] / rate)}")
+        if rank == 0 and step < steps_per_epoch and (step % cfg["log_every"] == 0
+                                                      or time.time() - timing["logged"] >= PROGRESS_SECONDS):
+            progress_line(epoch, step, step0, steps_per_epoch, loss_sum, start, timing, cfg)
         if preemption.poll():
             return loss_sum, step, skipped, True
+        tick = time.time()
     check_finite(first_bad, epoch, cfg)
     return loss_sum, step, skipped, False
+
+
+PROGRESS_SECONDS = 30
+
+
+def progress_line(epoch, step, step0, steps_per_epoch, loss_sum, start, timing, cfg):
+    """Rank 0's line inside an epoch: loss so far, img/s, data-path vs step seconds, the epoch's ETA. Reading
+    the loss is its only sync, once a line."""
+    now = time.time()
+    rate = (step - step0) * cfg["batch_size"] / (now - start)
+    print(f"  epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss_sum.item() / step:.4f} {rate:.1f} img/s "
+          f"(data {timing['data']:.1f} s, step {timing['step']:.1f} s) epoch ETA "
+          f"{fmt_time((steps_per_epoch - step) * cfg['batch_size'] / rate)}", flush=True)
+    timing["logged"] = now
 
 
 def check_finite(first_bad, epoch, cfg):
@@ -299,7 +322,7 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     start_epoch, start_step, best, carried = restore(parts, resume, run_dir, rank) if resume else (0, 0, -1.0, 0.0)
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
-              f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), lr {cfg['lr']:.3g}, "
+              f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), {lr_line(cfg)[0]}, "
               f"{cfg['precision']}, {n_train // cfg['batch_size']} steps/epoch, select {cfg['select']}")
     # Run state the epochs share: consecutive skipped steps, and the weights that pick rare-damage crops.
     preemption, run_state, run_start = Preemption(), {"consecutive": 0, "class_weights": class_weights}, time.time()

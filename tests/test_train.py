@@ -1,6 +1,7 @@
 """train.py as users rely on it: exact mIoU, DDP equals one process, resume equals an uninterrupted run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,3 +342,11 @@ def test_summary_refuses_folds_of_different_protocols_and_unfinished_folds(tmp_p
     (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
     result = run_script("train.py", "--summary", tmp_path / "a", tmp_path / "c")
     assert result.returncode == 2 and "no test record" in result.stderr
+
+
+def test_progress_lines_split_data_from_step_time_and_reach_the_run_log(synthetic_root, tmp_path):
+    done = run_script(*tiny(synthetic_root, tmp_path, "--epochs", "1", "--log-every", "1"))
+    assert done.returncode == 0, done.stderr
+    pattern = r"  epoch 1 step 1/3 loss \d+\.\d+ \d+\.\d img/s \(data \d+\.\d s, step \d+\.\d s\) epoch ETA \d+:\d\d:\d\d"
+    assert re.search(pattern, done.stdout), done.stdout
+    assert re.search(pattern, (tmp_path / "train.log").read_text())
