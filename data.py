@@ -133,6 +133,25 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
     return corners
 
 
+def _batch_buffers(size, pin, ring_size):
+    """buffers(k, n): uint8 image and mask tensors for the k-th batch of n crops; fresh ones, or with ring_size
+    the (k mod ring_size)-th of a ring, reused."""
+    ring = {}
+
+    def fresh(n):
+        return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
+                torch.empty((n, size, size), dtype=torch.uint8, pin_memory=pin))
+
+    def buffers(k, n):
+        if not ring_size:
+            return fresh(n)
+        slot = ring.get(k % ring_size)
+        if slot is None or len(slot[0]) != n:
+            slot = ring[k % ring_size] = fresh(n)
+        return slot
+    return buffers
+
+
 def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False):
     """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
     corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
@@ -162,19 +181,7 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
                 pass
         return False
 
-    ring = {}
-
-    def fresh(n):
-        return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
-                torch.empty((n, size, size), dtype=torch.uint8, pin_memory=pin))
-
-    def buffers(k, n):
-        if not reuse:
-            return fresh(n)
-        slot = ring.get(k % (prefetch + 2))
-        if slot is None or len(slot[0]) != n:
-            slot = ring[k % (prefetch + 2)] = fresh(n)
-        return slot
+    buffers = _batch_buffers(size, pin, prefetch + 2 if reuse else 0)
 
     def produce():
         try:
