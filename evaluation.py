@@ -13,10 +13,13 @@ import data
 from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
 from files import atomic_write, read_image, read_mask
-from labels import HEAD_NAMES, NUM_CLASSES, UserError
+from labels import HEAD_NAMES, NUM_CLASSES, UserError, progress
 from losses import hierarchy_targets
 from metrics import confusion, confusion_record, eval_metrics
 from tiles import predict_at_scale, predict_image
+
+
+PROGRESS_MIN_IMAGES = 50
 
 
 def _common_count(n, world):
@@ -74,12 +77,17 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     ranks share; None means a SIGTERM came first."""
     polls = _common_count(len(part.pre), world) if preemption else 0
     groups, cms = _group_ids(part), _empty(cfg, part)
-    for k, row in enumerate(data.eval_shard(len(part.pre), rank, world).tolist()):
+    shard = data.eval_shard(len(part.pre), rank, world).tolist()
+    # Lines only for a long evaluation (an ARTeFACT test fold); a short one is reported by its epoch line.
+    show = progress("evaluation: images", len(shard)) if len(shard) >= PROGRESS_MIN_IMAGES else None
+    for k, row in enumerate(shard):
         if k < polls and preemption.poll():
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
                                device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, part.pre.mask(row))
+        if show:
+            show(k + 1)
     return _reduced(cms, groups, device)
 
 

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from files import displayed_size, load_working, working_shape
-from labels import IGNORE_INDEX, NUM_CLASSES, UserError
+from labels import IGNORE_INDEX, NUM_CLASSES, UserError, progress
 
 # Offline augmentation rows per sample: the prototype's "3x" means three copies (hflip, vflip, rot90)
 # next to the original, so each training image becomes 4 rows.
@@ -63,30 +62,11 @@ def row_stats(mask):
     return np.concatenate([counts[:NUM_CLASSES], counts[IGNORE_INDEX:]]).astype(np.int64), points
 
 
-class _Progress:
-    """Preload progress on stderr: images k/N, MB and ETA, at most every 10 s and at the end."""
-
-    def __init__(self, total, nbytes):
-        self.total, self.nbytes, self.done = total, nbytes, 0
-        self.start = self.shown = time.monotonic()
-        self.lock = threading.Lock()
-
-    def step(self):
-        with self.lock:
-            self.done += 1
-            now = time.monotonic()
-            if now - self.shown < 10 and self.done < self.total:
-                return
-            self.shown = now
-            eta = (now - self.start) / self.done * (self.total - self.done)
-            print(f"preload: {self.done}/{self.total} images, {self.nbytes / 2**20:.0f} MB, ETA {eta:.0f} s",
-                  file=sys.stderr, flush=True)
-
-
 def _fill(samples, size, work_size, buffer, layout, copies):
     counts = np.ndarray((len(layout.shapes), COUNT_COLUMNS), np.int64, buffer, layout.counts_offset)
     points = np.ndarray((len(layout.shapes), NUM_CLASSES, POINTS, 2), np.int32, buffer, layout.points_offset)
-    progress = _Progress(len(samples), layout.nbytes)
+    show, done, lock = progress("preload: images", len(samples)), [0], threading.Lock()
+    size_note = f" ({layout.nbytes / 2**20:.0f} MB)"
 
     def one(i):
         image, mask = load_working(samples[i], size, work_size)
@@ -96,7 +76,9 @@ def _fill(samples, size, work_size, buffer, layout, copies):
             _image_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](image)
             _mask_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](mask)
             counts[row], points[row] = row_stats(_mask_view(buffer, layout, row))
-        progress.step()
+        with lock:
+            done[0] += 1
+            show(done[0], size_note)
 
     with concurrent.futures.ThreadPoolExecutor(cores()) as pool:
         list(pool.map(one, range(len(samples))))

@@ -150,3 +150,15 @@ def test_squash_mode_stays_reachable_and_predict_follows_it(synthetic_root, tmp_
     done = run_script("predict.py", "--checkpoint", run_dir / "best.pt", image, "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert np.asarray(Image.open(tmp_path / "out" / "photo_mask.png")).shape == (150, 230)
+
+
+def test_a_long_evaluation_reports_its_progress(tmp_path, capsys):
+    import torch
+    import evaluation
+    root = write_dataset(tmp_path / "ds", count=evaluation.PROGRESS_MIN_IMAGES, size=(32, 32))
+    samples = files.list_samples(root)
+    part = data.Part(samples, preload.preload(samples, 32, work_size=32, mode="disk"), {})
+    cfg = {"heads": "fine", "img_size": 32, "micro_batch": 4, "precision": "fp32"}
+    cms = evaluation.evaluate(torch.nn.Conv2d(3, 16, 1), part, cfg, torch.device("cpu"))
+    assert int(cms["fine"].sum()) == sum(int((part.pre.mask(i) != 255).sum()) for i in range(len(samples)))
+    assert f"evaluation: images {len(samples)}/{len(samples)}" in capsys.readouterr().err
