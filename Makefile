@@ -2,6 +2,8 @@
 # Each creates the virtual environment $(VENV) on first use; pip runs again only when requirements*.txt change
 # (the stamp files below), so the second call goes straight to the work. `.ci/run` is `make test VENV=.venv-ci`.
 VENV ?= .venv
+# The tests start slurm scripts that read VENV from the environment; make's own setting must not reach them.
+unexport VENV
 PYTHON ?= python3
 
 .PHONY: demo test

@@ -1,4 +1,5 @@
 """The command lines as users meet them: --help fast and complete, the LR explained, --threads recorded."""
+import os
 import re
 import shutil
 import subprocess
@@ -111,7 +112,9 @@ def test_make_demo_runs_the_readme_command_and_ci_runs_make_test():
         pytest.skip("no make here")
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if line.startswith(".venv/bin/torchrun "))
-    planned = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Under `make test` (as .ci/run runs the tests) MAKEFLAGS carries VENV=.venv-ci; a user's plain shell has none.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV")}
+    planned = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert planned.returncode == 0, planned.stderr
     assert command in " ".join(planned.stdout.replace("\\\n", " ").split())
     assert "make test VENV=.venv-ci" in (ROOT / ".ci" / "run").read_text() and "make test" in readme
