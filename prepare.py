@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
+from files import EXIF_ORIENTATION, atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
 from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, progress, run_cli
 
 HF_DATASET = "danielaivanova/damaged-media"
@@ -52,7 +52,6 @@ def _cell_bytes(value):
     return value.get("bytes") if isinstance(value, dict) else value
 
 
-EXIF_ORIENTATION = 0x0112
 MAX_ID_LENGTH = 200
 
 
