@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import EXIF_ORIENTATION, atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array, write_metadata
+from files import (EXIF_ORIENTATION, atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array,
+                   write_metadata)
 from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, progress, run_cli
 
 HF_DATASET = "danielaivanova/damaged-media"
