@@ -9,8 +9,8 @@ PYTHON ?= python3
 .PHONY: demo test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/torchrun --nproc_per_node=2 train.py --encoder resnet18 --data synthetic --synthetic-count 128 \
-		--img-size 128 --work-size 128 --batch-size 8 --lr 0.05 --epochs 40
+	$(VENV)/bin/torchrun --nproc_per_node=2 train.py --encoder resnet10t --data synthetic --synthetic-count 256 \
+		--synthetic-size 128 --work-size 128 --img-size 64 --batch-size 16 --lr 0.05 --epochs 78 --select last
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q tests

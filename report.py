@@ -81,6 +81,11 @@ def class_iou_bars(metrics):
     return [None if name in absent else metrics["iou"].get(name) for name in CLASS_NAMES]
 
 
+def has_validation(runs):
+    """False when no run scored an inner split (`--select last` trains on it)."""
+    return any("val" in r for _, records in runs for r in records)
+
+
 def _save(fig, path):
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -95,10 +100,15 @@ def plot_curves(runs, path):
         for ax, key in zip(axes[1:], ("miou", "binary_iou")):
             values = [r.get("val", {}).get(key) for r in records]
             ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=name)
+    validated = has_validation(runs)
     for ax, title in zip(axes, ("train loss", "inner-validation mIoU", "inner-validation damage-vs-clean IoU")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if not validated and ax is not axes[0]:
+            ax.set(xticks=[], yticks=[])
+            ax.text(0.5, 0.5, "no inner validation:\n--select last trains on those images", ha="center",
+                    va="center", transform=ax.transAxes, color="0.4")
     axes[0].legend()
     _save(fig, path)
 
@@ -245,8 +255,10 @@ def _pct(value):
 
 
 def curves_section(runs):
-    lines = ["## Training curves", "", "Validation scores are on the inner split that selects the checkpoint; the "
-             "reported scores are on the test fold, scored once.", "", "![training curves](curves.png)", "",
+    how = ("Validation scores are on the inner split that selects the checkpoint" if has_validation(runs) else
+           "No inner validation (`--select last`: the last epoch is the reported checkpoint)")
+    lines = ["## Training curves", "", f"{how}; the reported scores are on the test fold, scored once.", "",
+             "![training curves](curves.png)", "",
              "| run | epochs | reported | mIoU % | damage IoU % | last train loss |", "|---|---|---|---|---|---|"]
     for name, records in runs:
         label, metrics = reported(records)

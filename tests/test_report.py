@@ -74,6 +74,17 @@ def test_report_without_confusion_or_checkpoint_says_what_is_missing(run_dir, tm
     assert sorted(p.name for p in bare.glob("*.png")) == ["class_iou.png", "curves.png"]
 
 
+def test_a_select_last_run_says_it_has_no_validation_curve(run_dir, tmp_path):
+    last = tmp_path / "last"
+    last.mkdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (last / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val"}) + "\n"
+                                                for r in records))
+    report = build_report([last]).read_text()
+    assert "No inner validation (`--select last`" in report and "Validation scores are" not in report
+    assert Image.open(last / "curves.png").size == png_size("curves")
+
+
 def test_several_runs_are_drawn_together_into_out(run_dir, tmp_path):
     second = tmp_path / "fold1"
     shutil.copytree(run_dir, second, ignore=shutil.ignore_patterns("*.png", "report.md", "samples"))
