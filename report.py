@@ -100,12 +100,12 @@ def plot_curves(runs, path):
         for ax, key in zip(axes[1:], ("miou", "binary_iou")):
             values = [r.get("val", {}).get(key) for r in records]
             ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=name)
-    validated = has_validation(runs)
     for ax, title in zip(axes, ("train loss", "inner-validation mIoU", "inner-validation damage-vs-clean IoU")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if not validated and ax is not axes[0]:
+    if not has_validation(runs):
+        for ax in axes[1:]:
             ax.set(xticks=[], yticks=[])
             ax.text(0.5, 0.5, "no inner validation:\n--select last trains on those images", ha="center",
                     va="center", transform=ax.transAxes, color="0.4")

@@ -14,7 +14,7 @@ import predict
 from conftest import ROOT, run_script
 from labels import CLASS_NAMES, PALETTE
 from predict import area_report, legend_entries, render_overlay
-from report import DPI, FIGSIZE, PANEL_ROW, build_report, class_iou_bars, main
+from report import DPI, FIGSIZE, PANEL_ROW, build_report, class_iou_bars, main, read_records
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,8 @@ def test_report_without_confusion_or_checkpoint_says_what_is_missing(run_dir, tm
 def test_a_select_last_run_says_it_has_no_validation_curve(run_dir, tmp_path):
     last = tmp_path / "last"
     last.mkdir()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (last / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val"}) + "\n"
-                                                for r in records))
+                                                for r in read_records(run_dir)))
     report = build_report([last]).read_text()
     assert "No inner validation (`--select last`" in report and "Validation scores are" not in report
     assert Image.open(last / "curves.png").size == png_size("curves")
