@@ -94,51 +94,55 @@ def _muted_palette(rng, n):
     return [tuple(int(255 * c) for c in row) for row in np.clip(rgb, 0, 1)]
 
 
-def _content(rng, size, content):
-    """The picture itself, before the material texture: float RGB (S, S, 3) in [0, 1]."""
-    colours = _muted_palette(rng, 6)
-    u = size / 128
-    if content == "Artistic depiction":
-        top, bottom = np.asarray(colours[0], np.float32), np.asarray(colours[1], np.float32)
-        horizon = rng.uniform(0.3, 0.7)
-        t = np.clip((np.linspace(0, 1, size, dtype=np.float32) - horizon) * 6 + 0.5, 0, 1)[:, None, None]
-        canvas = Image.fromarray(((1 - t) * top + t * bottom).repeat(size, 1).astype(np.uint8))
-        draw = ImageDraw.Draw(canvas)
-        for _ in range(rng.integers(3, 9)):
-            cy, cx = rng.uniform(0, size, 2)
-            ry, rx = rng.uniform(0.05, 0.25, 2) * size
-            colour = colours[rng.integers(2, 6)]
-            if rng.random() < 0.5:
-                draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=colour)
-            else:
-                angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 7)))
-                draw.polygon([(cx + rx * np.cos(a), cy + ry * np.sin(a)) for a in angles], fill=colour)
-        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 2.0) * u))
-        img = np.asarray(canvas, np.float32) / 255.0
-        img *= (0.9 + 0.2 * _noise(rng, size, 4, 3))[..., None]
-        return img
-    if content == "Geometric patterns":
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        theta = rng.uniform(0, np.pi)
-        period = rng.uniform(8, 24) * u
-        c = np.asarray(colours[:3], np.float32) / 255.0
-        # Painted patterns keep their motifs in a related key rather than full poster contrast.
-        c = c.mean(0) + rng.uniform(0.45, 0.8) * (c - c.mean(0))
-        kind = rng.integers(4)
-        along = xx * np.cos(theta) + yy * np.sin(theta)
-        across = -xx * np.sin(theta) + yy * np.cos(theta)
-        if kind == 0:
-            sel = (np.floor(along / period) % 3).astype(np.int64)
-        elif kind == 1:
-            sel = ((np.floor(along / period) + np.floor(across / period)) % 2).astype(np.int64)
-        elif kind == 2:
-            r = np.hypot(yy - rng.uniform(0, size), xx - rng.uniform(0, size))
-            sel = (np.floor(r / period) % 3).astype(np.int64)
+def _artistic(rng, size, colours, u):
+    """Landscape-like painting: a two-colour sky/ground gradient with soft ellipses and polygons."""
+    top, bottom = np.asarray(colours[0], np.float32), np.asarray(colours[1], np.float32)
+    horizon = rng.uniform(0.3, 0.7)
+    t = np.clip((np.linspace(0, 1, size, dtype=np.float32) - horizon) * 6 + 0.5, 0, 1)[:, None, None]
+    canvas = Image.fromarray(((1 - t) * top + t * bottom).repeat(size, 1).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(3, 9)):
+        cy, cx = rng.uniform(0, size, 2)
+        ry, rx = rng.uniform(0.05, 0.25, 2) * size
+        colour = colours[rng.integers(2, 6)]
+        if rng.random() < 0.5:
+            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=colour)
         else:
-            sel = ((np.abs((along % period) - period / 2) + np.abs((across % period) - period / 2))
-                   < period * 0.3).astype(np.int64) * 2
-        img = Image.fromarray((c[sel] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6 * u))
-        return np.asarray(img, np.float32) / 255.0 * (0.92 + 0.16 * _noise(rng, size, 6, 2))[..., None]
+            angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 7)))
+            draw.polygon([(cx + rx * np.cos(a), cy + ry * np.sin(a)) for a in angles], fill=colour)
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 2.0) * u))
+    img = np.asarray(canvas, np.float32) / 255.0
+    img *= (0.9 + 0.2 * _noise(rng, size, 4, 3))[..., None]
+    return img
+
+
+def _geometric(rng, size, colours, u):
+    """A painted pattern: stripes, checks, rings or diamonds in a related key."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    period = rng.uniform(8, 24) * u
+    c = np.asarray(colours[:3], np.float32) / 255.0
+    # Painted patterns keep their motifs in a related key rather than full poster contrast.
+    c = c.mean(0) + rng.uniform(0.45, 0.8) * (c - c.mean(0))
+    kind = rng.integers(4)
+    along = xx * np.cos(theta) + yy * np.sin(theta)
+    across = -xx * np.sin(theta) + yy * np.cos(theta)
+    if kind == 0:
+        sel = (np.floor(along / period) % 3).astype(np.int64)
+    elif kind == 1:
+        sel = ((np.floor(along / period) + np.floor(across / period)) % 2).astype(np.int64)
+    elif kind == 2:
+        r = np.hypot(yy - rng.uniform(0, size), xx - rng.uniform(0, size))
+        sel = (np.floor(r / period) % 3).astype(np.int64)
+    else:
+        sel = ((np.abs((along % period) - period / 2) + np.abs((across % period) - period / 2))
+               < period * 0.3).astype(np.int64) * 2
+    img = Image.fromarray((c[sel] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6 * u))
+    return np.asarray(img, np.float32) / 255.0 * (0.92 + 0.16 * _noise(rng, size, 6, 2))[..., None]
+
+
+def _line_art(rng, size, u):
+    """Ink drawing on a pale ground: outlined ellipses and hatching."""
     ground = _jitter(rng, (0.92, 0.89, 0.82), 0.03)
     img = np.empty((size, size, 3), np.float32)
     img[:] = ground
@@ -161,6 +165,17 @@ def _content(rng, size, content):
 
     _composite(img, 0.9 * _strokes(size, draw_lines), ink)
     return img
+
+
+def _content(rng, size, content):
+    """The picture itself, before the material texture: float RGB (S, S, 3) in [0, 1]."""
+    colours = _muted_palette(rng, 6)
+    u = size / 128
+    if content == "Artistic depiction":
+        return _artistic(rng, size, colours, u)
+    if content == "Geometric patterns":
+        return _geometric(rng, size, colours, u)
+    return _line_art(rng, size, u)
 
 
 def _material(rng, img, material, yy, xx):
