@@ -1,8 +1,8 @@
 """Checkpoint <-> model, one home for training, evaluation and predict.py.
 
 A checkpoint is a dict of plain values (tensors, dicts, lists, numbers, strings): model, optimizer,
-scheduler and scaler states, epoch, step, best metric and the full run config. It is read with
-``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
+scheduler and scaler states, epoch, step, best metric and the full run config, the label scheme included
+(config["classes"]). It is read with ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
 import errno
 import shutil
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from files import atomic_write
-from labels import NUM_CLASSES, UserError
+from labels import UserError, config_scheme, scheme_difference, scheme_from_dict
 from model import build_model, strip_wrapper_prefixes
 
 # Config keys that decide the network's shape: a model is rebuilt from these alone.
@@ -69,16 +69,25 @@ def load_checkpoint(path, flag="--checkpoint"):
     return checkpoint
 
 
+def checkpoint_scheme(checkpoint, path):
+    """The label scheme the checkpoint was trained with (ARTeFACT's, with a note, for checkpoints from before
+    schemes travelled with them)."""
+    scheme = config_scheme(checkpoint["config"], f"--checkpoint {path}")
+    num_classes = checkpoint["config"].get("num_classes", scheme.num_classes)
+    if num_classes != scheme.num_classes:
+        raise UserError(f"--checkpoint {path}: model has {num_classes} classes but its label scheme "
+                        f"{scheme.num_classes}; pass an unmodified checkpoint written by train.py")
+    return scheme
+
+
 def model_from_checkpoint(checkpoint, path, img_size=None):
     """The network its config describes, with the checkpoint's weights (on the CPU, train mode)."""
     config = checkpoint["config"]
-    num_classes = config.get("num_classes", NUM_CLASSES)
-    if num_classes != NUM_CLASSES:
-        raise UserError(f"--checkpoint {path}: model has {num_classes} classes, ARTeFACT has {NUM_CLASSES}; "
-                        "pass a checkpoint trained on the ARTeFACT labels")
-    model = build_model(config["encoder"], num_classes=num_classes, decoder=config.get("decoder", "unet"),
+    scheme = checkpoint_scheme(checkpoint, path)
+    model = build_model(config["encoder"], scheme.num_classes, decoder=config.get("decoder", "unet"),
                         heads=config.get("heads", "fine"), pretrained=False,
-                        img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"))
+                        img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"),
+                        num_groups=len(scheme.groups) if scheme.groups else None)
     try:
         model.load_state_dict(strip_wrapper_prefixes(checkpoint["model"]))
     except RuntimeError as exc:
@@ -106,7 +115,18 @@ def load_resumable(path, cfg):
         if checkpoint["config"].get(key) != cfg[key]:
             raise UserError(f"--resume: {path} was trained with --{key.replace('_', '-')} "
                             f"{checkpoint['config'].get(key)}, not {cfg[key]}; use the same flags")
+    check_scheme(checkpoint_scheme(checkpoint, path), path, scheme_from_dict(cfg["classes"], "the run config"),
+                 cfg["classes_source"], "--resume")
     return checkpoint
+
+
+def check_scheme(trained, path, scheme, source, flag="--checkpoint"):
+    """Refuses, in one line naming the difference, a checkpoint (at path) trained with another label scheme than
+    the dataset's (scheme, read from source)."""
+    difference = scheme_difference(trained, scheme)
+    if difference:
+        raise UserError(f"{flag} {path}: trained with another label scheme than {source} ({difference}; "
+                        "checkpoint vs dataset); pass the dataset and --classes it was trained with")
 
 
 def restore_training(parts, checkpoint):

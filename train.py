@@ -30,7 +30,7 @@ import data
 from checkpoint import load_checkpoint
 from distributed import Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed
 from evaluation import eval_only, evaluate
-from labels import NUM_CLASSES, UserError, run_cli
+from labels import UserError, run_cli, scheme_summary
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, default_batch
@@ -47,19 +47,21 @@ def get_lr_schedule(optimizer, cfg, steps_per_epoch):
 
 
 def make_criterion(cfg, class_weights, device):
-    """The loss module (sums form, see losses.global_loss), its class weights on the device."""
+    """The loss module (sums form, see losses.global_loss) over the run's label scheme, on the device."""
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    scheme = data.run_scheme(cfg)
     if cfg["heads"] == "hierarchical":
-        return HierarchicalLoss(cfg["loss"], weight, head_weights=tuple(cfg["head_weights"]))
-    return build_loss(cfg["loss"], weight)
+        return HierarchicalLoss(cfg["loss"], scheme, weight, head_weights=tuple(cfg["head_weights"])).to(device)
+    return build_loss(cfg["loss"], weight, scheme.ignore)
 
 
 def build_training(cfg, world, local_rank, device, steps_per_epoch, class_weights=None, pretrained=False,
                    encoder_weights=None):
     """Model (channels_last, SyncBN on multi-GPU, compiled, DDP-wrapped), its raw module, AdamW, OneCycle,
     the GradScaler (active for fp16 only) and the loss."""
-    model = build_model(cfg["encoder"], NUM_CLASSES, cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], encoder_weights).to(device)
+    groups = data.run_scheme(cfg).groups
+    model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
+                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
@@ -263,7 +265,7 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
               "img_s": (step - step0) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - start,
               "peak_mem_mb": peak_memory_mb(device), "lr": parts.scheduler.get_last_lr()[0], "skipped_steps": skipped}
     if cms is not None:
-        record["val"] = eval_metrics(cms)
+        record["val"] = eval_metrics(cms, data.run_scheme(cfg))
     return record
 
 
@@ -279,7 +281,7 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
-    record = {"test": eval_metrics(cms), "selected_epoch": int(all_reduce(epoch, dist.ReduceOp.MAX)),
+    record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, dist.ReduceOp.MAX)),
               "select": cfg["select"]}
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms))
@@ -309,13 +311,15 @@ def write_report(run_dir):
 
 def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
+    scheme = data.run_scheme(cfg)
+    log(rank, f"label scheme: {scheme_summary(scheme)} ({cfg['classes_source']})")
     split = data.load_split(cfg, local_rank, local_world)
     n_train = len(split["train"].pre)
     if n_train < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {n_train} training images; lower it")
     # The preload counted every row's class pixels (at the working scale) while building.
-    counts = split["train"].pre.counts[:, :NUM_CLASSES].sum(0)
-    class_weights = resolve_class_weights(cfg["class_weights"], counts, cfg["max_ratio"],
+    counts = split["train"].pre.counts[:, :scheme.num_classes].sum(0)
+    class_weights = resolve_class_weights(cfg["class_weights"], counts, scheme, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
     parts = build_training(cfg, world, local_rank, device, n_train // cfg["batch_size"], class_weights,
                            cfg["pretrained"], cfg["weights"])
@@ -378,7 +382,7 @@ def find_batch_size(cfg, world, device):
     def fits(batch):
         try:
             x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=device)
-            y = torch.randint(0, NUM_CLASSES, (batch, cfg["img_size"], cfg["img_size"]), device=device)
+            y = torch.randint(0, cfg["num_classes"], (batch, cfg["img_size"], cfg["img_size"]), device=device)
             train_step(parts, [(x, y)], probe, device)
             torch.cuda.synchronize(device)
             return True

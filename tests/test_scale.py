@@ -10,14 +10,14 @@ import data
 import files
 import preload
 from conftest import run_script
-from test_data import write_dataset
+from test_data import ARTEFACT, write_dataset
 
 
 def test_working_scale_keeps_the_aspect_ratio_and_pads_small_images_to_a_crop(tmp_path):
     root = write_dataset(tmp_path / "wide", count=2, size=(200, 120))
     small = write_dataset(tmp_path / "small", count=1, size=(20, 30))
     samples = files.list_samples(root) + files.list_samples(small)
-    pre = preload.preload(samples, 32, work_size=100, mode="disk")
+    pre = preload.preload(samples, 32, ARTEFACT, work_size=100, mode="disk")
     assert pre.shapes.tolist() == [[60, 100], [60, 100], [32, 32]]
     for row, sample in enumerate(samples[:2]):
         with Image.open(sample.image) as image:
@@ -42,7 +42,7 @@ def damage_set(tmp_path, count=6, size=(120, 90)):
 
 
 def test_epoch_crops_are_seeded_in_bounds_and_change_each_epoch(tmp_path):
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
     first = data.epoch_crops(pre, 32, 42, 0, 0.5, None)
     np.testing.assert_array_equal(first, data.epoch_crops(pre, 32, 42, 0, 0.5, None))
     assert not np.array_equal(first, data.epoch_crops(pre, 32, 42, 1, 0.5, None))
@@ -52,7 +52,7 @@ def test_epoch_crops_are_seeded_in_bounds_and_change_each_epoch(tmp_path):
 
 
 def test_rare_crops_centre_on_damage_and_favour_the_rarer_class(tmp_path):
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
     weights = np.ones(16)
     weights[5] = 50.0
     hair = []
@@ -71,7 +71,7 @@ def test_crops_almost_all_outside_the_object_are_drawn_again(tmp_path):
         mask = np.full((100, 100), 255, np.uint8)
         mask[:30, :30] = 0
         Image.fromarray(mask).save(sample.mask)
-    pre = preload.preload(files.list_samples(root), 16, work_size=100, mode="disk")
+    pre = preload.preload(files.list_samples(root), 16, ARTEFACT, work_size=100, mode="disk")
     def good(row, top, left):
         return (pre.mask(row)[top:top + 16, left:left + 16] != 255).mean() >= data.MIN_VALID
 
@@ -157,7 +157,7 @@ def test_a_long_evaluation_reports_its_progress(tmp_path, capsys):
     import evaluation
     root = write_dataset(tmp_path / "ds", count=evaluation.PROGRESS_MIN_IMAGES, size=(32, 32))
     samples = files.list_samples(root)
-    part = data.Part(samples, preload.preload(samples, 32, work_size=32, mode="disk"), {})
+    part = data.Part(samples, preload.preload(samples, 32, ARTEFACT, work_size=32, mode="disk"), {})
     cfg = {"heads": "fine", "img_size": 32, "micro_batch": 4, "precision": "fp32"}
     cms = evaluation.evaluate(torch.nn.Conv2d(3, 16, 1), part, cfg, torch.device("cpu"))
     assert int(cms["fine"].sum()) == sum(int((part.pre.mask(i) != 255).sum()) for i in range(len(samples)))
