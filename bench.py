@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from config import build_parser
+from config import build_parser, label_scheme
 
 
 def build_bench_parser():
@@ -134,6 +134,7 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     alternating with ours for --bench-rounds rounds; img/s are then medians over the rounds, for both."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg["data"] = "synthetic"
+    cfg.update(label_scheme("synthetic", None, cfg["heads"]))
     train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
@@ -258,14 +259,15 @@ def rollup_pss_shmem(pid="self"):
 
 
 def _bench_data(root, count, source_size, seed=42):
-    rng = np.random.default_rng(seed)
+    """count images with one damage class of ARTeFACT's scheme each (the loader bench reads them with it)."""
+    rng, damage = np.random.default_rng(seed), artefact_scheme().damage_ids
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     yy, xx = np.mgrid[0:source_size, 0:source_size]
     for i in range(count):
         base = (np.sin(xx / (20 + i)) + np.cos(yy / (30 + i))) * 60 + 128
         image = np.clip(base[..., None] + rng.normal(0, 8, (source_size, source_size, 3)), 0, 255).astype(np.uint8)
-        mask = ((base > 170) * (1 + i % 15)).astype(np.uint8)
+        mask = ((base > 170) * damage[i % len(damage)]).astype(np.uint8)
         Image.fromarray(image).save(root / "images" / f"bench_{i:04d}.png")
         Image.fromarray(mask).save(root / "annotations" / f"bench_{i:04d}.png")
     return root

@@ -115,18 +115,18 @@ def load_resumable(path, cfg):
         if checkpoint["config"].get(key) != cfg[key]:
             raise UserError(f"--resume: {path} was trained with --{key.replace('_', '-')} "
                             f"{checkpoint['config'].get(key)}, not {cfg[key]}; use the same flags")
-    check_scheme(checkpoint_scheme(checkpoint, path), path, scheme_from_dict(cfg["classes"], "the run config"),
-                 cfg["classes_source"], "--resume")
+    check_scheme(checkpoint_scheme(checkpoint, path), scheme_from_dict(cfg["classes"], "the run config"),
+                 cfg["classes_source"], f"--resume: {path} was trained")
     return checkpoint
 
 
-def check_scheme(trained, path, scheme, source, flag="--checkpoint"):
-    """Refuses, in one line naming the difference, a checkpoint (at path) trained with another label scheme than
-    the dataset's (scheme, read from source)."""
+def check_scheme(trained, scheme, source, lead):
+    """Refuses, in one line naming the difference, a checkpoint trained with the label scheme trained when the
+    dataset's is another (scheme, read from source); lead names the checkpoint ("--checkpoint PATH: trained")."""
     difference = scheme_difference(trained, scheme)
     if difference:
-        raise UserError(f"{flag} {path}: trained with another label scheme than {source} ({difference}; "
-                        "checkpoint vs dataset); pass the dataset and --classes it was trained with")
+        raise UserError(f"{lead} with another label scheme than {source} ({difference}; checkpoint vs dataset); "
+                        "pass the dataset and --classes it was trained with")
 
 
 def restore_training(parts, checkpoint):

@@ -119,7 +119,7 @@ def _eval_scheme(cfg, checkpoint, path):
     differs from it."""
     trained = checkpoint_scheme(checkpoint, path)
     dataset, source = data.data_scheme(cfg["data"], cfg["classes_file"], (trained, f"the scheme of {path}"))
-    check_scheme(trained, path, dataset, source)
+    check_scheme(trained, dataset, source, f"--checkpoint {path}: trained")
     return {"classes": scheme_to_dict(trained), "num_classes": trained.num_classes, "classes_source": source}
 
 

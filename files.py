@@ -138,22 +138,17 @@ def read_image(path):
 
 
 def _ids_from_colours(path, rgb, scheme):
-    """Ids of an RGB mask: its colours in the scheme's palette (the ignore colour -> the ignore id), or, for a grey
-    mask (R=G=B) with colours outside the palette, the grey values as ids. A grey mask whose every value is also
-    a palette colour of another id is refused: the two readings disagree and neither is guessed."""
+    """Ids of an RGB mask: its colours through the scheme's palette (the ignore colour -> the ignore id) when every
+    colour is in it; else, for a grey mask (R=G=B), the grey values as ids; else a UserError naming the colours."""
     packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
     colours, inverse = np.unique(packed, return_inverse=True)
     colour_to_id = {colour: c for c, colour in enumerate(scheme.colours)} | {scheme.ignore_colour: scheme.ignore}
     found = [(value >> 16, (value >> 8) & 255, value & 255) for value in colours.tolist()]
     unknown = [hex_colour(colour) for colour in found if colour not in colour_to_id]
-    grey = all(r == g == b for r, g, b in found)
     if not unknown:
         ids = np.array([colour_to_id[colour] for colour in found], dtype=np.uint8)
-        if grey and any(int(i) != r for i, (r, _, _) in zip(ids, found)):
-            raise UserError(f"{path}: grey mask reads as other ids through the label scheme's palette; save class "
-                            "ids as a single-channel PNG")
         return ids[inverse.reshape(packed.shape)]
-    if grey:
+    if all(r == g == b for r, g, b in found):
         return rgb[..., 0].copy()
     shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
     raise UserError(f"{path}: colour mask has colours outside the label scheme's palette ({shown}); give the "
@@ -178,9 +173,9 @@ def read_mask(path, scheme, image_size=None):
 
     L masks are ids. Palette (P) masks are read as their indices, not their colours, because that is how
     id masks with a preview palette are stored. RGB/RGBA masks are read through the scheme's colours (its
-    ignore colour -> its ignore id) or, when grey (R=G=B), as ids. 16-bit and 32-bit integer masks are
-    accepted only when every value is a valid id, so no value is ever truncated. A value or colour outside
-    the scheme, or anything else, is a UserError naming the file.
+    ignore colour -> its ignore id) when all their colours are in it, else, when grey (R=G=B), as ids. 16-bit
+    and 32-bit integer masks are accepted only when every value is a valid id, so no value is ever truncated.
+    A value or colour outside the scheme, or anything else, is a UserError naming the file.
     """
     image = open_image(path, orient=False)
     if image.mode in ("L", "P"):

@@ -235,9 +235,10 @@ def predict_panels(checkpoint_path, out, count, seed, scheme):
     checkpoint and the dataset must hold the runs' label scheme."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
-    check_scheme(checkpoint_scheme(checkpoint, checkpoint_path), checkpoint_path, scheme, "its run")
-    check_scheme(scheme, checkpoint_path, data.data_scheme(config["data"], config.get("classes_file"),
-                                                           (scheme, "the run's scheme"))[0], "the dataset")
+    lead = f"{checkpoint_path}: trained"
+    check_scheme(checkpoint_scheme(checkpoint, checkpoint_path), scheme, "its run folder", lead)
+    dataset, source = data.data_scheme(config["data"], config.get("classes_file"), (scheme, "the run's scheme"))
+    check_scheme(scheme, dataset, source, lead)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
     (out / "samples").mkdir(exist_ok=True)

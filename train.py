@@ -281,8 +281,8 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
-    record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, dist.ReduceOp.MAX)),
-              "select": cfg["select"]}
+    record = {"test": eval_metrics(cms, data.run_scheme(cfg)),
+              "selected_epoch": int(all_reduce(epoch, dist.ReduceOp.MAX)), "select": cfg["select"]}
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms))
     return record

@@ -1,6 +1,7 @@
 """Class pixel frequencies -> class weights for the losses; the CLI writes them as JSON for train.py.
 
-With n_c the labelled pixels of class c (the label scheme's ignore id left out) and f_c = n_c / sum(n), the raw weights are
+With n_c the labelled pixels of class c (the label scheme's ignore id left out) and f_c = n_c / sum(n), the raw
+weights are
 
 - ``inverse``                  1 / f_c
 - ``inverse_sqrt``             1 / sqrt(f_c)
