@@ -121,8 +121,8 @@ def load_resumable(path, cfg):
 
 
 def check_scheme(trained, scheme, source, lead):
-    """Refuses, in one line naming the difference, a checkpoint trained with the label scheme trained when the
-    dataset's is another (scheme, read from source); lead names the checkpoint ("--checkpoint PATH: trained")."""
+    """Refuses, in one line naming the difference, a checkpoint whose label scheme (trained) is not the dataset's
+    (scheme, read from source); lead names the checkpoint, e.g. "--checkpoint PATH: trained"."""
     difference = scheme_difference(trained, scheme)
     if difference:
         raise UserError(f"{lead} with another label scheme than {source} ({difference}; checkpoint vs dataset); "

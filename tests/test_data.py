@@ -439,6 +439,8 @@ def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path, capsys)
     metadata = read_csv(tmp_path / "out" / "metadata.csv")
     assert [(m["id"], m["material"], m["width"], m["height"]) for m in metadata] == \
         [(r["id"], r["material"], str(r["image"].shape[1]), str(r["image"].shape[0])) for r in rows]
+    assert files.dataset_scheme(tmp_path / "out") == (ARTEFACT, str(tmp_path / "out" / "classes.json")), \
+        "ingest writes ARTeFACT's label scheme beside the data"
 
 
 def test_prepare_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import data
 import files
 import preload
 from conftest import run_script
+from labels import scheme_from_dict
 from test_data import ARTEFACT, write_dataset
 
 
@@ -63,6 +64,29 @@ def test_rare_crops_centre_on_damage_and_favour_the_rarer_class(tmp_path):
             hair.append((crop == 5).any())
     # Hair covers 0.3 % of each image; weighted, most crops are centred on it.
     assert np.mean(hair) > 0.8
+
+
+def test_rare_crops_follow_the_schemes_clean_id_not_id_0(tmp_path):
+    # Id 0 is a damage class here and the clean class is 2: a crop centred on "damage" must never be one on clean.
+    scheme = scheme_from_dict({"classes": [{"id": i, "name": n, "colour": c} for i, (n, c) in enumerate(
+        (("crack", "#FF0000"), ("flaking", "#00FF00"), ("clean", "#000000"), ("loss", "#0000FF")))],
+        "clean": 2, "ignore": 9}, "mural")
+    root = write_dataset(tmp_path / "ds", count=4, size=(120, 90))
+    for i, sample in enumerate(files.list_samples(root)):
+        mask = np.full((90, 120), 2, np.uint8)
+        mask[:, :20], mask[:, 110:] = 0, 9
+        mask[60 + i:66 + i, 90:96] = 3
+        Image.fromarray(mask).save(sample.mask)
+    pre = preload.preload(files.list_samples(root), 32, scheme, work_size=120, mode="disk")
+    crack = []
+    for epoch in range(10):
+        for row, (top, left) in enumerate(data.epoch_crops(pre, 32, 42, epoch, 1.0, [50.0, 1.0, 1.0, 1.0]).tolist()):
+            crop = pre.mask(row)[top:top + 32, left:left + 32]
+            assert np.isin(crop, (0, 1, 3)).any(), "every crop of an image with damage shows damage"
+            crack.append((crop == 0).any())
+    # The crack band is id 0 and weighted 50: most crops are centred on it (a uniform crop shows it 1 time in 4,
+    # measured).
+    assert np.mean(crack) > 0.8
 
 
 def test_crops_almost_all_outside_the_object_are_drawn_again(tmp_path):

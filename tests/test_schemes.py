@@ -205,11 +205,9 @@ def test_artefacts_default_scheme_gives_the_numbers_of_an_explicit_artefact_file
     default = tmp_path / "default"
     shutil.copytree(synthetic_root, default, ignore=shutil.ignore_patterns("classes.json"))
     (tmp_path / "artefact.json").write_text(json.dumps(scheme_to_dict(artefact_scheme())))
-    flags = ["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4", "--epochs", "2",
-             "--log-every", "1000", "--no-report"]
-    assumed = run_script("train.py", "--data", default, "--run-dir", tmp_path / "a", *flags)
-    given = run_script("train.py", "--data", default, "--run-dir", tmp_path / "b", "--classes",
-                       tmp_path / "artefact.json", *flags)
+    assumed = run_script(*train_flags(default, tmp_path / "a", "--no-report", "--select", "inner"))
+    given = run_script(*train_flags(default, tmp_path / "b", "--no-report", "--select", "inner", "--classes",
+                                    tmp_path / "artefact.json"))
     for done in (assumed, given):
         assert done.returncode == 0, done.stderr
     assert f"note: {default / 'classes.json'} not found; assumed ARTeFACT's built-in scheme" in assumed.stderr
