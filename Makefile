@@ -6,7 +6,7 @@ VENV ?= .venv
 unexport VENV
 PYTHON ?= python3
 
-.PHONY: demo test
+.PHONY: demo test gpu-check
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc_per_node=2 train.py --encoder resnet10t --data synthetic --synthetic-count 256 \
@@ -14,6 +14,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q tests
+
+# On a machine with one GPU: tests/test_gpu.py (skipped without CUDA), figures appended to $(GPU_CHECK_OUT).
+# Uses the venv when there is one, else the machine's python3 (a GPU image with torch and timm installed).
+GPU_CHECK_OUT ?= gpu-check.jsonl
+gpu-check:
+	GPU_CHECK_OUT=$(abspath $(GPU_CHECK_OUT)) $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3) \
+		-m pytest -q -s -p no:cacheprovider tests/test_gpu.py
 
 $(VENV)/.installed: requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

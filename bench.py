@@ -53,7 +53,7 @@ from files import dataset_scheme, list_samples
 from labels import artefact_scheme
 from preload import cores, preload
 from model import autocast
-from train import build_training, make_criterion, peak_memory_mb, run_main, train_step
+from train import build_network, build_training, make_criterion, peak_memory_mb, run_main, train_step
 
 # Our encoder names -> segmentation_models_pytorch encoder names of the same network ("tu-" = timm inside
 # smp); other timm models are tried as "tu-NAME". Encoders that smp cannot build get the reference "n/a".
@@ -138,8 +138,8 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
-    parts = build_training(dict(cfg, epochs=1), world, local_rank, device, 2 * (rounds * steps + warmup) + 1,
-                           np.ones(cfg["num_classes"]))
+    parts = build_training(dict(cfg, epochs=1), build_network(cfg, device, world), world, device,
+                           2 * (rounds * steps + warmup) + 1, np.ones(cfg["num_classes"]))
     generator = torch.Generator().manual_seed(cfg["seed"])
     flips = torch.randint(0, 2, (len(train_pre), 3), generator=generator).bool()
     index = torch.arange(cfg["per_rank_batch"]) % len(train_pre)
@@ -181,7 +181,9 @@ def bench(cfg, rank, world, local_rank, local_world, device):
 
 def _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, warmup):
     """Seconds per round of ours and the reference, alternating (train, then inference), and our peak memory."""
-    model, x = parts.raw_model, micro[0][0]
+    x = micro[0][0]
+    # With --compile, inference is timed compiled too (the raw model compiled on its own, as for training).
+    model = torch.compile(parts.raw_model) if cfg["compile"] else parts.raw_model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -104,19 +104,48 @@ def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
             "step": step, "epoch_loss_sum": loss_sum, "best_miou": best, "config": cfg}
 
 
-# Flags that must match for a resumed run to end where an uninterrupted one would.
-RESUME_KEYS = ("encoder", "decoder", "heads", "img_size", "batch_size", "epochs", "seed", "split", "fold")
+# Config keys a resumed run may change: how it is launched, logged and checked, not what it trains or evaluates
+# (the global batch's objective does not depend on the number of ranks or micro-batches). Every other key of
+# the config must match, so a flag added later is covered without being listed here.
+RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
+                     "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
+                     "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
+                     "skip_nonfinite", "max_skipped"}
+# Derived from other keys that are compared themselves (lr from --lr and the batch); the label scheme is
+# compared as a scheme (labels.scheme_difference), whichever file it was read from.
+RESUME_DERIVED = {"lr", "classes", "num_classes", "classes_file", "classes_source"}
+FLAG_OF_KEY = {"base_lr": "--lr"}
+
+
+def _shown(value):
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def resume_changes(trained, cfg):
+    """['--flag old -> new', ...] for every key that decides what is trained or evaluated and differs between
+    the checkpoint's config and cfg; keys an older checkpoint lacks are not compared."""
+    changes = []
+    # A --batch-size auto run resumes with the batch its search found, whatever the default is now.
+    adopted = {"batch_size"} if cfg.get("batch_auto") else set()
+    for key in sorted(cfg):
+        if key in adopted or key in RESUME_MAY_CHANGE or key in RESUME_DERIVED or key not in trained or trained[key] == cfg[key]:
+            continue
+        flag = FLAG_OF_KEY.get(key, "--" + key.replace("_", "-"))
+        changes.append(f"{flag} {_shown(trained[key])} -> {_shown(cfg[key])}")
+    return changes
 
 
 def load_resumable(path, cfg):
-    """The checkpoint at path, refused with one line when it was trained with other flags than cfg's."""
+    """The checkpoint at path, refused with one line naming every flag that differs from cfg's."""
     checkpoint = load_checkpoint(path)
-    for key in RESUME_KEYS:
-        if checkpoint["config"].get(key) != cfg[key]:
-            raise UserError(f"--resume: {path} was trained with --{key.replace('_', '-')} "
-                            f"{checkpoint['config'].get(key)}, not {cfg[key]}; use the same flags")
-    check_scheme(checkpoint_scheme(checkpoint, path), scheme_from_dict(cfg["classes"], "the run config"),
-                 cfg["classes_source"], f"--resume: {path} was trained")
+    changes = resume_changes(checkpoint["config"], cfg)
+    difference = scheme_difference(checkpoint_scheme(checkpoint, path), scheme_from_dict(cfg["classes"], "the run"))
+    if difference:
+        changes.insert(0, f"label scheme: {difference}, checkpoint vs {cfg['classes_source']}")
+    if changes:
+        raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changes)}); resume with the "
+                        "flags it was trained with, or start a fresh --run-dir")
     return checkpoint
 
 

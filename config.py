@@ -67,15 +67,17 @@ def _model_flags(m):
     m.add_argument("--weights", default=None, help="local encoder weights file (default: none; random or "
                    "--pretrained)")
     m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
+                   help="autocast dtype; auto is bf16 on GPUs with bf16 tensor cores (Ampere and newer), fp16 with a "
+                        "GradScaler on older GPUs (V100, T4), fp32 on CPU; fp32 is strict float32 (no TF32)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
     m.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors instead of channels_last")
 
 
 def _optimisation_flags(o):
     o.add_argument("--epochs", type=int, default=50, help="passes over the training images (epochs)")
-    o.add_argument("--batch-size", default=None, help="global batch over all ranks (images) or 'auto' (largest that "
-                   "fits the GPU) (default: per encoder, e.g. mit_b3 32, convnext_tiny 96)")
+    o.add_argument("--batch-size", default=None, help="global batch over all ranks (images) or 'auto' (the largest "
+                   "per-GPU batch whose training step fits, the same on every rank, at most the training images) "
+                   "(default: per encoder, e.g. mit_b3 32, convnext_tiny 96)")
     o.add_argument("--micro-batch", type=int, default=None, help="images per rank per forward; gradients of the "
                    "rest are accumulated (default: the whole per-rank batch)")
     o.add_argument("--lr", type=float, default=1e-3, help=f"base peak LR at global batch {BASE_BATCH}; the run "
@@ -111,6 +113,8 @@ def _evaluation_flags(e):
 
 def _run_flags(t, r):
     t.add_argument("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails")
+    t.add_argument("--dist-backend", default="auto", help="process-group backend: auto (nccl on GPUs, gloo on CPU) or "
+                   "a torch.distributed backend string, e.g. cuda:gloo to test several ranks on one GPU")
     t.add_argument("--threads", type=int, default=None, help="CPU threads per process for torch (default: "
                    "OMP_NUM_THREADS if set, else torch's choice; with several ranks on one CPU node, cores / ranks)")
     r.add_argument("--run-dir", default=None, help="folder for config, logs, metrics and checkpoints (default: "
@@ -137,8 +141,13 @@ def parse_args(argv=None):
 
 
 def _batch_sizes(args, world_size):
-    """(global batch, per-rank batch, micro-batch) from --batch-size and --micro-batch."""
+    """(global batch, per-rank batch, micro-batch) from --batch-size and --micro-batch; 'auto' stands for the
+    encoder's default until the search (train.py, on a GPU) replaces it."""
     from model import default_batch
+    if args.batch_size == "auto" and args.micro_batch:
+        raise UserError(f"--micro-batch {args.micro_batch} with --batch-size auto: auto picks the largest per-GPU "
+                        "batch that fits one forward and backward, so nothing is left to accumulate; give "
+                        "--batch-size N to accumulate micro-batches, or drop --micro-batch")
     if args.batch_size in (None, "auto"):
         batch = default_batch(args.encoder)
     else:
@@ -154,6 +163,28 @@ def _batch_sizes(args, world_size):
     if micro < 1 or per_rank % micro:
         raise UserError(f"--micro-batch {micro}: must divide the per-rank batch {per_rank}")
     return batch, per_rank, micro
+
+
+def with_batch(cfg, batch, world_size):
+    """The batch-derived fields of cfg for another global batch (what --batch-size auto found, or a resumed
+    auto run's): per-rank batch, micro-batch (the whole per-rank batch) and the scaled LR."""
+    if batch < world_size or batch % world_size:
+        raise UserError(f"--batch-size {batch}: must be a multiple of the {world_size} ranks; "
+                        f"use {max(world_size, batch // world_size * world_size)}")
+    per_rank = batch // world_size
+    return dict(batch_size=batch, per_rank_batch=per_rank, micro_batch=per_rank, accum_steps=1,
+                lr=cfg["base_lr"] * batch / BASE_BATCH)
+
+
+def auto_precision(device):
+    """--precision auto: bf16 where the GPU has bf16 tensor cores (torch's plain is_bf16_supported() also
+    counts emulation, True on a V100), fp16 with a GradScaler on older tensor-core GPUs, else fp32."""
+    import torch
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp16" if torch.cuda.get_device_capability(device)[0] >= 7 else "fp32"
 
 
 def _check_numbers(args):
@@ -187,13 +218,16 @@ def _check_numbers(args):
     for flag, value, ok, need in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {need}")
+    spec = args.class_weights
+    if spec not in METHODS and not Path(spec).is_file():
+        raise UserError(f"--class-weights {spec}: give a method ({', '.join(METHODS)}) or an existing .json file "
+                        "from weights.py")
     if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
         raise UserError(f"--run-dir {args.run_dir}: is a file; pass a folder for the run's checkpoints and logs")
 
 
 def resolve_config(args, world_size, device):
     """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
-    import torch
     from model import check_img_size
 
     _check_numbers(args)
@@ -210,20 +244,20 @@ def resolve_config(args, world_size, device):
         cfg["head_weights"] = []
     if len(cfg["head_weights"]) != 3:
         raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
-    batch, per_rank, micro = _batch_sizes(args, world_size)
+    # Evaluation trains nothing: its tiles go through the model --micro-batch (or the checkpoint's) at a time.
+    batch, per_rank, micro = (None, None, args.micro_batch) if args.eval_only else _batch_sizes(args, world_size)
     if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
     if args.eval_only and not (args.checkpoint or args.run_dir):
         raise UserError("--eval-only: give --checkpoint PATH (e.g. runs/NAME/best.pt)")
     if args.full_res and not args.eval_only:
         raise UserError("--full-res: only with --eval-only (tiled full-resolution evaluation is slow)")
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = auto_precision(device) if args.precision == "auto" else args.precision
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16: needs a GPU; use bf16 or fp32 on CPU")
-    cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro, accum_steps=per_rank // micro,
-               lr=args.lr * batch / BASE_BATCH, base_lr=args.lr, precision=precision, world_size=world_size,
+    cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro,
+               accum_steps=per_rank // micro if per_rank else None, lr=args.lr * batch / BASE_BATCH if batch else None,
+               base_lr=args.lr, batch_auto=args.batch_size == "auto", precision=precision, world_size=world_size,
                channels_last=not args.no_channels_last, device=device.type,
                run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
     # --eval-only takes the label scheme with the checkpoint (evaluation.eval_only).

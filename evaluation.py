@@ -20,6 +20,8 @@ from tiles import predict_at_scale, predict_image
 
 
 PROGRESS_MIN_IMAGES = 50
+# Tiles per forward pass in --eval-only when neither --micro-batch nor the checkpoint says (as predict.py).
+TILE_BATCH = 8
 
 
 def _common_count(n, world):
@@ -133,7 +135,8 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         raise UserError(f"--checkpoint {path}: its config lacks {', '.join(missing)}; pass a checkpoint written by "
                         "this version of train.py")
     cfg.update({key: trained[key] for key in EVAL_KEYS}, data=cfg["data_flag"] or trained["data"],
-               splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]))
+               splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]),
+               micro_batch=cfg["micro_batch"] or trained.get("micro_batch") or TILE_BATCH)
     cfg.update(_eval_scheme(cfg, checkpoint, path))
     if rank == 0:
         print(f"label scheme: {scheme_summary(data.run_scheme(cfg))} ({cfg['classes_source']})", file=sys.stderr,

@@ -21,9 +21,9 @@ Hierarchical heads: the binary (clean / any damage) and coarse (the label scheme
 from the fine mask with the scheme's tables (``label_tables``); see ``HierarchicalLoss``.
 """
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from distributed import all_reduce
 from labels import DEFAULT_IGNORE
 
 LOSSES = ("dicefocal", "dice", "focal", "ce")
@@ -238,12 +238,12 @@ class HierarchicalLoss(_Sum):
         return {head: (None if outputs is None else outputs[head], targets[head]) for head in self.names}
 
 
-def sum_over_ranks(sums):
-    """The sums (detached) added over all ranks, in one collective."""
+def sum_over_ranks(sums, reduce=True):
+    """The sums (detached) added over all ranks, in one collective (none with reduce=False: a local probe)."""
     keys = sorted(sums)
     flat = torch.cat([sums[k].detach().float().reshape(-1) for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(flat)
+    if reduce:
+        all_reduce(flat)
     out, start = {}, 0
     for k in keys:
         n = sums[k].numel()

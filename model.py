@@ -11,11 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import ENCODERS
+from hub import loaded, weights_file
 from labels import UserError
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 UPERNET_CHANNELS = 256
 MIT_HUB = "smp-hub/{}.imagenet"  # SegFormer's ImageNet MiT weights, SegFormer key names, model.safetensors
+# Top-level parts of a whole classification or segmentation model that an encoder has no place for.
+CLASSIFIER_PARTS = {"head", "fc", "classifier", "norm", "fc_norm", "pre_logits", "global_pool", "decoder",
+                    "decode_head", "auxiliary_head", "segmentation_head"}
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,24 +63,37 @@ def _first_line(err):
 
 
 def _create_encoder(encoder, spec, img_size, pretrained):
-    kwargs = dict(spec["kwargs"], features_only=True, pretrained=pretrained)
+    kwargs = dict(spec["kwargs"], features_only=True)
+    if pretrained:
+        # Fetched (or found in the cache) before timm builds, so an offline node fails at once, in one line.
+        source = timm.models.get_pretrained_cfg(spec["timm"])
+        hub_id = source.hf_hub_id if source is not None else None
+        if not hub_id:
+            raise UserError(f"--pretrained: timm has no Hugging Face hub weights for {encoder} ({spec['timm']}); "
+                            "pass --weights FILE or drop --pretrained")
+        path = weights_file(hub_id, f"ImageNet weights for {encoder} ({hub_id})")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=path))
     try:
         if spec["needs_img_size"]:
-            return timm.create_model(spec["timm"], img_size=img_size, **kwargs)
-        if encoder not in ENCODERS:
+            built = timm.create_model(spec["timm"], img_size=img_size, **kwargs)
+        elif encoder not in ENCODERS:
             try:  # transformers among other timm names need the crop size at build time
-                return timm.create_model(spec["timm"], img_size=img_size, **kwargs)
+                built = timm.create_model(spec["timm"], img_size=img_size, **kwargs)
             except TypeError:  # most CNNs take no img_size and accept any size
-                pass
-        return timm.create_model(spec["timm"], **kwargs)
+                built = timm.create_model(spec["timm"], **kwargs)
+        else:
+            built = timm.create_model(spec["timm"], **kwargs)
     except Exception as err:
         if pretrained:
-            raise UserError(f"--pretrained: could not fetch ImageNet weights for {encoder} ({_first_line(err)}); "
-                            f"run with network access, pass --weights FILE, or drop --pretrained") from err
+            raise UserError(f"--pretrained: the ImageNet weights for {encoder} do not load ({_first_line(err)}); "
+                            "pass --weights FILE or drop --pretrained") from err
         if encoder in ENCODERS:
             raise
         raise UserError(f"--encoder {encoder}: timm cannot build it with features_only ({_first_line(err)}); "
                         f"use one of {', '.join(ENCODERS)}") from err
+    if pretrained:
+        loaded(f"{encoder} ({spec['timm']})", path, len(built.state_dict()))
+    return built
 
 
 def _norm(norm, channels):
@@ -231,16 +248,18 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
     return model
 
 
+def sync_batchnorm(model):
+    """model with every BatchNorm as SyncBatchNorm, converted the timm way: timm's BatchNormAct2d (MaxViT,
+    CoAtNet) becomes SyncBatchNormAct and keeps calling its activation, where torch's own converter drops it.
+    Parameter and buffer names are unchanged."""
+    return timm.layers.convert_sync_batchnorm(model)
+
+
 def _load_mit_from_hub(model, encoder):
-    from huggingface_hub import hf_hub_download
     from safetensors.torch import load_file
     repo = MIT_HUB.format(encoder)
-    try:
-        path = hf_hub_download(repo, "model.safetensors")
-    except Exception as err:
-        raise UserError(f"--pretrained: could not fetch {repo} ({_first_line(err)}); run with network access, "
-                        f"pass --weights FILE (a SegFormer MiT checkpoint), or drop --pretrained") from err
-    _load_encoder_state(model, rename_mit_keys(load_file(path)), f"--pretrained ({repo})")
+    path = weights_file(repo, repo, "pass --weights FILE (a SegFormer MiT checkpoint)", ("model.safetensors",))
+    _load_encoder_state(model, rename_mit_keys(load_file(path)), f"--pretrained ({path})")
 
 
 def strip_wrapper_prefixes(state):
@@ -302,6 +321,13 @@ def _load_encoder_state(model, state, source):
         raise UserError(f"{source}: does not fit encoder {model.encoder_name}: {'; '.join(problems)}; "
                         f"pass a checkpoint of this encoder or pick the --encoder it was trained with")
     ignored = sorted(key for key in state if key not in target)
+    # A classifier or final norm is expected to be left over; encoder blocks are not (a larger model's weights:
+    # mit_b3 into mit_b2 fills every tensor of b2 and leaves b3's extra blocks over).
+    foreign = [key for key in ignored if key.split(".")[0] not in CLASSIFIER_PARTS]
+    if foreign:
+        raise UserError(f"{source}: holds {len(foreign)} encoder tensors that {model.encoder_name} lacks (e.g. "
+                        f"{', '.join(foreign[:3])}): weights of a larger model; pass weights of this encoder or pick "
+                        "the --encoder they were trained with")
     model.encoder.load_state_dict({key: state[key] for key in target})
     print(f"loaded {len(target)} encoder tensors from {source}"
           + (f"; ignored {len(ignored)} others (e.g. {', '.join(ignored[:3])})" if ignored else ""), file=sys.stderr)

@@ -37,7 +37,7 @@ def parse_args(argv=None):
                         "the whole image is the object)")
     parser.add_argument("--img-size", type=int, help="tile side (px) (default: the training --img-size)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: bf16 on "
-                        "CUDA, fp32 on CPU)")
+                        "GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on CPU)")
     parser.add_argument("--consistency", action="store_true",
                         help="hierarchical checkpoints: weight fine classes by their coarse and damage heads")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
@@ -66,6 +66,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint
+from config import auto_precision
 from files import IMAGE_SUFFIXES, read_image, read_mask, scaled_shape
 from metrics import confusion, iou_report
 from model import check_img_size
@@ -309,8 +310,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.precision is None:
-        cuda_bf16 = args.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        args.precision = "bf16" if cuda_bf16 else "fp32"
+        args.precision = auto_precision(args.device)
     images = list_images(args.images)
     model, config, args.scheme = load_model(args.checkpoint, args.device, args.img_size)
     tile = args.img_size or config.get("img_size", 384)

@@ -83,7 +83,12 @@ def prepare_run_dir(cfg, run_dir, resume, rank):
         remove_stale_temporaries(run_dir)
         if resume is None:
             (run_dir / "metrics.jsonl").write_text("")
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_config(cfg, run_dir)
+
+
+def write_config(cfg, run_dir):
+    """config.json: the run's resolved flags (rewritten when --batch-size auto has found the batch)."""
+    atomic_write(Path(run_dir) / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
 
 
 def restore(parts, resume, run_dir, rank):

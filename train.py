@@ -23,22 +23,26 @@ if __name__ == "__main__":
     parse_args()
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+from autobatch import find_batch_size
 from checkpoint import load_checkpoint
-from distributed import Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed
+from config import with_batch
+from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
+                         teardown)
 from evaluation import eval_only, evaluate
 from labels import UserError, run_cli, scheme_summary
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
-from model import autocast, build_model, default_batch
-from runs import load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted, save_test
+from model import autocast, build_model, sync_batchnorm
+from runs import (load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted, save_test,
+                  write_config)
 from weights import resolve_class_weights
 
-# What one optimisation run consists of; built once by build_training and passed around whole.
-Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion")
+# What one optimisation run consists of; built once by build_training and passed around whole. world is the
+# number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group).
+Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion world")
 
 
 def get_lr_schedule(optimizer, cfg, steps_per_epoch):
@@ -55,28 +59,35 @@ def make_criterion(cfg, class_weights, device):
     return build_loss(cfg["loss"], weight, scheme.ignore)
 
 
-def build_training(cfg, world, local_rank, device, steps_per_epoch, class_weights=None, pretrained=False,
-                   encoder_weights=None):
-    """Model (channels_last, SyncBN on multi-GPU, compiled, DDP-wrapped), its raw module, AdamW, OneCycle,
-    the GradScaler (active for fp16 only) and the loss."""
+def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
+    """The network on the device (channels_last unless --no-channels-last). On several GPUs its BatchNorms
+    become SyncBatchNorm the timm way, which keeps timm's fused norm + activation layers (MaxViT, CoAtNet)
+    computing the same function; the state dict is unchanged, so a checkpoint loads into the plain model."""
     groups = data.run_scheme(cfg).groups
     model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
                         cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw_model = model
+        model = sync_batchnorm(model)
+    return model
+
+
+def build_training(cfg, raw_model, world, device, steps_per_epoch, class_weights=None):
+    """The network DDP-wrapped (world > 1), then compiled (--compile), AdamW, OneCycle, the GradScaler (active
+    for fp16 only) and the loss. Compiling the DDP module, not wrapping a compiled one, lets DDPOptimizer cut
+    the graph at the gradient buckets, so their all-reduce overlaps the backward."""
+    model = raw_model
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         model = torch.compile(model)
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     # The fused AdamW step is one kernel per step on CPU as on CUDA: about half the optimizer time on CPU.
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   fused=device.type in ("cuda", "cpu"))
     return Training(model, raw_model, optimizer, get_lr_schedule(optimizer, cfg, steps_per_epoch),
                     torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
-                    make_criterion(cfg, class_weights, device))
+                    make_criterion(cfg, class_weights, device), world)
 
 
 def batch_totals(parts, micro_batches, cfg, device):
@@ -100,19 +111,18 @@ def batch_totals(parts, micro_batches, cfg, device):
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state(rng[1], device)
-    return sum_over_ranks({k: sum(s[k] for s in sums) for k in sums[0]})
+    return sum_over_ranks({k: sum(s[k] for s in sums) for k in sums[0]}, reduce=parts.world > 1)
 
 
-def train_step(parts, micro_batches, cfg, device):
-    """One optimizer step over the micro-batches; DDP syncs gradients only on the last micro-step.
+def accumulate_gradients(parts, micro_batches, cfg, device):
+    """Forward and backward of every micro-batch; returns the loss of the whole global batch (a device
+    tensor). DDP syncs gradients only on the last micro-step.
 
     The loss is that of the whole global batch (losses.global_loss), so its value and gradients do not
-    depend on how the batch is split across ranks or micro-batches. Returns it as a device tensor: reading
-    it is left to the logging points, so the step never syncs unless --skip-nonfinite asks to check every
-    step (all ranks must agree on skipping).
+    depend on how the batch is split across ranks or micro-batches (without BatchNorm, or with SyncBatchNorm
+    across ranks: a micro-batch's BatchNorm still sees its own statistics).
     """
-    model, _, optimizer, scheduler, scaler, criterion = parts
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    model, scaler, criterion, world = parts.model, parts.scaler, parts.criterion, parts.world
     totals = batch_totals(parts, micro_batches, cfg, device) if len(micro_batches) > 1 else None
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
@@ -122,20 +132,29 @@ def train_step(parts, micro_batches, cfg, device):
             with autocast(cfg["precision"], device):
                 outputs = model(x)
             local = criterion.sums(outputs, y)
-            loss = global_loss(criterion, local, sum_over_ranks(local) if totals is None else totals)
+            loss = global_loss(criterion, local, sum_over_ranks(local, reduce=world > 1) if totals is None else totals)
             # DDP averages the ranks' gradients; the global loss wants their sum.
             scaler.scale(loss * world).backward()
         loss_sum += loss.detach()
     # Each micro-step's loss is the global value, except a linear loss's, whose parts add up over the batch.
-    loss_sum = sum_over_ranks({"loss": loss_sum})["loss"] if totals is not None and criterion.linear else loss
-    loss_sum = loss_sum.detach()
+    if totals is not None and criterion.linear:
+        return sum_over_ranks({"loss": loss_sum}, reduce=world > 1)["loss"]
+    return loss.detach()
+
+
+def train_step(parts, micro_batches, cfg, device):
+    """One optimizer step over the micro-batches (accumulate_gradients, then AdamW and the schedule).
+    Returns the global batch's loss as a device tensor: reading it is left to the logging points, so the step
+    never syncs unless --skip-nonfinite asks to check every step (all ranks must agree on skipping)."""
+    optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
+    loss_sum = accumulate_gradients(parts, micro_batches, cfg, device)
     if cfg["skip_nonfinite"] and not torch.isfinite(loss_sum):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return loss_sum
     if cfg["clip"]:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        torch.nn.utils.clip_grad_norm_(parts.raw_model.parameters(), cfg["clip"])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -231,7 +250,7 @@ def check_finite(first_bad, epoch, cfg):
     """Reads the device-side non-finite marker only at logging points, so the step itself never syncs."""
     if cfg["skip_nonfinite"]:
         return
-    bad = int(all_reduce(first_bad.clone(), dist.ReduceOp.MAX).item())
+    bad = int(all_reduce(first_bad.clone(), MAX).item())
     if bad >= 0:
         kept = (f"last good checkpoint kept in {cfg['run_dir']}" if (Path(cfg["run_dir"]) / "last.pt").is_file()
                 else "no checkpoint was written yet")
@@ -281,8 +300,8 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
-    record = {"test": eval_metrics(cms, data.run_scheme(cfg)),
-              "selected_epoch": int(all_reduce(epoch, dist.ReduceOp.MAX)), "select": cfg["select"]}
+    record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, MAX)),
+              "select": cfg["select"]}
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms))
     return record
@@ -292,6 +311,8 @@ def train(cfg, rank, world, local_rank, local_world, device):
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
     resume = load_resume(cfg, run_dir, rank)
+    if resume and cfg["batch_auto"]:
+        cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
     prepare_run_dir(cfg, run_dir, resume, rank)
     with logged_to(run_dir / "train.log", rank):
         result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
@@ -313,16 +334,23 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
     scheme = data.run_scheme(cfg)
     log(rank, f"label scheme: {scheme_summary(scheme)} ({cfg['classes_source']})")
+    # The network comes first: a --pretrained download that cannot happen fails before minutes of preloading.
+    network = build_network(cfg, device, world, cfg["pretrained"] and not resume, cfg["weights"])
     split = data.load_split(cfg, local_rank, local_world)
     n_train = len(split["train"].pre)
+    if cfg["batch_auto"] and not resume and device.type == "cuda":
+        cfg.update(with_batch(cfg, find_batch_size(probe_step(cfg, device), device, n_train // world, world),
+                              world))
+        if rank == 0:
+            write_config(cfg, run_dir)
+        log(rank, f"--batch-size auto: {cfg['batch_size']} fits ({lr_line(cfg)[0]})")
     if n_train < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {n_train} training images; lower it")
     # The preload counted every row's class pixels (at the working scale) while building.
     counts = split["train"].pre.counts[:, :scheme.num_classes].sum(0)
     class_weights = resolve_class_weights(cfg["class_weights"], counts, scheme, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
-    parts = build_training(cfg, world, local_rank, device, n_train // cfg["batch_size"], class_weights,
-                           cfg["pretrained"], cfg["weights"])
+    parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
     start_epoch, start_step, best, carried = restore(parts, resume, run_dir, rank) if resume else (0, 0, -1.0, 0.0)
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
@@ -372,36 +400,28 @@ def fmt_time(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def find_batch_size(cfg, world, device):
-    """Largest per-rank batch whose training step fits in GPU memory (doubling, then bisection)."""
-    if device.type != "cuda":
-        return default_batch(cfg["encoder"])
+def probe_step(cfg, device):
+    """step(batch) for --batch-size auto: one training step at that per-rank batch, as training runs it
+    (precision, channels_last, loss, AdamW states), on a separate local copy of the network: no DDP, no
+    SyncBatchNorm, no loss sums over ranks, so a probe that runs out of memory on one rank leaves no
+    collective unpaired on another. The global random state is left as it was."""
     probe = dict(cfg, compile=False, accum_steps=1, skip_nonfinite=False, clip=None, epochs=1)
-    parts = build_training(probe, 1, 0, device, 10**6)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts = build_training(probe, build_network(probe, device, 1), 1, device, 10**6)
+    size = cfg["img_size"]
 
-    def fits(batch):
+    def step(batch):
+        x = torch.randn(batch, 3, size, size, device=device)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, cfg["num_classes"], (batch, size, size), device=device)
         try:
-            x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=device)
-            y = torch.randint(0, cfg["num_classes"], (batch, cfg["img_size"], cfg["img_size"]), device=device)
             train_step(parts, [(x, y)], probe, device)
-            torch.cuda.synchronize(device)
-            return True
-        except torch.OutOfMemoryError:
-            return False
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         finally:
             parts.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-
-    low, high = 0, 1
-    while high <= 4096 and fits(high):
-        low, high = high, high * 2
-    while high - low > max(1, low // 16):
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    if low == 0:
-        raise UserError(f"--batch-size auto: not even one {cfg['img_size']} px image fits; lower --img-size")
-    # Headroom for fragmentation and the evaluation pass.
-    return max(1, int(low * 0.9)) * world
+    return step
 
 
 def use_threads(args):
@@ -411,25 +431,27 @@ def use_threads(args):
     return torch.get_num_threads()
 
 
+def set_backends(cfg, device):
+    """cuDNN autotuning, and TF32 for the float32 parts of a bf16/fp16 run; --precision fp32 stays strict
+    float32. Set before anything runs on the GPU (the --batch-size auto probes included)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["precision"] != "fp32"
+
+
 def setup(args):
-    """(cfg, rank, world, local_rank, local_world, device) with the process group up and --batch-size resolved."""
-    rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout)
+    """(cfg, rank, world, local_rank, local_world, device) with the process group up."""
+    rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout, args.dist_backend)
     cfg = resolve_config(args, world, device)
-    threads = use_threads(args)
-    if args.batch_size == "auto" and device.type == "cuda":
-        found = torch.tensor(find_batch_size(cfg, world, device), device=device)
-        args.batch_size = str(int(all_reduce(found, dist.ReduceOp.MIN)))
-        torch.cuda.empty_cache()
-        cfg = resolve_config(args, world, device)
-        log(rank, f"--batch-size auto: {cfg['batch_size']} fits (lr {cfg['lr']:.3g})")
-    cfg["threads"] = threads
-    line, warning = lr_line(cfg)
-    log(rank, line)
-    if warning and rank == 0:
-        print(warning, file=sys.stderr, flush=True)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    cfg["threads"] = use_threads(args)
+    set_backends(cfg, device)
+    if cfg["batch_auto"] and device.type != "cuda":
+        log(rank, f"--batch-size auto: no GPU to fill; using {cfg['encoder']}'s default batch {cfg['batch_size']}")
+    if not cfg["eval_only"]:
+        line, warning = lr_line(cfg)
+        log(rank, line)
+        if warning and rank == 0:
+            print(warning, file=sys.stderr, flush=True)
     return cfg, rank, world, local_rank, local_world, device
 
 
@@ -449,8 +471,7 @@ def run_main(args, job):
               file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 def dry_run(args):
@@ -458,7 +479,7 @@ def dry_run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     cfg = dict(resolve_config(args, world, device), threads=use_threads(args))
-    for line in lr_line(cfg):
+    for line in () if cfg["eval_only"] else lr_line(cfg):
         if line:
             print(line, file=sys.stderr, flush=True)
     print(json.dumps(cfg, indent=2))

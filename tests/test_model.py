@@ -6,6 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_script
 from labels import UserError
 from model import (ENCODERS, build_model, check_img_size, default_batch, load_encoder_weights, rename_mit_keys)
 
@@ -241,3 +242,44 @@ def test_pretrained_without_network_says_how_to_proceed(monkeypatch, tmp_path, e
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"--pretrained.*network.*--weights FILE.*drop --pretrained"):
         build_model(encoder, 16, pretrained=True, img_size=SIZE)
+
+
+def plant_in_hub_cache(cache, repo, state):
+    """A Hugging Face cache holding repo's model.safetensors, laid out as huggingface_hub writes it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    save_file(state, folder / "snapshots" / commit / "model.safetensors")
+
+
+def test_pretrained_weights_in_the_local_hub_cache_load_without_network(monkeypatch, tmp_path, capsys):
+    import timm
+    torch.manual_seed(3)
+    planted = {k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}
+    plant_in_hub_cache(tmp_path, "timm/resnet10t.c3_in1k", planted)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    encoder = build_model("resnet10t", 16, pretrained=True, img_size=SIZE).encoder.state_dict()
+    assert encoder and all(torch.equal(value, planted[key]) for key, value in encoder.items())
+    err = capsys.readouterr().err
+    assert f"loaded {len(encoder)} pretrained encoder tensors for resnet10t" in err and "resnet10t.c3_in1k" in err
+
+
+def test_pretrained_with_the_hub_unreachable_fails_at_once_before_any_preload(synthetic_root, tmp_path):
+    # A closed local port stands in for a node without network: no HF_HUB_OFFLINE, no cached weights.
+    result = run_script("train.py", "--encoder", "resnet10t", "--pretrained", "--data", synthetic_root, "--img-size",
+                        "64", "--batch-size", "4", "--epochs", "1", "--run-dir", tmp_path / "run",
+                        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "cache")})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --pretrained: could not fetch ImageNet weights for resnet10t")
+    assert "127.0.0.1:9 not reachable" in lines[0] and "--weights FILE" in lines[0]
+
+
+def test_weights_of_a_deeper_mit_are_refused_not_half_loaded(tmp_path):
+    # mit_b2 has mit_b1's widths and more blocks: every b1 tensor is found, b2's extra blocks would be dropped.
+    torch.save(build_model("mit_b2", 16, img_size=SIZE).encoder.state_dict(), tmp_path / "b2.pth")
+    with pytest.raises(UserError, match=r"holds \d+ encoder tensors that mit_b1 lacks .*stages_.*larger model"):
+        load_encoder_weights(build_model("mit_b1", 16, img_size=SIZE), tmp_path / "b2.pth")

@@ -147,8 +147,8 @@ def test_a_checkpoint_is_refused_on_a_dataset_of_another_scheme_naming_the_diffe
     shutil.copytree(run, copy)
     resumed = run_script(*train_flags(root, copy, "--resume", "--classes", tmp_path / "renamed.json"))
     line = one_error_line(resumed)
-    assert line.startswith(f"error: --resume: {copy / 'last.pt'} was trained with another label scheme than --classes")
-    assert "class 4 'stain' vs 'dirt'" in line
+    assert line.startswith(f"error: --resume: {copy / 'last.pt'} was trained with other settings (label scheme: "
+                           f"class 4 'stain' vs 'dirt', checkpoint vs --classes {tmp_path / 'renamed.json'})")
 
 
 def test_masks_outside_the_scheme_stop_training_naming_the_file_and_ids(tmp_path):

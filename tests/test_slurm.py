@@ -320,10 +320,12 @@ def test_multinode_job_starts_one_torchrun_per_node_meeting_on_the_first_node(cl
     env, log_dir = cluster
     result = run_as_slurm_job(tmp_path, "slurm/multinode.sbatch", ["--encoder", "mit_b3"],
                               dict(env, RUN_DIR=str(tmp_path / "run")), ROOT, SLURM_JOB_ID="555",
-                              SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
+                              SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
+                              SLURM_CPUS_PER_TASK="16")
     assert result.returncode == 0, result.stderr
     srun = argv(log_dir / "srun.args")
-    assert srun[:srun.index("torchrun")] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1"]
+    # A job step does not inherit the job's CPUs per task (Slurm 22.05+): srun must pass them on.
+    assert srun[:srun.index("torchrun")] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=16"]
     port = 20000 + 555 % 20000
     assert argv(log_dir / "torchrun.args") == [
         "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=555", "--rdzv_backend=c10d",
