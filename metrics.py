@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from files import read_jsonl
 from labels import CLASS_NAMES, GROUP_COLUMNS, HEAD_NAMES, IGNORE_INDEX, UserError
 
 
@@ -69,15 +70,14 @@ def confusion_record(cms):
 # Config keys that may differ between the runs one summary table averages: the fold and how a run was launched.
 OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                     "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
-                    "full_res", "data_flag", "splits", "threads"}
+                    "full_res", "data_flag", "splits", "threads", "given_flags"}
 
 
 def _test_record(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"--summary: {path} not found; is {run_dir} a finished run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tests = [r for r in records if "test" in r]
+    tests = [r for r in read_jsonl(path) if isinstance(r, dict) and "test" in r]
     if not tests:
         raise UserError(f"--summary: {path} has no test record; the fold has not finished (rerun it with --resume)")
     return tests[-1]
@@ -85,12 +85,21 @@ def _test_record(run_dir):
 
 def _same_protocol(run_dirs):
     """The common config of the runs; refuses runs that differ in anything but the fold."""
-    configs = []
+    configs, seen = [], {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "config.json"
+        same = seen.setdefault(Path(run_dir).resolve(), run_dir)
+        if same is not run_dir:
+            raise UserError(f"--summary: {run_dir} is given twice (also as {same}); a fold counts once")
         if not path.is_file():
             raise UserError(f"--summary: {path} not found; is {run_dir} a run directory of train.py?")
-        configs.append(json.loads(path.read_text()))
+        try:
+            configs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--summary: {path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore the "
+                            "run's config.json") from None
+        if not isinstance(configs[-1], dict):
+            raise UserError(f"--summary: {path}: not a train.py config (a JSON object of flags)")
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         for key in sorted(set(config) | set(configs[0])):
             if key not in OPERATIONAL_KEYS and config.get(key) != configs[0].get(key):
