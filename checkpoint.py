@@ -5,7 +5,6 @@ scheduler and scaler states, epoch, step, best metric and the full run config. I
 ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
 import errno
-import math
 import zipfile
 from pathlib import Path
 
@@ -35,15 +34,32 @@ def save_checkpoint(path, state):
     path = Path(path)
     needed = _tensor_bytes(state)
     fix = f"free space and rerun with --resume (the previous {path.name}, if any, is intact)"
+
+    def write(tmp):
+        # Through a file of our own: it is closed (its space freed) whatever torch.save raises, and the OS error
+        # of a failed write reaches us as the cause of torch's RuntimeError ("unexpected pos", no errno).
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
     try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp), needed, fix)
-    except RuntimeError:
-        # torch.save reports a failed write without an errno ("unexpected pos", "basic_ios::clear"). Its partial
-        # file is gone again, so the free space now is what the file had: too little for it means a full disk
-        # (the zip archive adds headers to the tensor bytes, hence the margin).
-        if free_bytes(path.parent) > needed * 1.05 + 2**20:
+        atomic_write(path, write, needed, fix)
+    except RuntimeError as exc:
+        cause = _os_error(exc)
+        error = write_error(path, cause, needed, fix) if cause else None
+        if error is None and free_bytes(path.parent) < needed * 1.05 + 2**20:
+            # No OS error to read (a torch build that writes on its own): too little room for the file means full.
+            error = write_error(path, OSError(errno.ENOSPC, "No space left on device"), needed, fix)
+        if error is None:
             raise
-        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"), needed, fix) from None
+        raise error from None
+
+
+def _os_error(exc):
+    """The first OSError with an errno among exc's causes and contexts, or None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _whole(minimum):

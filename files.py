@@ -38,8 +38,11 @@ FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def size_text(nbytes):
-    """A size for a person: GiB from 1 GiB up, MiB below (a 40 MB preload must not read "0.00 GiB")."""
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    """A size for a person: GiB from 1 GiB up, then MiB, KiB below 1 MiB (a 40 MB preload must not read
+    "0.00 GiB")."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
 def free_bytes(folder):
@@ -95,7 +98,7 @@ def atomic_write(path, write, needed=None, fix=None):
         raise
 
 
-def append_line(path, line):
+def append_line(path, line, fix=None):
     """Appends one line whole: a single os.write on an O_APPEND descriptor, then fsync. A write the disk cut
     short is truncated back, so a full disk never leaves half a line (a kill mid-write still could: read_jsonl
     drops a torn last line)."""
@@ -113,7 +116,7 @@ def append_line(path, line):
                 os.ftruncate(fd, start)
             raise
     except OSError as exc:
-        error = write_error(path, exc, len(payload))
+        error = write_error(path, exc, len(payload), fix)
         if error is None:
             raise
         raise error from None

@@ -88,9 +88,10 @@ def _same_protocol(run_dirs):
     configs, seen = [], {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "config.json"
-        same = seen.setdefault(Path(run_dir).resolve(), run_dir)
-        if same is not run_dir:
-            raise UserError(f"--summary: {run_dir} is given twice (also as {same}); a fold counts once")
+        if Path(run_dir).resolve() in seen:
+            raise UserError(f"--summary: {run_dir} is given twice (also as {seen[Path(run_dir).resolve()]}); a fold "
+                            "counts once")
+        seen[Path(run_dir).resolve()] = run_dir
         if not path.is_file():
             raise UserError(f"--summary: {path} not found; is {run_dir} a run directory of train.py?")
         try:

@@ -41,8 +41,11 @@ class _Tee:
 
     def write(self, text):
         self.stream.write(text)
-        self._to_log(lambda: self.log_file.write(text))
+        self.log_only(text)
         return len(text)
+
+    def log_only(self, text):
+        self._to_log(lambda: self.log_file.write(text))
 
     def flush(self):
         self.stream.flush()
@@ -74,12 +77,12 @@ def logged_to(path, rank):
     except OSError as exc:
         raise write_error(path, exc) or exc from None
     with log_file:
-        streams = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(sys.stdout, log_file), _Tee(sys.stderr, log_file)
+        streams, tee = (sys.stdout, sys.stderr), _Tee(sys.stdout, log_file)
+        sys.stdout, sys.stderr = tee, _Tee(sys.stderr, log_file)
         try:
             yield
         except UserError as exc:
-            sys.stdout._to_log(lambda: sys.stdout.log_file.write(f"error: {exc}\n"))
+            tee.log_only(f"error: {exc}\n")
             raise
         finally:
             sys.stdout, sys.stderr = streams
@@ -238,7 +241,8 @@ def restore(parts, resume, run_dir, rank):
 
 
 def append_record(run_dir, record):
-    append_line(Path(run_dir) / "metrics.jsonl", json.dumps(record))
+    append_line(Path(run_dir) / "metrics.jsonl", json.dumps(record),
+                fix="free space and rerun with --resume (the finished epochs are in last.pt)")
 
 
 def save_epoch(parts, cfg, record, best, run_dir):
