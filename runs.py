@@ -221,6 +221,14 @@ def prepare_run_dir(cfg, run_dir, resume, rank):
         write_config(cfg, run_dir)
 
 
+def interrupted_line(cfg):
+    """What a Ctrl-C leaves behind, in one line instead of a KeyboardInterrupt traceback."""
+    last = Path(cfg["run_dir"]) / "last.pt" if cfg and not cfg["eval_only"] else None
+    if last is not None and last.is_file():
+        return f"interrupted; finished epochs are in {last}, rerun with --resume to continue"
+    return "interrupted" + ("; no epoch had finished, nothing was saved" if last is not None else "")
+
+
 def write_config(cfg, run_dir):
     """config.json: the run's resolved flags (rewritten when --batch-size auto has found the batch)."""
     atomic_write(Path(run_dir) / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))

@@ -36,8 +36,8 @@ from labels import NUM_CLASSES, UserError, run_cli
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, sync_batchnorm
-from runs import (load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch, save_preempted,
-                  save_test, write_config)
+from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
+                  save_preempted, save_test, write_config)
 from weights import METHODS, check_images, resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
@@ -481,14 +481,6 @@ def run_main(args, job):
         return 2
     finally:
         teardown()
-
-
-def interrupted_line(cfg):
-    """What a Ctrl-C leaves behind, in one line instead of a KeyboardInterrupt traceback."""
-    last = Path(cfg["run_dir"]) / "last.pt" if cfg and not cfg["eval_only"] else None
-    if last is not None and last.is_file():
-        return f"interrupted; finished epochs are in {last}, rerun with --resume to continue"
-    return "interrupted" + ("; no epoch had finished, nothing was saved" if last is not None else "")
 
 
 def dry_run(args):

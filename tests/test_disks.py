@@ -72,10 +72,26 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_previous_one_stays(moun
     big = {"epoch": 2, "model": {"w": torch.zeros(1_000_000)}, "config": {}}  # 3.8 MiB of tensors
     with pytest.raises(UserError) as raised:
         checkpoint.save_checkpoint(path, big)   # the real torch.save: a RuntimeError without an errno
-    assert str(raised.value).startswith(f"{disk}: disk full writing last.pt (needs 3.8 MiB, ")
-    assert "MiB free); free space and rerun with --resume (the previous last.pt, if any, is intact)" in str(raised.value)
+    message = str(raised.value)
+    assert message.startswith(f"{disk}: disk full writing last.pt (needs 3.8 MiB, ")
+    assert "MiB free); free space and rerun with --resume (the previous last.pt, if any, is intact)" in message
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in disk.iterdir()) == ["last.pt"], "no temporary is left behind"
+
+
+def test_a_disk_that_fills_during_a_run_ends_it_in_one_line_and_resume_after_freeing_space_finishes_it(
+        synthetic_root, finished_run, mounts, capsys):
+    disk = mounts.tmpfs("100m")  # room for config, records and best.pt (64 MiB), not for last.pt beside it
+    run_dir = disk / "run"
+    assert train.main(tiny_flags(synthetic_root, run_dir)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("preload:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {run_dir}: disk full writing last.pt (needs "), err
+    assert "Traceback" not in " ".join(err)
+    subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
+    assert train.main(tiny_flags(synthetic_root, run_dir, "--resume")) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["test"] == [json.loads(line) for line in
+                                   (finished_run / "metrics.jsonl").read_text().splitlines()][-1]["test"]
 
 
 def test_a_record_that_does_not_fit_is_not_written_at_all(mounts):

@@ -1,22 +1,18 @@
 """Inputs checked where they enter: flags, checkpoints (finite weights, config values), split manifests, metadata
 rows, ingests that did not finish, weights.py's images; each refusal one line naming the row, key or file."""
 import csv
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import files
-import metrics
 import predict
 import prepare
 import preload
