@@ -25,10 +25,12 @@ import torch
 writes, kill_at, real_save = [0], int(sys.argv[1]), torch.save
 def save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
-    if ".best.pt.tmp" in str(f):
+    if ".best.pt.tmp" in getattr(f, "name", str(f)):
         writes[0] += 1
         if writes[0] == kill_at:
-            os.truncate(f, os.path.getsize(f) // 2)
+            f.flush()
+            f.truncate(f.tell() // 2)
+            f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save
 sys.path.insert(0, os.getcwd())
