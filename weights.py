@@ -32,6 +32,7 @@ It takes train.py's flags with train.py's defaults and counts masks at the worki
 With --fold it counts that fold's training images only (the split flags as train.py's), which is what a
 ``--class-weights FILE`` for that fold must hold; without it, every image, test folds included.
 """
+import errno
 import json
 import sys
 from pathlib import Path
@@ -234,7 +235,8 @@ def _write_for_dataset(args):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot create {out.parent} ({exc.strerror}); pass a path in a writable "
+        reason = "a file is in the way" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
+        raise UserError(f"--out {out}: cannot create {out.parent} ({reason}); pass a path in a writable "
                         "folder") from None
     save_weights(out, args.method, counts, weights, max_ratio, images)
     print(format_table(counts, weights))
