@@ -1,7 +1,8 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
 once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
-with predict.py's tiles, and scored there (or, --full-res, at their own resolution). `train.py --eval-only`
-runs eval_only (the checkpoint's test fold by default)."""
+with predict.py's tiles (averaged over flips with --eval-tta flip, as predict.py --tta), and scored there (or,
+--full-res, at their own resolution). `train.py --eval-only` runs eval_only (the checkpoint's test fold by
+default)."""
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
         if k < polls and preemption.poll():
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
-                               device=device, precision=cfg["precision"])
+                               tta=cfg["eval_tta"] == "flip", device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, part.pre.mask(row))
         if show:
             show(k + 1)
@@ -101,9 +102,15 @@ def evaluate_full_res(model, part, rank, world, cfg, device):
         image = read_image(part.samples[row].image)
         mask = read_mask(part.samples[row].mask, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
-                                  device=device, precision=cfg["precision"])
+                                  tta=cfg["eval_tta"] == "flip", device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, mask)
     return _reduced(cms, groups, device)
+
+
+def scores(cms, cfg):
+    """The metrics record of evaluate's matrices, with how they were predicted: "tta" (--eval-tta) and
+    "weights" ("ema" when the weight average was scored, else "model")."""
+    return {**eval_metrics(cms), "tta": cfg["eval_tta"], "weights": "ema" if cfg["ema"] else "model"}
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
@@ -123,6 +130,8 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     cfg.update({key: trained[key] for key in EVAL_KEYS}, data=cfg["data_flag"] or trained["data"],
                splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]),
                micro_batch=cfg["micro_batch"] or trained.get("micro_batch") or TILE_BATCH)
+    # model_from_checkpoint takes the EMA weights where the run kept them; the record says which were scored.
+    cfg["ema"] = "ema" in checkpoint
     model = model_from_checkpoint(checkpoint, path).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -134,11 +143,12 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         cms = evaluate_full_res(model, part, rank, world, cfg, device)
     else:
         cms = evaluate(model, part, cfg, device, rank, world)
-    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: eval_metrics(cms)}
+    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: scores(cms, cfg)}
     if rank == 0:
         print(json.dumps(record, indent=1), flush=True)
         # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
-        out = Path(path).parent / f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}.json"
+        out = Path(path).parent / (f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}"
+                                   f"{'-tta' if cfg['eval_tta'] != 'none' else ''}.json")
         try:
             atomic_write(out, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
             print(f"wrote {out}", file=sys.stderr, flush=True)

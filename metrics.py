@@ -69,7 +69,7 @@ def confusion_record(cms):
 # Config keys that may differ between the runs one summary table averages: the fold and how a run was launched.
 OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                     "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
-                    "full_res", "data_flag", "splits", "threads"}
+                    "full_res", "data_flag", "splits", "threads", "tensorboard"}
 
 
 def _test_record(run_dir):
