@@ -92,8 +92,9 @@ def one_cycle(optimizer, cfg, steps_per_epoch):
 
 def ema_decay(cfg, total_steps):
     """Per-step decay of the weight EMA: a half-life of --ema-half-life x the run's optimizer steps, so the
-    average spans the same share of any run (timm's fixed 0.9998 would still hold ~45 % of the initial
-    weights after ARTeFACT's ~4,000 steps)."""
+    average spans the same share of any run. timm's fixed 0.9998 has a half-life of ~3,500 steps; an
+    ARTeFACT fold at the defaults trains ~350 (about 237 images, batch 32, 50 epochs), after which 93 % of
+    such an average would still be the initial weights."""
     return 0.5 ** (1.0 / max(cfg["ema_half_life"] * total_steps, 1.0))
 
 
