@@ -81,9 +81,8 @@ def _optimisation_flags(o):
     o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     o.add_argument("--pct-start", type=float, default=0.3, help="share (0-1) of the steps spent warming up "
                    "(OneCycle)")
-    o.add_argument("--decay-norms", action=argparse.BooleanOptionalAction, default=True, help="weight decay on "
-                   "norms, biases and position tables too (--no-decay-norms: only on weight matrices and kernels, "
-                   "the timm/SegFormer recipe)")
+    o.add_argument("--no-decay-norms", action="store_true", help="no weight decay on norms, biases and position "
+                   "tables, only on weight matrices and kernels (the timm/SegFormer recipe; default: decay on all)")
     o.add_argument("--head-lr-mult", type=float, default=1.0, help="LR multiplier of the decoder and heads over "
                    "the encoder's (SegFormer's recipe: 10)")
     o.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (0-1]: each encoder stage "

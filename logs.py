@@ -50,7 +50,7 @@ def header_lines(cfg, parts, sizes, device, world):
     steps = n_train // cfg["batch_size"]
     params = sum(p.numel() for p in parts.raw_model.parameters())
     gflops = forward_gflops(parts.raw_model, cfg["img_size"], device, cfg["channels_last"])
-    decay = "" if cfg["decay_norms"] else " (none on norms, biases, positions)"
+    decay = " (none on norms, biases, positions)" if cfg["no_decay_norms"] else ""
     lines = [f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / {n_val} inner val / "
              f"{n_test} test images at {cfg['img_size']} px, batch {cfg['batch_size']} ({cfg['accum_steps']} "
              f"micro-steps), {lr_line(cfg)[0]}, {cfg['precision']}, {steps} steps/epoch, select {cfg['select']}",

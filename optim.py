@@ -46,7 +46,7 @@ def encoder_depths(encoder):
 def decays(name, parameter, cfg):
     """Whether weight decay applies: everything by default; with --no-decay-norms not to 1-d parameters
     (norms, biases, layer scales) nor to position tables (NO_DECAY_NAMES)."""
-    return cfg["decay_norms"] or not (parameter.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES))
+    return not cfg["no_decay_norms"] or not (parameter.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES))
 
 
 def param_groups(model, cfg):

@@ -129,7 +129,7 @@ def test_no_decay_set_is_timms_for_the_whole_model(encoder, img_size):
     timm_names = {canonical(n) for n, p in full.named_parameters() if id(p) in without}
     encoder_net = build_model(encoder, img_size=img_size).encoder
     ours = {canonical(n) for n, p in encoder_net.named_parameters()
-            if not optim.decays(n, p, {"decay_norms": False})}
+            if not optim.decays(n, p, {"no_decay_norms": True})}
     assert ours == timm_names & {canonical(n) for n, _ in encoder_net.named_parameters()}
     assert any("relative" in n for n in ours) or encoder == "mit_b0"
 
