@@ -72,6 +72,11 @@ def _reduced(cms, groups, device):
     return out
 
 
+def tta_of(cfg):
+    """Whether to average over flips: --eval-tta flip; a config from before the flag means none."""
+    return cfg.get("eval_tta", "none") == "flip"
+
+
 @torch.no_grad()
 def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
@@ -87,7 +92,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
         if k < polls and preemption.poll():
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
-                               tta=cfg["eval_tta"] == "flip", device=device, precision=cfg["precision"])
+                               tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, part.pre.mask(row))
         if show:
             show(k + 1)
@@ -102,7 +107,7 @@ def evaluate_full_res(model, part, rank, world, cfg, device):
         image = read_image(part.samples[row].image)
         mask = read_mask(part.samples[row].mask, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
-                                  tta=cfg["eval_tta"] == "flip", device=device, precision=cfg["precision"])
+                                  tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, mask)
     return _reduced(cms, groups, device)
 

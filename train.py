@@ -30,8 +30,7 @@ from checkpoint import load_checkpoint
 from config import with_batch
 from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
                          teardown)
-from evaluation import eval_only, evaluate
-from evaluation import scores
+from evaluation import eval_only, evaluate, scores
 from labels import NUM_CLASSES, UserError, run_cli
 from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
