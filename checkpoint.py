@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of plain values (tensors, dicts, lists, numbers, strings): model, optimizer,
 scheduler and scaler states, the weight EMA ("ema", with --ema), the random state, epoch, step, best metric and
-the full run config. It is read with
+the full run config, the label scheme included (config["classes"]). It is read with
 ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
 import errno
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from files import atomic_write
-from labels import NUM_CLASSES, UserError
+from labels import UserError, config_scheme, scheme_difference, scheme_from_dict
 from model import build_model, strip_wrapper_prefixes
 
 # Config keys that decide the network's shape: a model is rebuilt from these alone.
@@ -70,17 +70,26 @@ def load_checkpoint(path, flag="--checkpoint"):
     return checkpoint
 
 
+def checkpoint_scheme(checkpoint, path):
+    """The label scheme the checkpoint was trained with (ARTeFACT's, with a note, for checkpoints from before
+    schemes travelled with them)."""
+    scheme = config_scheme(checkpoint["config"], f"--checkpoint {path}")
+    num_classes = checkpoint["config"].get("num_classes", scheme.num_classes)
+    if num_classes != scheme.num_classes:
+        raise UserError(f"--checkpoint {path}: model has {num_classes} classes but its label scheme "
+                        f"{scheme.num_classes}; pass an unmodified checkpoint written by train.py")
+    return scheme
+
+
 def model_from_checkpoint(checkpoint, path, img_size=None):
     """The network its config describes, with the checkpoint's weights (on the CPU, train mode): the EMA
     weights when the run kept an average (--ema; the ones it selected and tested), else the trained ones."""
     config = checkpoint["config"]
-    num_classes = config.get("num_classes", NUM_CLASSES)
-    if num_classes != NUM_CLASSES:
-        raise UserError(f"--checkpoint {path}: model has {num_classes} classes, ARTeFACT has {NUM_CLASSES}; "
-                        "pass a checkpoint trained on the ARTeFACT labels")
-    model = build_model(config["encoder"], num_classes=num_classes, decoder=config.get("decoder", "unet"),
+    scheme = checkpoint_scheme(checkpoint, path)
+    model = build_model(config["encoder"], scheme.num_classes, decoder=config.get("decoder", "unet"),
                         heads=config.get("heads", "fine"), pretrained=False,
-                        img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"))
+                        img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"),
+                        num_groups=len(scheme.groups) if scheme.groups else None)
     try:
         model.load_state_dict(strip_wrapper_prefixes(checkpoint.get("ema") or checkpoint["model"]))
     except RuntimeError as exc:
@@ -117,8 +126,9 @@ RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "l
                      "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
                      "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
                      "skip_nonfinite", "max_skipped", "tensorboard"}
-# Derived from other keys that are compared themselves (lr from --lr and the batch).
-RESUME_DERIVED = {"lr"}
+# Derived from other keys that are compared themselves (lr from --lr and the batch); the label scheme is
+# compared as a scheme (labels.scheme_difference), whichever file it was read from.
+RESUME_DERIVED = {"lr", "classes", "num_classes", "classes_file", "classes_source"}
 FLAG_OF_KEY = {"base_lr": "--lr"}
 
 
@@ -145,10 +155,22 @@ def load_resumable(path, cfg):
     """The checkpoint at path, refused with one line naming every flag that differs from cfg's."""
     checkpoint = load_checkpoint(path)
     changes = resume_changes(checkpoint["config"], cfg)
+    difference = scheme_difference(checkpoint_scheme(checkpoint, path), scheme_from_dict(cfg["classes"], "the run"))
+    if difference:
+        changes.insert(0, f"label scheme: {difference}, checkpoint vs {cfg['classes_source']}")
     if changes:
         raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changes)}); resume with the "
                         "flags it was trained with, or start a fresh --run-dir")
     return checkpoint
+
+
+def check_scheme(trained, scheme, source, lead):
+    """Refuses, in one line naming the difference, a checkpoint whose label scheme (trained) is not the dataset's
+    (scheme, read from source); lead names the checkpoint, e.g. "--checkpoint PATH: trained"."""
+    difference = scheme_difference(trained, scheme)
+    if difference:
+        raise UserError(f"{lead} with another label scheme than {source} ({difference}; checkpoint vs dataset); "
+                        "pass the dataset and --classes it was trained with")
 
 
 def restore_training(parts, checkpoint):

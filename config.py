@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from encoders import ENCODERS
-from labels import NUM_CLASSES, HelpFormatter, UserError
+from labels import HelpFormatter, UserError, scheme_to_dict
 from weights import METHODS
 
 # torch and timm are imported inside the functions that need them: `--help` and flag mistakes answer in a
@@ -30,6 +30,9 @@ def build_parser():
 def _data_flags(d):
     d.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default: "
                    "synthetic; --eval-only: the checkpoint's)")
+    d.add_argument("--classes", dest="classes_file", default=None, metavar="FILE", help="label scheme JSON (class "
+                   "ids, names, colours, clean and ignore ids, coarse groups) (default: DATA/classes.json, else "
+                   "ARTeFACT's 16 classes with a note; --eval-only: the checkpoint's)")
     d.add_argument("--synthetic-count", type=int, default=64, help="images in the generated synthetic set")
     d.add_argument("--synthetic-size", type=int, default=256, help="side of each synthetic image (px)")
     d.add_argument("--img-size", type=int, default=384, help="side of the square training crops and of the "
@@ -56,7 +59,8 @@ def _model_flags(m):
     m.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
     m.add_argument("--decoder", default="unet", choices=["unet", "upernet"], help="decoder over the encoder's maps")
     m.add_argument("--heads", default="fine", choices=["fine", "hierarchical"],
-                   help="one 16-class head, or binary + coarse + fine heads")
+                   help="one head over the label scheme's classes, or binary + coarse + fine heads (the scheme's "
+                   "groups)")
     m.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights (hierarchical)")
     m.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
     m.add_argument("--pretrained", action="store_true", help="ImageNet encoder weights from the Hugging Face hub")
@@ -277,9 +281,23 @@ def resolve_config(args, world_size, device):
     cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro,
                accum_steps=per_rank // micro if per_rank else None, lr=args.lr * batch / BASE_BATCH if batch else None,
                base_lr=args.lr, batch_auto=args.batch_size == "auto", precision=precision, world_size=world_size,
-               channels_last=not args.no_channels_last, num_classes=NUM_CLASSES, device=device.type,
+               channels_last=not args.no_channels_last, device=device.type,
                run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
+    # --eval-only takes the label scheme with the checkpoint (evaluation.eval_only).
+    if not args.eval_only:
+        cfg.update(label_scheme(cfg["data"], args.classes_file, args.heads))
     return cfg
+
+
+def label_scheme(data, classes_file, heads):
+    """The run config's label scheme entries: classes (the scheme as a dict, so config.json and every checkpoint
+    carry it), num_classes, classes_source; --heads hierarchical needs the scheme's coarse groups."""
+    from data import data_scheme
+    scheme, source = data_scheme(data, classes_file)
+    if heads == "hierarchical" and scheme.groups is None:
+        raise UserError(f"--heads hierarchical: the label scheme of {source} has no coarse groups; add \"groups\" "
+                        "to it (README 'Your own dataset') or use --heads fine")
+    return {"classes": scheme_to_dict(scheme), "num_classes": scheme.num_classes, "classes_source": source}
 
 
 def _timm_knows(name):

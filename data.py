@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from distributed import barrier
-from files import list_samples, read_metadata
-from labels import GROUP_COLUMNS, IGNORE_INDEX, UserError
+from files import dataset_scheme, list_samples, read_metadata
+from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import preload
 from splits import default_manifest_path, split_ids
 from synthetic import make_synthetic
@@ -32,6 +32,19 @@ def resolve_data(data, synthetic_count=64, synthetic_size=192):
         raise UserError(f"--data {data}: folder not found; pass a dataset folder (images/ + annotations/), "
                         "run `python prepare.py ingest`, or use --data synthetic")
     return root
+
+
+def data_scheme(data, classes=None, fallback=None):
+    """(label scheme, where it came from) for a --data value and --classes FILE: the synthetic set is ARTeFACT's
+    scheme (it writes that classes.json when generated); a folder's is files.dataset_scheme's."""
+    if data == "synthetic" and not classes:
+        return artefact_scheme(), f"the synthetic set ({ARTEFACT_SOURCE})"
+    return dataset_scheme(data, classes, fallback)
+
+
+def run_scheme(cfg):
+    """The label scheme a run config carries (cfg["classes"], written by config.resolve_config)."""
+    return scheme_from_dict(cfg["classes"], f"{cfg.get('run_dir', 'the run')} config (classes)")
 
 
 # One part of a fold: its samples, their preloaded pixels, and each sample's metadata group per column.
@@ -84,24 +97,26 @@ def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")
     if local_rank != 0:
         root, ids = resolve()
     by_id, metadata = {s.id: s for s in list_samples(root)}, read_metadata(root)
-    parts = {}
+    scheme, parts = run_scheme(cfg), {}
     for name in needed:
         samples = [by_id[i] for i in ids[name]]
         shared = cfg["preload"] == "all" or (cfg["preload"] == "val" and name != "train")
-        pre = preload(samples, cfg["img_size"], local_rank, local_world, offline_aug=cfg["offline_aug"] and name == "train",
+        pre = preload(samples, cfg["img_size"], scheme, local_rank, local_world,
+                      offline_aug=cfg["offline_aug"] and name == "train",
                       mode="shm" if shared else "disk", work_size=cfg["work_size"])
         parts[name] = Part(samples, pre, _groups(metadata, samples))
     return parts
 
 
-# A crop that is almost all outside the object (255) teaches nothing: it is drawn again, this many times at most.
+# A crop almost all outside the object (the ignore id) teaches nothing: it is drawn again, this many times at most.
 MIN_VALID, REDRAWS = 0.1, 4
 
 
 def _damage_centre(pre, row, class_weights, rng):
-    """A stored pixel position (y, x) of a damage class present in the row, rarer classes (higher class
-    weight) drawn more often; None when the row has no damage."""
-    present = np.flatnonzero(pre.counts[row, 1:len(class_weights)]) + 1
+    """A stored pixel position (y, x) of a damage class (any but the scheme's clean id) present in the row, rarer
+    classes (higher class weight) drawn more often; None when the row has no damage."""
+    damage = np.array(pre.scheme.damage_ids, dtype=np.int64)
+    present = damage[pre.counts[row, damage] > 0]
     if not len(present):
         return None
     odds = class_weights[present] / class_weights[present].sum()
@@ -128,7 +143,7 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
                 top = min(max(int(centre[0]) - size // 2, 0), height - size)
                 left = min(max(int(centre[1]) - size // 2, 0), width - size)
             corners[row] = top, left
-            if (pre.mask(row)[top:top + size, left:left + size] != IGNORE_INDEX).mean() >= MIN_VALID:
+            if (pre.mask(row)[top:top + size, left:left + size] != pre.scheme.ignore).mean() >= MIN_VALID:
                 break
     return corners
 

@@ -2,7 +2,7 @@
 once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
 with predict.py's tiles (averaged over flips with --eval-tta flip, as predict.py --tta), and scored there (or,
 --full-res, at their own resolution). `train.py --eval-only` runs eval_only (the checkpoint's test fold by
-default)."""
+default, with the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 import data
-from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
+from checkpoint import MODEL_KEYS, check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
 from files import atomic_write, read_image, read_mask
-from labels import HEAD_NAMES, NUM_CLASSES, UserError, progress
-from losses import hierarchy_targets
+from labels import UserError, progress, scheme_summary, scheme_to_dict
+from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
 from tiles import predict_at_scale, predict_image
 
@@ -39,26 +39,28 @@ def _group_ids(part):
     return out
 
 
-def _empty(cfg, part):
-    heads = list(HEAD_NAMES) if cfg["heads"] == "hierarchical" else ["fine"]
-    cms = {h: torch.zeros(len(HEAD_NAMES[h]), len(HEAD_NAMES[h]), dtype=torch.long) for h in heads}
+def _empty(cfg, part, scheme):
+    names = scheme.head_names
+    heads = list(names) if cfg["heads"] == "hierarchical" else ["fine"]
+    cms = {h: torch.zeros(len(names[h]), len(names[h]), dtype=torch.long) for h in heads}
     for column, values in part.groups.items():
-        cms[f"by_{column}"] = torch.zeros(len(set(values)), NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+        cms[f"by_{column}"] = torch.zeros(len(set(values)), scheme.num_classes, scheme.num_classes, dtype=torch.long)
     return cms
 
 
-def _count(cms, groups, row, labels, mask):
+def _count(cms, groups, row, labels, mask, scheme):
     """Adds one image's (prediction, truth) pixels to every matrix. The coarse and binary scores of a
     hierarchical model are its fine prediction grouped, the map predict.py draws."""
     pred = torch.from_numpy(labels.astype(np.int64))
     # read_mask's and the preload's arrays are read-only; astype gives torch a writable copy in its dtype.
     truth = torch.from_numpy(mask.astype(np.int64))
-    cm = confusion(pred, truth, NUM_CLASSES)
+    cm = confusion(pred, truth, scheme.num_classes, scheme.ignore)
     cms["fine"] += cm
     if "coarse" in cms:
-        grouped_pred, grouped_truth = hierarchy_targets(pred), hierarchy_targets(truth)
+        tables = label_tables(scheme)
+        grouped_pred, grouped_truth = hierarchy_targets(pred, tables), hierarchy_targets(truth, tables)
         for head in ("coarse", "binary"):
-            cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(HEAD_NAMES[head]))
+            cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(cms[head]), scheme.ignore)
     for column, (_, ids) in groups.items():
         cms[f"by_{column}"][ids[row]] += cm
 
@@ -84,7 +86,8 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     and scored pixel by pixel; summed over ranks. With a preemption flag it is polled after each image all
     ranks share; None means a SIGTERM came first."""
     polls = _common_count(len(part.pre), world) if preemption else 0
-    groups, cms = _group_ids(part), _empty(cfg, part)
+    scheme = part.pre.scheme
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
     shard = data.eval_shard(len(part.pre), rank, world).tolist()
     # Lines only for a long evaluation (an ARTeFACT test fold); a short one is reported by its epoch line.
     show = progress("evaluation: images", len(shard)) if len(shard) >= PROGRESS_MIN_IMAGES else None
@@ -93,7 +96,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
                                tta=tta_of(cfg), device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, part.pre.mask(row))
+        _count(cms, groups, row, labels, part.pre.mask(row), scheme)
         if show:
             show(k + 1)
     return _reduced(cms, groups, device)
@@ -102,25 +105,37 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
 def evaluate_full_res(model, part, rank, world, cfg, device):
     """The same prediction at the working scale, resized back to each image's own resolution and scored over
     every original pixel (what predict.py's damage map shows)."""
-    groups, cms = _group_ids(part), _empty(cfg, part)
+    scheme = part.pre.scheme
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
     for row in data.eval_shard(len(part.samples), rank, world).tolist():
         image = read_image(part.samples[row].image)
-        mask = read_mask(part.samples[row].mask, image.shape[:2])
+        mask = read_mask(part.samples[row].mask, scheme, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
                                   tta=tta_of(cfg), device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, mask)
+        _count(cms, groups, row, labels, mask, scheme)
     return _reduced(cms, groups, device)
 
 
 def scores(cms, cfg):
     """The metrics record of evaluate's matrices, with how they were predicted: "tta" (--eval-tta) and
     "weights" ("ema" when the weight average was scored, else "model")."""
-    return {**eval_metrics(cms), "tta": cfg["eval_tta"], "weights": "ema" if cfg["ema"] else "model"}
+    weights = "ema" if cfg["ema"] else "model"
+    return {**eval_metrics(cms, data.run_scheme(cfg)), "tta": cfg["eval_tta"], "weights": weights}
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
 EVAL_KEYS = MODEL_KEYS + ("split", "fold", "folds", "seed", "synthetic_count", "synthetic_size", "select",
                           "inner_frac", "work_size")
+
+
+def _eval_scheme(cfg, checkpoint, path):
+    """The run config's scheme entries for --eval-only: the checkpoint's scheme, refused when the dataset's
+    (--classes FILE or DATA/classes.json; a folder with neither is taken to hold the checkpoint's, with a note)
+    differs from it."""
+    trained = checkpoint_scheme(checkpoint, path)
+    dataset, source = data.data_scheme(cfg["data"], cfg["classes_file"], (trained, f"the scheme of {path}"))
+    check_scheme(trained, dataset, source, f"--checkpoint {path}: trained")
+    return {"classes": scheme_to_dict(trained), "num_classes": trained.num_classes, "classes_source": source}
 
 
 def eval_only(cfg, rank, world, local_rank, local_world, device):
@@ -135,6 +150,10 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     cfg.update({key: trained[key] for key in EVAL_KEYS}, data=cfg["data_flag"] or trained["data"],
                splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]),
                micro_batch=cfg["micro_batch"] or trained.get("micro_batch") or TILE_BATCH)
+    cfg.update(_eval_scheme(cfg, checkpoint, path))
+    if rank == 0:
+        print(f"label scheme: {scheme_summary(data.run_scheme(cfg))} ({cfg['classes_source']})", file=sys.stderr,
+              flush=True)
     # model_from_checkpoint takes the EMA weights where the run kept them; the record says which were scored.
     cfg["ema"] = "ema" in checkpoint
     model = model_from_checkpoint(checkpoint, path).to(device)

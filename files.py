@@ -1,17 +1,21 @@
-"""A dataset folder on disk: image/mask pairs, reading images, id masks and metadata, atomic writes.
+"""A dataset folder on disk: image/mask pairs, its label scheme, reading images, id masks and metadata, atomic
+writes.
 
 Layout: images/ID.{png,jpg,jpeg,tif,tiff} + annotations/ID.png with matching ids, optional metadata.csv
-(id, material, content, ...). Every problem a user can cause is a UserError naming the file.
+(id, material, content, ...), optional classes.json (the label scheme; ARTeFACT's when absent, with a note).
+Every problem a user can cause is a UserError naming the file.
 """
 import collections
 import csv
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from labels import BACKGROUND_COLOUR, IGNORE_INDEX, NUM_CLASSES, PALETTE, UserError
+from labels import (ARTEFACT_SOURCE, UserError, artefact_scheme, hex_colour, note, read_scheme, scheme_summary,
+                    scheme_to_dict)
 
 # ARTeFACT's largest images are ~244 MP (its dataset card raises the limit likewise); Pillow warns above
 # this and refuses above twice this, which still guards against decompression bombs.
@@ -21,6 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 Sample = collections.namedtuple("Sample", "id image mask")
+SCHEME_FILE = "classes.json"
 
 
 def atomic_write(path, write):
@@ -132,59 +137,57 @@ def read_image(path):
     return rgb_array(open_image(path), path)
 
 
-_COLOUR_TO_ID = {colour: index for index, colour in enumerate(PALETTE)} | {BACKGROUND_COLOUR: IGNORE_INDEX}
-
-
-def _ids_from_colours(path, rgb):
-    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-        return rgb[..., 0].copy()
+def _ids_from_colours(path, rgb, scheme):
+    """Ids of an RGB mask: its colours through the scheme's palette (the ignore colour -> the ignore id) when every
+    colour is in it; else, for a grey mask (R=G=B), the grey values as ids; else a UserError naming the colours."""
     packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
     colours, inverse = np.unique(packed, return_inverse=True)
-    ids = np.zeros(len(colours), dtype=np.uint8)
-    unknown = []
-    for i, value in enumerate(colours.tolist()):
-        colour = (value >> 16, (value >> 8) & 255, value & 255)
-        if colour in _COLOUR_TO_ID:
-            ids[i] = _COLOUR_TO_ID[colour]
-        else:
-            unknown.append("#%02X%02X%02X" % colour)
-    if unknown:
-        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
-        raise UserError(f"{path}: colour mask has colours outside the ARTeFACT palette ({shown}); "
-                        "save class ids as a single-channel PNG")
-    return ids[inverse.reshape(packed.shape)]
+    colour_to_id = {colour: c for c, colour in enumerate(scheme.colours)} | {scheme.ignore_colour: scheme.ignore}
+    found = [(value >> 16, (value >> 8) & 255, value & 255) for value in colours.tolist()]
+    unknown = [hex_colour(colour) for colour in found if colour not in colour_to_id]
+    if not unknown:
+        ids = np.array([colour_to_id[colour] for colour in found], dtype=np.uint8)
+        return ids[inverse.reshape(packed.shape)]
+    if all(r == g == b for r, g, b in found):
+        return rgb[..., 0].copy()
+    shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+    raise UserError(f"{path}: colour mask has colours outside the label scheme's palette ({shown}); give the "
+                    "dataset's colours in classes.json (--classes) or save class ids as a single-channel PNG")
 
 
-def _check_labels(path, mask):
+def _check_labels(path, mask, scheme):
+    """The mask as uint8 when every value is a class id of the scheme or its ignore id; never relabelled."""
     # bincount is linear time, which matters for 200+ MP masks; wider integer masks are rare enough for unique.
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
-    bad = values[(values < 0) | ((values >= NUM_CLASSES) & (values != IGNORE_INDEX))]
+    bad = values[(values < 0) | ((values >= scheme.num_classes) & (values != scheme.ignore))]
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
-        raise UserError(f"{path}: label values {shown} are outside 0-{NUM_CLASSES - 1} and {IGNORE_INDEX}; "
-                        "masks hold class ids, fix or re-export the mask")
+        raise UserError(f"{path}: label values {shown} are not in the label scheme (class ids "
+                        f"0-{scheme.num_classes - 1}, ignore {scheme.ignore}); fix or re-export the mask, or describe "
+                        "the dataset's classes in classes.json (--classes)")
     return mask.astype(np.uint8, copy=False)
 
 
-def read_mask(path, image_size=None):
-    """Class ids uint8 (H, W); image_size is the image's (height, width), as in image.shape[:2].
+def read_mask(path, scheme, image_size=None):
+    """Class ids uint8 (H, W) of the label scheme; image_size is the image's (height, width), as in image.shape[:2].
 
     L masks are ids. Palette (P) masks are read as their indices, not their colours, because that is how
-    id masks with a preview palette are stored. RGB/RGBA masks must use the ARTeFACT colours (background
-    #5A0007 -> 255) or be grey (R=G=B, read as ids). 16-bit and 32-bit integer masks are accepted only
-    when every value is a valid id, so no value is ever truncated. Anything else is a UserError.
+    id masks with a preview palette are stored. RGB/RGBA masks are read through the scheme's colours (its
+    ignore colour -> its ignore id) when all their colours are in it, else, when grey (R=G=B), as ids. 16-bit
+    and 32-bit integer masks are accepted only when every value is a valid id, so no value is ever truncated.
+    A value or colour outside the scheme, or anything else, is a UserError naming the file.
     """
     image = open_image(path, orient=False)
     if image.mode in ("L", "P"):
-        mask = _check_labels(path, np.asarray(image, dtype=np.uint8))
+        mask = _check_labels(path, np.asarray(image, dtype=np.uint8), scheme)
     elif image.mode in ("RGB", "RGBA"):
         pixels = np.asarray(image)
         if image.mode == "RGBA" and (pixels[..., 3] != 255).any():
             raise UserError(f"{path}: colour mask has transparent pixels; save it without alpha, "
                             "or as a single-channel id PNG")
-        mask = _check_labels(path, _ids_from_colours(path, pixels[..., :3]))
+        mask = _check_labels(path, _ids_from_colours(path, pixels[..., :3], scheme), scheme)
     elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        mask = _check_labels(path, np.asarray(image).astype(np.int64))
+        mask = _check_labels(path, np.asarray(image).astype(np.int64), scheme)
     else:
         raise UserError(f"{path}: mask mode {image.mode} is not supported; save class ids as an 8-bit "
                         "single-channel PNG")
@@ -193,6 +196,27 @@ def read_mask(path, image_size=None):
                         f"{image_size[1]}x{image_size[0]} as displayed (after its EXIF orientation); masks must "
                         "match their image size")
     return mask
+
+
+def dataset_scheme(root, classes=None, fallback=None):
+    """(label scheme, where it came from) of a dataset folder: the --classes FILE, else ROOT/classes.json, else
+    fallback (scheme, its name), by default ARTeFACT's, said in a note line: never assumed silently."""
+    if classes:
+        return read_scheme(classes, f"--classes {classes}"), f"--classes {classes}"
+    path = Path(root) / SCHEME_FILE
+    if path.is_file():
+        return read_scheme(path), str(path)
+    scheme, name = fallback or (artefact_scheme(), ARTEFACT_SOURCE)
+    note(f"{path} not found; assumed {name}: {scheme_summary(scheme)}. For another dataset write its "
+         f"{SCHEME_FILE} or pass --classes FILE (README 'Your own dataset')")
+    return scheme, f"{name} (assumed: no {path})"
+
+
+def write_scheme(root, scheme):
+    """ROOT/classes.json (atomically) holding the scheme in the format dataset_scheme reads."""
+    path = Path(root) / SCHEME_FILE
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(scheme_to_dict(scheme), indent=1) + "\n"))
+    return path
 
 
 def read_metadata(root):
@@ -267,16 +291,16 @@ def scaled_shape(height, width, size, work_size):
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def load_working(sample, size, work_size):
+def load_working(sample, size, work_size, scheme):
     """(image uint8 (h, w, 3), mask uint8 (h, w)) of a sample at its working shape (see working_shape); padding
-    is black in the image and 255 (ignored) in the mask."""
+    is black in the image and the scheme's ignore id in the mask."""
     image = open_image(sample.image)
-    mask = read_mask(sample.mask, image_size=(image.height, image.width))
+    mask = read_mask(sample.mask, scheme, image_size=(image.height, image.width))
     height, width = scaled_shape(image.height, image.width, size, work_size)
     pixels = resize_image(rgb_array(image, sample.image), height, width)
     labels = resize_labels(mask, height, width)
     padded_h, padded_w = working_shape(image.height, image.width, size, work_size)
     if (padded_h, padded_w) != (height, width):
         pixels = np.pad(pixels, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
-        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=IGNORE_INDEX)
+        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=scheme.ignore)
     return pixels, labels

@@ -1,9 +1,11 @@
-"""ARTeFACT ingestion and dataset checks (user-facing CLI).
+"""ARTeFACT ingestion, dataset checks and label-scheme files (user-facing CLI).
 
     python prepare.py ingest --parquet DIR_OF_SHARDS --out data/artefact   # or --download (Hugging Face hub)
-    python prepare.py check data/artefact                                  # one line per problem
+    python prepare.py check data/artefact [--classes FILE]                 # one line per problem
+    python prepare.py classes DIR                                          # ARTeFACT's classes.json, to edit
 
-ingest writes the dataset folder every other script reads: images/ID.png, annotations/ID.png, metadata.csv.
+ingest writes the dataset folder every other script reads: images/ID.png, annotations/ID.png, metadata.csv and
+classes.json (ARTeFACT's label scheme).
 """
 import argparse
 import io
@@ -14,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import (EXIF_ORIENTATION, atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array,
-                   write_metadata)
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, progress, run_cli
+from files import (EXIF_ORIENTATION, SCHEME_FILE, atomic_write, dataset_scheme, list_samples, open_image, read_mask,
+                   read_metadata, rgb_array, write_metadata, write_scheme)
+from labels import UserError, artefact_scheme, progress, run_cli, scheme_summary
 
 HF_DATASET = "danielaivanova/damaged-media"
 
@@ -84,6 +86,7 @@ def _empty_output(out, overwrite):
             for path in (out / sub).glob("*") if (out / sub).is_dir() else ():
                 path.unlink()
         (out / "metadata.csv").unlink(missing_ok=True)
+        (out / SCHEME_FILE).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     return out
@@ -127,6 +130,7 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
                 show(len(rows) - before, f", {written / 2**20:.1f} MB written")
         print(f"{file.name}: {len(rows) - before} images", flush=True)
     atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
+    write_scheme(out, artefact_scheme())
     return out
 
 
@@ -158,19 +162,34 @@ def _prepare_row(where, record, out):
     return sample_id, record.get("material") or "", record.get("content") or "", size[0], size[1]
 
 
-def check(root):
-    """Reads every pair of a dataset folder the way training does; returns a one-line summary."""
+def check(root, classes=None):
+    """Reads every pair of a dataset folder the way training does, masks by the dataset's label scheme (--classes
+    FILE, else ROOT/classes.json, else ARTeFACT's with a note); returns a two-line summary."""
     samples = list_samples(root)
+    scheme, source = dataset_scheme(root, classes)
     read_metadata(root)
     counts = np.zeros(256, dtype=np.int64)
     for sample in samples:
         image = open_image(sample.image)
         rgb_array(image, sample.image)
-        mask = read_mask(sample.mask, image_size=(image.height, image.width))
+        mask = read_mask(sample.mask, scheme, image_size=(image.height, image.width))
         counts += np.bincount(mask.ravel(), minlength=256)
-    present = [CLASS_NAMES[c] for c in range(NUM_CLASSES) if counts[c]]
-    return (f"ok: {len(samples)} image/mask pairs in {root}; {counts[:NUM_CLASSES].sum()} labelled pixels, "
-            f"{counts[IGNORE_INDEX]} ignored; classes present: {', '.join(present) or 'none'}")
+    present = [name for c, name in enumerate(scheme.names) if counts[c]]
+    absent = [name for c, name in enumerate(scheme.names) if not counts[c]]
+    return (f"ok: {len(samples)} image/mask pairs in {root}; {counts[:scheme.num_classes].sum()} labelled pixels, "
+            f"{counts[scheme.ignore]} ignored; classes present: {', '.join(present) or 'none'}"
+            + (f"; absent: {', '.join(absent)}" if absent else "")
+            + f"\nlabel scheme ({source}): {scheme_summary(scheme)}")
+
+
+def write_default_scheme(folder):
+    """FOLDER/classes.json with ARTeFACT's scheme, a template for another dataset's; an existing one is kept."""
+    path = Path(folder) / SCHEME_FILE
+    if path.exists():
+        raise UserError(f"{path}: exists; edit it, or remove it to write ARTeFACT's scheme there")
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: folder not found; pass the dataset folder")
+    return write_scheme(folder, artefact_scheme())
 
 
 def main(argv=None):
@@ -184,12 +203,19 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     c = commands.add_parser("check", help="validate every image/mask pair of a dataset folder")
     c.add_argument("root", help="dataset folder (images/ + annotations/)")
+    c.add_argument("--classes", dest="classes_file", metavar="FILE", help="label scheme JSON (default: "
+                   "ROOT/classes.json, else ARTeFACT's, with a note)")
+    s = commands.add_parser("classes", help="write ARTeFACT's label scheme as DIR/classes.json (a template)")
+    s.add_argument("folder", help="dataset folder to write classes.json into")
     return run_cli(_command, parser.parse_args(argv))
 
 
 def _command(args):
     if args.command == "check":
-        print(check(args.root))
+        print(check(args.root, args.classes_file))
+        return
+    if args.command == "classes":
+        print(f"wrote {write_default_scheme(args.folder)}")
         return
     if not args.parquet and not args.download:
         raise UserError("ingest: pass --parquet DIR_OR_FILES (or --download)")

@@ -31,7 +31,7 @@ from config import with_batch
 from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
                          teardown)
 from evaluation import eval_only, evaluate, scores
-from labels import NUM_CLASSES, UserError, run_cli
+from labels import UserError, run_cli, scheme_summary
 from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, summary
@@ -48,19 +48,22 @@ Training = collections.namedtuple("Training", "model raw_model optimizer schedul
 
 
 def make_criterion(cfg, class_weights, device):
-    """The loss module (sums form, see losses.global_loss), its class weights on the device."""
+    """The loss module (sums form, see losses.global_loss) over the run's label scheme, on the device."""
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    scheme = data.run_scheme(cfg)
     if cfg["heads"] == "hierarchical":
-        return HierarchicalLoss(cfg["loss"], weight, head_weights=tuple(cfg["head_weights"]))
-    return build_loss(cfg["loss"], weight)
+        return HierarchicalLoss(cfg["loss"], scheme, weight, head_weights=tuple(cfg["head_weights"])).to(device)
+    return build_loss(cfg["loss"], weight, scheme.ignore)
 
 
 def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
     """The network on the device (channels_last unless --no-channels-last). On several GPUs its BatchNorms
     become SyncBatchNorm the timm way, which keeps timm's fused norm + activation layers (MaxViT, CoAtNet)
     computing the same function; the state dict is unchanged, so a checkpoint loads into the plain model."""
-    model = build_model(cfg["encoder"], NUM_CLASSES, cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], encoder_weights, cfg["drop_path"]).to(device)
+    groups = data.run_scheme(cfg).groups
+    model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
+                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None,
+                        cfg["drop_path"]).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
@@ -327,6 +330,8 @@ def write_report(run_dir):
 
 def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
+    scheme = data.run_scheme(cfg)
+    log(rank, f"label scheme: {scheme_summary(scheme)} ({cfg['classes_source']})")
     # The network comes first: a --pretrained download that cannot happen fails before minutes of preloading.
     network = build_network(cfg, device, world, cfg["pretrained"] and not resume, cfg["weights"])
     split = data.load_split(cfg, local_rank, local_world)
@@ -340,8 +345,8 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     if n_train < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {n_train} training images; lower it")
     # The preload counted every row's class pixels (at the working scale) while building.
-    counts = split["train"].pre.counts[:, :NUM_CLASSES].sum(0)
-    class_weights = resolve_class_weights(cfg["class_weights"], counts, cfg["max_ratio"],
+    counts = split["train"].pre.counts[:, :scheme.num_classes].sum(0)
+    class_weights = resolve_class_weights(cfg["class_weights"], counts, scheme, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
     parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
     start_epoch, start_step, best, carried = restore(parts, resume, run_dir, rank) if resume else (0, 0, -1.0, 0.0)
@@ -394,7 +399,7 @@ def probe_step(cfg, device):
         x = torch.randn(batch, 3, size, size, device=device)
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, NUM_CLASSES, (batch, size, size), device=device)
+        y = torch.randint(0, cfg["num_classes"], (batch, size, size), device=device)
         try:
             train_step(parts, [(x, y)], probe, device)
             if device.type == "cuda":

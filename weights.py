@@ -1,6 +1,7 @@
 """Class pixel frequencies -> class weights for the losses; the CLI writes them as JSON for train.py.
 
-With n_c the labelled pixels of class c (label 255 ignored) and f_c = n_c / sum(n), the raw weights are
+With n_c the labelled pixels of class c (the label scheme's ignore id left out) and f_c = n_c / sum(n), the raw
+weights are
 
 - ``inverse``                  1 / f_c
 - ``inverse_sqrt``             1 / sqrt(f_c)
@@ -26,8 +27,9 @@ Then, in this order:
 
 So for every method a rarer class never gets a smaller weight than a commoner one.
 
-CLI: ``python weights.py --data DIR|synthetic --method M [--max-ratio 36] [--out FILE.json]``
-prints class, pixels, share and weight, and writes JSON (default runs/class_weights/<dataset>-<method>.json).
+CLI: ``python weights.py --data DIR|synthetic [--classes FILE] --method M [--max-ratio 36] [--out FILE.json]``
+prints class, pixels, share and weight, and writes JSON (default runs/class_weights/<dataset>-<method>.json)
+with the scheme's class names, which train.py checks against its own scheme when it reads the file back.
 """
 import argparse
 import json
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from files import atomic_write, list_samples, read_mask
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
+from labels import UserError, run_cli
 
 METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
@@ -45,13 +47,15 @@ DEFAULT_MAX_RATIO = 36.0
 _CHUNK = 1 << 24
 
 
-def count_pixels(masks, num_classes=NUM_CLASSES):
-    """Pixels per class (int64, length num_classes) over masks: an (N, H, W) array or an iterable of arrays.
+def count_pixels(masks, scheme):
+    """Pixels per class (int64, one per class id of the label scheme) over masks: an (N, H, W) array or an
+    iterable of arrays.
 
     Vectorised ``np.bincount`` over each mask in chunks of ``_CHUNK`` pixels (bincount widens bytes to
-    int64, so a 100-megapixel mask in one piece would need 800 MB). Label 255 is not counted; labels
-    num_classes..254 raise UserError.
+    int64, so a 100-megapixel mask in one piece would need 800 MB). The scheme's ignore id is not counted; any
+    other value outside its class ids raises UserError.
     """
+    num_classes = scheme.num_classes
     if isinstance(masks, np.ndarray) and masks.ndim < 3:
         masks = [masks]
     totals = np.zeros(256, dtype=np.int64)
@@ -60,15 +64,18 @@ def count_pixels(masks, num_classes=NUM_CLASSES):
         if mask.dtype != np.uint8:
             if mask.size and (mask.min() < 0 or mask.max() > 255):
                 raise UserError(f"mask values {mask.min()}..{mask.max()} do not fit 0-255; masks hold class ids "
-                                f"0-{num_classes - 1} and {IGNORE_INDEX}")
+                                f"0-{num_classes - 1} and {scheme.ignore}")
             mask = mask.astype(np.uint8)
         flat = mask.reshape(-1)
         for start in range(0, flat.size, _CHUNK):
             totals += np.bincount(flat[start:start + _CHUNK], minlength=256)
-    bad = np.flatnonzero(totals[num_classes:IGNORE_INDEX]) + num_classes
+    outside = totals.copy()
+    outside[:num_classes] = outside[scheme.ignore] = 0
+    bad = np.flatnonzero(outside)
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
-        raise UserError(f"mask labels {shown} are outside 0-{num_classes - 1} and {IGNORE_INDEX}; fix the masks")
+        raise UserError(f"mask labels {shown} are not in the label scheme (class ids 0-{num_classes - 1}, ignore "
+                        f"{scheme.ignore}); fix the masks")
     return totals[:num_classes]
 
 
@@ -101,7 +108,7 @@ def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, 
         raise ValueError(f"pixel counts must not be negative: {counts.tolist()}")
     present = counts > 0
     if not present.any():
-        raise UserError("no labelled pixels to weigh: every mask is empty or ignored (255); check --data")
+        raise UserError("no labelled pixels to weigh: every mask is empty or ignored; check --data")
     weights = _raw_weights(counts[present], method, beta)
     low, high = weights.min(), weights.max()
     if max_ratio is not None and high > low * max_ratio:
@@ -113,15 +120,12 @@ def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, 
     return result
 
 
-def _class_names(num_classes):
-    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else [f"class {c}" for c in range(num_classes)]
-
-
-def save_weights(path, method, counts, weights, max_ratio):
-    """JSON with the method, cap, class names, pixel counts and weights; ``load_weights`` reads it back."""
+def save_weights(path, method, counts, weights, max_ratio, names):
+    """JSON with the method, cap, class names (of the label scheme), pixel counts and weights; ``load_weights``
+    reads it back."""
     record = {"method": method,
               "max_ratio": None if max_ratio is None or np.isinf(max_ratio) else float(max_ratio),
-              "classes": _class_names(len(weights)),
+              "classes": list(names),
               "counts": [int(n) for n in counts],
               "weights": [float(w) for w in weights]}
     try:
@@ -130,45 +134,56 @@ def save_weights(path, method, counts, weights, max_ratio):
         raise UserError(f"{path}: cannot write ({exc.strerror}); pass --out with a writable path") from None
 
 
-def load_weights(path, num_classes=NUM_CLASSES):
-    """Weights (float64, num_classes) from a JSON file written by ``save_weights``."""
+def load_weights(path, scheme):
+    """Weights (float64, one per class of the label scheme) from a JSON file written by ``save_weights``; a file
+    whose class names are not the scheme's (weights of another dataset) is refused."""
     fix = "write it with: python weights.py --data DIR --method METHOD"
     try:
-        weights = np.asarray(json.loads(Path(path).read_text())["weights"], dtype=np.float64)
+        record = json.loads(Path(path).read_text())
+        weights = np.asarray(record["weights"], dtype=np.float64)
     except FileNotFoundError:
         raise UserError(f"{path}: class-weight file not found; {fix}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a class-weight file ({exc!r}); {fix}") from None
+    num_classes = scheme.num_classes
     if weights.shape != (num_classes,) or not np.isfinite(weights).all() or (weights <= 0).any():
         raise UserError(f"{path}: needs {num_classes} finite positive weights, found {weights.tolist()}; {fix}")
+    names = record.get("classes")
+    if names is not None and list(names) != list(scheme.names):
+        c = next((c for c, (a, b) in enumerate(zip(names, scheme.names)) if a != b), None)
+        differ = f"{len(names)} names" if c is None else f"class {c} is {names[c]!r} there, {scheme.names[c]!r} here"
+        raise UserError(f"{path}: weights of other classes than the label scheme's ({differ}); {fix} --classes FILE")
     return weights
 
 
-def resolve_class_weights(spec, counts, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
-    """Weights for ``--class-weights``: a method name (computed from the class pixel ``counts``, see
-    count_pixels, and written as JSON to ``save_to`` when given) or a JSON file path."""
+def resolve_class_weights(spec, counts, scheme, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
+    """Weights for ``--class-weights``: a method name (computed from the class pixel ``counts`` of the label
+    scheme's classes, see count_pixels, and written as JSON to ``save_to`` when given) or a JSON file path."""
     if spec in METHODS:
         weights = compute_weights(counts, spec, max_ratio)
         if save_to is not None:
-            save_weights(save_to, spec, counts, weights, max_ratio)
+            save_weights(save_to, spec, counts, weights, max_ratio, scheme.names)
         return weights
     if spec.endswith(".json") or Path(spec).exists():
-        return load_weights(spec)
+        return load_weights(spec, scheme)
     raise UserError(f"--class-weights {spec}: give a method ({', '.join(METHODS)}) or a .json file")
 
 
-def format_table(counts, weights):
+def format_table(counts, weights, names):
     """One line per class: id, name, pixels, share of labelled pixels in %, weight."""
     share = 100 * np.asarray(counts) / max(int(np.sum(counts)), 1)
-    lines = [f"{'id':>2}  {'class':<14} {'pixels':>13} {'share %':>8} {'weight':>8}"]
-    for c, name in enumerate(_class_names(len(weights))):
-        lines.append(f"{c:>2}  {name:<14} {int(counts[c]):>13,} {share[c]:>8.4f} {weights[c]:>8.4f}")
+    width = max(14, *map(len, names))
+    lines = [f"{'id':>2}  {'class':<{width}} {'pixels':>13} {'share %':>8} {'weight':>8}"]
+    for c, name in enumerate(names):
+        lines.append(f"{c:>2}  {name:<{width}} {int(counts[c]):>13,} {share[c]:>8.4f} {weights[c]:>8.4f}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="dataset folder (images/ + annotations/) or 'synthetic'")
+    parser.add_argument("--classes", dest="classes_file", metavar="FILE", help="label scheme JSON (default: "
+                        "DATA/classes.json, else ARTeFACT's, with a note)")
     parser.add_argument("--synthetic-count", type=int, default=64, help="images in the synthetic set")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
@@ -179,16 +194,19 @@ def main(argv=None):
 
 def _write_for_dataset(args):
     # Imported here: data pulls in torch, which config.py's --help (it reads METHODS) must not wait for.
-    from data import resolve_data
+    from data import data_scheme, resolve_data
 
     root = resolve_data(args.data, synthetic_count=args.synthetic_count)
-    counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
+    samples = list_samples(root)
+    scheme, source = data_scheme(args.data, args.classes_file)
+    counts = count_pixels((read_mask(sample.mask, scheme) for sample in samples), scheme)
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
     weights = compute_weights(counts, args.method, max_ratio)
     out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}-{args.method}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(out, args.method, counts, weights, max_ratio)
-    print(format_table(counts, weights))
+    save_weights(out, args.method, counts, weights, max_ratio, scheme.names)
+    print(f"label scheme: {source}")
+    print(format_table(counts, weights, scheme.names))
     print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")
 
 

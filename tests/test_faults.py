@@ -19,7 +19,7 @@ import files
 import prepare
 import train
 from conftest import ROOT, run_script
-from labels import UserError
+from labels import UserError, artefact_scheme
 from test_predict import write_checkpoint
 from test_train import final_test, metrics, poison_loss_at_call, tiny, train_losses
 
@@ -107,7 +107,7 @@ def test_exif_orientation_is_applied_to_images_not_masks(tmp_path, orientation, 
     assert image.shape == (30, 50, 3)
     assert (image[:, :10, 0] > 200).all() and (image[:, 20:, 0] < 60).all()
     assert "ok: 1 image/mask pairs" in prepare.check(root)
-    small_image, small_mask = files.load_working(files.list_samples(root)[0], 20, 0)
+    small_image, small_mask = files.load_working(files.list_samples(root)[0], 20, 0, artefact_scheme())
     red = small_image[..., 0] > 128
     assert (small_mask[red] == 11).mean() > 0.9 and (small_mask[~red] == 0).mean() > 0.9
 

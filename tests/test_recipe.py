@@ -30,7 +30,7 @@ import preload
 import runs
 import train
 from encoders import ENCODERS
-from labels import UserError
+from labels import UserError, artefact_scheme
 from model import build_model
 
 CPU = torch.device("cpu")
@@ -127,7 +127,7 @@ def test_no_decay_set_is_timms_for_the_whole_model(encoder, img_size):
     without = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     canonical = lambda name: name.replace("_", ".")  # noqa: E731  features_only flattens "stages.0" to "stages_0"
     timm_names = {canonical(n) for n, p in full.named_parameters() if id(p) in without}
-    encoder_net = build_model(encoder, img_size=img_size).encoder
+    encoder_net = build_model(encoder, 16, img_size=img_size).encoder
     ours = {canonical(n) for n, p in encoder_net.named_parameters()
             if not optim.decays(n, p, {"no_decay_norms": True})}
     assert ours == timm_names & {canonical(n) for n, _ in encoder_net.named_parameters()}
@@ -135,7 +135,7 @@ def test_no_decay_set_is_timms_for_the_whole_model(encoder, img_size):
 
 
 def test_layer_decay_refuses_an_encoder_without_stages_it_can_read():
-    encoder = build_model("resnet10t", img_size=64).encoder
+    encoder = build_model("resnet10t", 16, img_size=64).encoder
     encoder.feature_info.module_name = lambda: ["nothing.here"]
     with pytest.raises(UserError, match="--layer-decay: .*--layer-decay 1"):
         optim.encoder_depths(encoder)
@@ -167,18 +167,18 @@ def test_ema_is_the_hand_computed_average_of_the_weights_after_each_step(synthet
 
 def _batch(root, cfg):
     samples = files.list_samples(root)[:2]
-    pre = preload.preload(samples, 64, mode="disk")
+    pre = preload.preload(samples, 64, artefact_scheme(), mode="disk")
     images, masks = next(iter(data.batches(pre, [0, 1], 2, pin=False)))
     return data.to_device_batch(images, masks, CPU, channels_last=cfg["channels_last"])
 
 
 def test_model_from_checkpoint_and_predict_take_the_ema_weights(tmp_path):
     cfg = tiny_cfg("--ema")
-    trained, averaged = (build_model("mit_b0", img_size=64, norm="gn") for _ in range(2))
+    trained, averaged = (build_model("mit_b0", 16, img_size=64, norm="gn") for _ in range(2))
     state = {"model": trained.state_dict(), "ema": averaged.state_dict(), "config": cfg}
     checkpoint.save_checkpoint(tmp_path / "best.pt", state)
     loaded = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tmp_path / "best.pt"), tmp_path / "best.pt")
-    predicted, _ = predict.load_model(tmp_path / "best.pt", CPU)
+    predicted = predict.load_model(tmp_path / "best.pt", CPU)[0]
     for net in (loaded, predicted):
         for key, value in averaged.state_dict().items():
             assert torch.equal(net.state_dict()[key], value), key
@@ -225,7 +225,7 @@ class Stored:
     """The part of preload's interface evaluate reads: images and masks by row."""
 
     def __init__(self, images, masks):
-        self.images, self.masks = images, masks
+        self.images, self.masks, self.scheme = images, masks, artefact_scheme()
 
     def __len__(self):
         return len(self.images)
@@ -264,8 +264,8 @@ def test_flip_tta_evaluation_is_the_hand_flipped_average():
 
 def test_drop_path_reaches_the_encoder_and_is_off_in_eval_mode():
     torch.manual_seed(0)
-    plain = build_model("mit_b0", img_size=64, norm="gn")
-    dropped = build_model("mit_b0", img_size=64, norm="gn", drop_path=0.1)
+    plain = build_model("mit_b0", 16, img_size=64, norm="gn")
+    dropped = build_model("mit_b0", 16, img_size=64, norm="gn", drop_path=0.1)
     dropped.load_state_dict(plain.state_dict())
     rates = [m.drop_prob for m in dropped.encoder.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.1)
@@ -274,7 +274,7 @@ def test_drop_path_reaches_the_encoder_and_is_off_in_eval_mode():
         assert torch.equal(plain.eval()(x), dropped.eval()(x))
         assert not torch.equal(plain.train()(x), dropped.train()(x))
     with pytest.raises(UserError, match="--drop-path 0.1: timm's dla34 has no stochastic depth"):
-        build_model("dla34", img_size=64, drop_path=0.1)
+        build_model("dla34", 16, img_size=64, drop_path=0.1)
 
 
 def test_forward_gflops_counts_a_convolution_by_hand():
