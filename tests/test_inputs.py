@@ -200,16 +200,20 @@ def test_weights_py_counts_a_folds_training_images_at_the_working_scale_like_tra
     assert json.loads((tmp_path / "all.json").read_text())["images"] == "all"
 
 
+NAMES = artefact_scheme().names
+
+
 def test_a_weights_file_of_another_fold_is_refused_and_one_of_all_images_is_noted(tmp_path):
     cfg = {"split": "kfold", "fold": 0, "folds": 3, "seed": 42, "inner_frac": 0.15, "select": "inner"}
     path = tmp_path / "w.json"
     counts = np.arange(1, 17)
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, dict(cfg, fold=1))
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES,
+                         dict(cfg, fold=1))
     with pytest.raises(UserError, match=r"counted on other training images \(--fold 1 \(this run: 0\)\)"):
         weights.check_images(path, cfg)
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, dict(cfg))
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES, dict(cfg))
     assert weights.check_images(path, cfg) is None
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0)
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES)
     assert "counted on every image, the test fold's included" in weights.check_images(path, cfg)
 
 
