@@ -101,7 +101,7 @@ def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
 RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                      "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
                      "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
-                     "skip_nonfinite", "max_skipped"}
+                     "skip_nonfinite", "max_skipped", "device_data"}
 # Derived from other keys that are compared themselves (lr from --lr and the batch).
 RESUME_DERIVED = {"lr"}
 FLAG_OF_KEY = {"base_lr": "--lr"}

@@ -50,6 +50,16 @@ def _data_flags(d):
     d.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of the training images")
     d.add_argument("--preload", default="all", choices=["all", "val", "none"],
                    help="which splits are decoded once into shared memory per node (none: decode every batch)")
+    d.add_argument("--device-data", action="store_true", help="keep the preloaded training images on the GPU and "
+                   "cut, flip and augment the crops there (default: cut on the host, one copy per batch)")
+    d.add_argument("--scale-aug", default=None, metavar="LO,HI", help="random scale of each training crop, drawn "
+                   "log-uniformly from LO..HI (e.g. 0.5,2.0; 0.25 <= LO <= HI <= 4): a window of side --img-size / "
+                   "scale at the working scale, resized to --img-size (default: off, scale 1)")
+    d.add_argument("--colour-aug", type=float, default=0.0, help="photometric distortion strength J (0-1): "
+                   "brightness, contrast and saturation factors from 1-J..1+J, hue shift up to J/4 of a turn "
+                   "(0.4 is torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1); default 0: off)")
+    d.add_argument("--blur-aug", type=float, default=0.0, help="share (0-1) of training crops blurred with a "
+                   "Gaussian of sigma 0.1-2.0 working-scale pixels (default 0: off)")
 
 
 def _model_flags(m):
@@ -210,7 +220,11 @@ def _check_numbers(args):
               ("--inner-frac", args.inner_frac, 0 < args.inner_frac < 1, "between 0 and 1, e.g. 0.15"),
               ("--work-size", args.work_size, args.work_size == 0 or args.work_size >= args.img_size,
                f"0 (squash to --img-size) or at least --img-size {args.img_size}"),
-              ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5")]
+              ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5"),
+              ("--colour-aug", args.colour_aug, finite(args.colour_aug) and 0 <= args.colour_aug <= 1,
+               "between 0 and 1, e.g. 0.4 (0: off)"),
+              ("--blur-aug", args.blur_aug, finite(args.blur_aug) and 0 <= args.blur_aug <= 1,
+               "between 0 and 1, e.g. 0.2 (0: off)")]
     for flag, value, ok, need in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {need}")
@@ -238,6 +252,7 @@ def resolve_config(args, world_size, device):
         cfg["head_weights"] = [float(w) for w in args.head_weights.split(",")]
     except ValueError:
         cfg["head_weights"] = []
+    cfg["scale_aug"] = _scale_range(args.scale_aug)
     if len(cfg["head_weights"]) != 3:
         raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
     # Evaluation trains nothing: its tiles go through the model --micro-batch (or the checkpoint's) at a time.
@@ -257,6 +272,21 @@ def resolve_config(args, world_size, device):
                channels_last=not args.no_channels_last, num_classes=NUM_CLASSES, device=device.type,
                run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
     return cfg
+
+
+def _scale_range(text):
+    """--scale-aug LO,HI -> [lo, hi], or None when not given."""
+    if text is None:
+        return None
+    from augment import SCALE_LIMITS
+    low, high = SCALE_LIMITS
+    try:
+        scale = [float(v) for v in text.split(",")]
+    except ValueError:
+        scale = []
+    if len(scale) != 2 or not low <= scale[0] <= scale[1] <= high:
+        raise UserError(f"--scale-aug {text}: give LO,HI with {low:g} <= LO <= HI <= {high:g}, e.g. 0.5,2.0")
+    return scale
 
 
 def _timm_knows(name):
