@@ -77,25 +77,25 @@ def nearest_index(side, size):
 
 def resize_pixels(window, size):
     """uint8 (side, side, 3) tensor -> (size, size, 3): bilinear with half-pixel centres and, when shrinking, a
-    filter as wide as the scale (an area-like average, Pillow's BILINEAR bit for bit); torch's fixed-point uint8
-    kernel on the CPU, float32 rounded on a GPU (which has no uint8 kernel: one level off at some pixels)."""
+    filter as wide as the scale (an area-like average, Pillow's BILINEAR up to rounding); torch's fixed-point
+    uint8 kernel on the CPU (as resize_window), float32 rounded on a GPU, which has no uint8 kernel (one level
+    off at some pixels)."""
     pixels = window.permute(2, 0, 1)[None]
     if pixels.device.type == "cpu":
         resized = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     else:
         resized = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False,
                                 antialias=True).round_().clamp_(0, 255).to(torch.uint8)
-    return resized[0].permute(1, 2, 0).contiguous()
+    return resized[0].permute(1, 2, 0)  # NHWC view of the kernel's NCHW output
 
 
 def resize_window(image, mask, size):
-    """A (side, side, 3) image window and its (side, side) mask -> size x size: the image by resize_pixels, the
-    mask nearest (nearest_index). numpy in, numpy out."""
+    """A (side, side, 3) image window and its (side, side) mask -> (image planes (3, size, size), mask (size,
+    size)): the image by resize_pixels, the mask nearest (nearest_index). numpy in, numpy out."""
     rows = nearest_index(len(mask), size)
-    labels = mask[rows[:, None], rows]
     if not image.flags.writeable:
         image = image.copy()  # torch refuses to wrap the read-only shared buffer
-    return resize_pixels(torch.from_numpy(image), size).numpy(), labels
+    return resize_pixels(torch.from_numpy(image), size).permute(2, 0, 1).numpy(), mask[rows][:, rows]
 
 
 # The preloaded rows as tensors on a device: pixels (P, 3) and labels (P,) uint8, every row's first pixel and shape.
@@ -210,7 +210,8 @@ def blur_(x, sigmas):
         radius = int(np.ceil(3 * sigmas[j]))
         taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigmas[j] ** 2))
         kernel = torch.as_tensor(taps / taps.sum(), dtype=torch.float32).to(x.device, non_blocking=True)
-        planes = F.pad(x[j:j + 1].contiguous(), (radius,) * 4, mode="reflect")
+        # Depthwise convolutions over NHWC memory: 2x faster on a CPU than over planes, 1.8x than a batched one.
+        planes = F.pad(x[j:j + 1], (radius,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
         planes = F.conv2d(planes, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
         x[j] = F.conv2d(planes, kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)[0]
     return x

@@ -305,8 +305,8 @@ def _loader_cfg(size, batch, augmentation):
 def _torchvision_img_s(root, size, batch, epochs, augmented=False):
     """What a user would otherwise write: torchvision transforms.v2 over the PNG files in a DataLoader with 2
     workers (decode, random crop, flips, float, normalise per sample); augmented adds the equivalent of "all":
-    RandomResize of the whole image to 0.5-2x (the crop's scale), crops padded with 0 / 255, ColorJitter(0.4,
-    0.4, 0.4, 0.1) and a Gaussian blur (sigma 0.1-2.0) of a fifth of the crops."""
+    RandomResizedCrop of square windows of side size/2 to 2 x size (what --scale-aug 0.5,2.0 cuts),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) and a Gaussian blur (sigma 0.1-2.0) of a fifth of the crops."""
     from torchvision import tv_tensors
     from torchvision.io import decode_image
     from torchvision.transforms import v2
@@ -314,9 +314,8 @@ def _torchvision_img_s(root, size, batch, epochs, augmented=False):
     crop = [v2.RandomCrop(size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if augmented:
         with Image.open(list_samples(root)[0].image) as first:
-            side = min(first.size)
-        crop = [v2.RandomResize(side // 2, 2 * side),
-                v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+            area = first.size[0] * first.size[1]
+        crop = [v2.RandomResizedCrop(size, scale=(size ** 2 / 4 / area, min(1.0, 4 * size ** 2 / area)), ratio=(1, 1)),
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.ColorJitter(0.4, 0.4, 0.4, 0.1),
                 v2.RandomApply([v2.GaussianBlur(2 * 6 + 1, sigma=(0.1, 2.0))], p=0.2)]
     transform = v2.Compose([*crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.MEAN, data.STD)])

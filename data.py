@@ -1,6 +1,9 @@
-"""The training-time data path: dataset folder -> split -> node-shared preload -> batches on the device.
+"""The training-time data path: dataset folder -> split -> node-shared preload -> an epoch's plan -> batches on
+the device.
 
-Flips, rot90 and normalisation run on the uint8 batch on the device; nothing per-pixel runs in Python.
+Crops (scaled, flipped) are cut from the shared buffer by a host thread or on the device (--device-data); the
+photometric distortion and the normalisation run on the uint8 batch on the device; nothing per-pixel runs in
+Python.
 """
 import collections
 import queue
@@ -10,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import augment
+from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, device_rows, photometric_params
 from distributed import barrier
 from files import list_samples, read_metadata
 from labels import GROUP_COLUMNS, IGNORE_INDEX, UserError
@@ -231,7 +234,7 @@ def device_batches(rows, indices, batch_size, plan, size):
     index arithmetic at the plan's corners and sides, and flipped there; the host sends a few numbers per row."""
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        images, masks = augment.device_crops(rows, idx, plan.corners[idx], plan.sides[idx], size)
+        images, masks = device_crops(rows, idx, plan.corners[idx], plan.sides[idx], size)
         yield flip_batch(images, masks, torch.from_numpy(plan.flips[idx]))
 
 
@@ -247,7 +250,7 @@ def rows_on_device(pre, device):
             raise UserError(f"--device-data: the preloaded rows take {pre.layout.counts_offset / 2**30:.2f} GiB, "
                             f"more than half of the {free / 2**30:.2f} GiB free on {device}; drop --device-data "
                             "or lower --work-size")
-    return augment.device_rows(pre, device)
+    return device_rows(pre, device)
 
 
 # An epoch's augmentation: order (rows in training order) and, row-aligned with the part's rows, flips
@@ -267,9 +270,9 @@ def epoch_plan(pre, cfg, epoch, class_weights=None):
     """Everything random about an epoch's training crops, from (cfg's seed, epoch) alone (see Plan)."""
     seed, size = cfg["seed"], cfg["img_size"]
     order, flips = epoch_order(seed, epoch, len(pre))
-    sides = augment.crop_sides(len(pre), size, cfg.get("scale_aug"), seed, epoch)
+    sides = crop_sides(len(pre), size, cfg.get("scale_aug"), seed, epoch)
     corners = epoch_crops(pre, sides, seed, epoch, cfg["rare_crops"], class_weights)
-    photometric = augment.photometric_params(len(pre), cfg.get("colour_aug", 0), cfg.get("blur_aug", 0), seed,
+    photometric = photometric_params(len(pre), cfg.get("colour_aug", 0), cfg.get("blur_aug", 0), seed,
                                              epoch)
     return Plan(order, flips, corners, sides, photometric)
 
@@ -362,9 +365,9 @@ def _photometric(images, params, out):
     if params is None:
         return normalize(images, out)
     params = np.asarray(params)
-    coloured = (params[:, :augment.SIGMA] != (1, 1, 1, 0)).any()
-    x = augment.colour_normalize(images, params, MEAN, STD, out) if coloured else normalize(images, out)
-    return augment.blur_(x, params[:, augment.SIGMA])
+    coloured = (params[:, :SIGMA] != (1, 1, 1, 0)).any()
+    x = colour_normalize(images, params, MEAN, STD, out) if coloured else normalize(images, out)
+    return blur_(x, params[:, SIGMA])
 
 
 def new_outputs(images_u8):

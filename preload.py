@@ -206,38 +206,50 @@ class _Rows:
 
     def gather(self, indices, corners, images, masks, flips=None, sides=None):
         """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j], flipped on the
-        way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy nothing extra.
+        way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy little extra.
         sides[j] (default: the crops' side) is the side of the window cut at corners[j]; a window of another
         side is resized to the crop's (augment.resize_window), and off the row its image is 0, its mask 255."""
         size = images.shape[1]
         flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
         sides = np.full(len(indices), size) if sides is None else np.asarray(sides)
-        for j, (row, (top, left), (hflip, vflip, rot), side) in enumerate(zip(indices.tolist(), corners.tolist(),
-                                                                            flips.tolist(), sides.tolist())):
+        for j, (row, (top, left), turn, side) in enumerate(zip(indices.tolist(), corners.tolist(), flips.tolist(),
+                                                               sides.tolist())):
             if side == size:
-                image = self.image(row)[top:top + size, left:left + size]
+                _copy_pixels(images[j], self.image(row)[top:top + size, left:left + size], turn)
                 mask = self.mask(row)[top:top + size, left:left + size]
             else:
-                image, mask = resize_window(window(self.image(row), top, left, side, 0),
-                                            window(self.mask(row), top, left, side, IGNORE_INDEX), size)
-            if hflip or rot:
-                # Whole 3-byte pixels: numpy copies a flipped or turned view of them 2.6x faster than of bytes.
-                image, target = image.view(PIXEL)[..., 0], images[j].view(PIXEL)[..., 0]
-            else:
-                target = images[j]
-            if hflip:
-                image, mask = image[:, ::-1], mask[:, ::-1]
-            if vflip:
-                image, mask = image[::-1], mask[::-1]
-            if rot:
-                image, mask = np.rot90(image), np.rot90(mask)
-            target[...], masks[j] = image, mask
+                planes, mask = resize_window(window(self.image(row), top, left, side, 0),
+                                             window(self.mask(row), top, left, side, IGNORE_INDEX), size)
+                for c, plane in enumerate(planes):
+                    images[j][..., c] = _flipped(plane, turn)
+            masks[j] = _flipped(mask, turn)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _flipped(array, turn):
+    """A view of array (rows, columns, ...) flipped left-right, then upside down, then turned by 90 degrees
+    counter-clockwise, as turn = (hflip, vflip, rot90) says."""
+    hflip, vflip, rot = turn
+    array = array[:, ::-1] if hflip else array
+    array = array[::-1] if vflip else array
+    return np.rot90(array) if rot else array
+
+
+def _copy_pixels(target, image, turn):
+    """target[...] = _flipped(image, turn) for (h, w, 3) uint8 arrays, by the fastest copy numpy has for it:
+    turned, as whole 3-byte pixels; mirrored, one channel at a time (2.6x and 4x faster than byte by byte)."""
+    if turn[2]:
+        target.view(PIXEL)[..., 0] = _flipped(image.view(PIXEL)[..., 0], turn)
+    elif turn[0]:
+        for c in range(3):
+            target[..., c] = _flipped(image[..., c], turn)
+    else:
+        target[...] = _flipped(image, turn)
 
 
 class Preloaded(_Rows):

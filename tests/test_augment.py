@@ -1,5 +1,9 @@
 """Scale and colour augmentation and the device-side data path: labels land where the geometry says, 255 survives,
 colours never reach the masks, and every world size, a resumed run and --device-data train on the same batches."""
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +15,10 @@ import data
 import files
 import preload
 from data import MEAN, STD
+from conftest import ROOT, run_script
 from labels import UserError
 from test_data import shm, write_dataset  # noqa: F401  (fixture)
+from test_train import final_test, tiny, train_losses
 
 SIZE = 32
 
@@ -289,3 +295,24 @@ def test_device_data_needs_the_preloaded_rows(tmp_path):
     root = write_dataset(tmp_path / "ds", count=2)
     with pytest.raises(UserError, match="--device-data: needs the training images preloaded"):
         data.rows_on_device(preload.preload(files.list_samples(root), 16, mode="disk"), "cpu")
+
+
+def test_an_augmented_run_stopped_mid_epoch_resumes_on_device_data_to_the_uninterrupted_result(synthetic_root,
+                                                                                                tmp_path):
+    flags = ("--scale-aug", "0.5,2", "--colour-aug", "0.4", "--blur-aug", "0.3", "--batch-size", "2", "--epochs", "1")
+    straight = run_script(*tiny(synthetic_root, tmp_path / "straight", *flags))
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, *map(str, tiny(synthetic_root, run_dir, *flags, "--log-every", "1"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "step 2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM: saved" in out, err
+    # --device-data may change on resume: on a CPU it cuts the same crops as the host.
+    resumed = run_script(*tiny(synthetic_root, run_dir, *flags, "--device-data", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_test(run_dir)["test"] == final_test(tmp_path / "straight")["test"]
+    assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-6)
