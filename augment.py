@@ -25,7 +25,8 @@ SCALE_STREAM, PHOTOMETRIC_STREAM = 3, 4
 SCALE_LIMITS = (0.25, 4.0)
 # Blur sigmas (working-resolution pixels): torchvision GaussianBlur's default range.
 BLUR_SIGMA = (0.1, 2.0)
-# ITU-R 601 luma (torchvision's grayscale) and the YIQ matrix whose chroma plane the hue shift rotates.
+# ITU-R 601 luma (torchvision's grayscale rounds the red weight to 0.2989) and the YIQ matrix whose chroma plane
+# the hue shift rotates.
 GREY = np.array([0.299, 0.587, 0.114])
 YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 # Columns of photometric_params.
@@ -70,8 +71,8 @@ def window(array, top, left, side, fill):
 
 
 def nearest_index(side, size):
-    """For each of size output pixels, the source pixel (of side) whose centre lies nearest below its centre:
-    integer arithmetic, so every device picks the same labels."""
+    """The source pixel (of side) under the centre of each of size output pixels, in integer arithmetic, so
+    every device picks the same labels."""
     return (2 * np.arange(size) + 1) * side // (2 * size)
 
 
