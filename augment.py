@@ -2,7 +2,8 @@
 to whole batches in tensor ops.
 
 - Scale: a crop at scale s is the window of side img_size / s of a working-resolution row, resized to img_size
-  (images bilinear, area-like when shrinking; masks nearest; outside the row, images are 0 and masks 255).
+  (images bilinear, area-like when shrinking; masks nearest; outside the row, images are 0 and masks the label
+  scheme's ignore id).
   Nothing is decoded again.
 - Photometric distortion: brightness, contrast, saturation and hue make one 3x3 colour map per image, applied
   with the normalisation in one pass; a share of the images is then blurred. Masks are never touched by it.
@@ -16,8 +17,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from labels import IGNORE_INDEX
 
 # Streams of np.random.default_rng([seed, epoch, stream]); 2 draws the crop positions (data.epoch_crops).
 SCALE_STREAM, PHOTOMETRIC_STREAM = 3, 4
@@ -99,8 +98,9 @@ def resize_window(image, mask, size):
     return resize_pixels(torch.from_numpy(image), size).permute(2, 0, 1).numpy(), mask[rows][:, rows]
 
 
-# The preloaded rows as tensors on a device: pixels (P, 3) and labels (P,) uint8, every row's first pixel and shape.
-DeviceRows = collections.namedtuple("DeviceRows", "pixels labels starts shapes")
+# The preloaded rows as tensors on a device: pixels (P, 3) and labels (P,) uint8, every row's first pixel and shape,
+# and the label scheme's ignore id (the masks' fill off the rows).
+DeviceRows = collections.namedtuple("DeviceRows", "pixels labels starts shapes ignore")
 
 
 def device_rows(pre, device):
@@ -116,7 +116,7 @@ def device_rows(pre, device):
     labels = flat[first_mask:first_mask + len(pixels)]
     starts = torch.from_numpy(np.asarray(layout.image_offsets, np.int64) // 3)
     return DeviceRows(pixels.to(device), labels.to(device), starts.to(device),
-                      torch.from_numpy(np.asarray(pre.shapes, np.int64)).to(device))
+                      torch.from_numpy(np.asarray(pre.shapes, np.int64)).to(device), pre.scheme.ignore)
 
 
 def device_crops(rows, indices, corners, sides, size):
@@ -141,7 +141,7 @@ def device_crops(rows, indices, corners, sides, size):
         return torch.where(inside[..., None] if values.dim() == 4 else inside, values, fill)
 
     near = torch.as_tensor(nearest_index(sides[:, None], size), device=device)
-    masks = read(near, near, rows.labels, IGNORE_INDEX)
+    masks = read(near, near, rows.labels, rows.ignore)
     images = read(near, near, rows.pixels, 0)
     for j in np.flatnonzero(sides != size).tolist():
         span = torch.arange(int(sides[j]), device=device)[None]

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from config import build_parser
+from config import build_parser, label_scheme
 
 
 def build_bench_parser():
@@ -49,8 +49,8 @@ import torch
 from PIL import Image
 
 import data
-from files import list_samples
-from labels import NUM_CLASSES
+from files import dataset_scheme, list_samples
+from labels import artefact_scheme
 from preload import cores, preload
 from model import autocast
 from train import build_network, build_training, make_criterion, peak_memory_mb, run_main, train_step
@@ -105,11 +105,11 @@ def _reference(cfg, parts, device, world):
         return name, None, None, "smp has no equivalent of --heads/--decoder/multi-rank here"
     try:
         kwargs = {"img_size": cfg["img_size"]} if name.startswith("tu-") else {}
+        classes = cfg["num_classes"]
         try:
-            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=NUM_CLASSES,
-                                                                 **kwargs)
+            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=classes, **kwargs)
         except TypeError:  # a timm CNN without img_size
-            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=NUM_CLASSES)
+            model = getattr(smp, SMP_DECODERS[cfg["decoder"]])(name, encoder_weights=None, classes=classes)
         model = model.to(device)
         if cfg["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
@@ -118,7 +118,7 @@ def _reference(cfg, parts, device, world):
     defaults = parts.optimizer.defaults
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults["lr"], weight_decay=defaults["weight_decay"],
                                   fused=defaults["fused"])
-    criterion = make_criterion(cfg, np.ones(NUM_CLASSES), device)
+    criterion = make_criterion(cfg, np.ones(cfg["num_classes"]), device)
 
     def step(micro):
         model.train()
@@ -138,11 +138,12 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     alternating with ours for --bench-rounds rounds; img/s are then medians over the rounds, for both."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg["data"] = "synthetic"
+    cfg.update(label_scheme("synthetic", None, cfg["heads"]))
     train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
     parts = build_training(dict(cfg, epochs=1), build_network(cfg, device, world), world, device,
-                           2 * (rounds * steps + warmup) + 1, np.ones(NUM_CLASSES))
+                           2 * (rounds * steps + warmup) + 1, np.ones(cfg["num_classes"]))
     generator = torch.Generator().manual_seed(cfg["seed"])
     flips = torch.randint(0, 2, (len(train_pre), 3), generator=generator).bool()
     index = torch.arange(cfg["per_rank_batch"]) % len(train_pre)
@@ -264,14 +265,15 @@ def rollup_pss_shmem(pid="self"):
 
 
 def _bench_data(root, count, source_size, seed=42):
-    rng = np.random.default_rng(seed)
+    """count images with one damage class of ARTeFACT's scheme each (the loader bench reads them with it)."""
+    rng, damage = np.random.default_rng(seed), artefact_scheme().damage_ids
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     yy, xx = np.mgrid[0:source_size, 0:source_size]
     for i in range(count):
         base = (np.sin(xx / (20 + i)) + np.cos(yy / (30 + i))) * 60 + 128
         image = np.clip(base[..., None] + rng.normal(0, 8, (source_size, source_size, 3)), 0, 255).astype(np.uint8)
-        mask = ((base > 170) * (1 + i % 15)).astype(np.uint8)
+        mask = ((base > 170) * damage[i % len(damage)]).astype(np.uint8)
         Image.fromarray(image).save(root / "images" / f"bench_{i:04d}.png")
         Image.fromarray(mask).save(root / "annotations" / f"bench_{i:04d}.png")
     return root
@@ -281,8 +283,8 @@ def _touch(pre):
     return int(pre.buffer.sum(dtype=np.uint64))
 
 
-def _second_rank(samples, size, work_size, conn):
-    pre = preload(samples, size, local_rank=1, local_world=2, work_size=work_size)
+def _second_rank(samples, size, scheme, work_size, conn):
+    pre = preload(samples, size, scheme, local_rank=1, local_world=2, work_size=work_size)
     _touch(pre)
     conn.send((*mapped_pss(pre.path), rollup_pss_shmem()))
     conn.recv()
@@ -341,7 +343,7 @@ def _torchvision_img_s(root, size, batch, epochs, augmented=False):
     return round(seen / (time.perf_counter() - start), 1)
 
 
-def _shared_memory(pre, samples, size, work_size):
+def _shared_memory(pre, samples, size, scheme, work_size):
     """The shared file's PSS (MiB) mapped by this process alone, then by this one and a second one."""
     _touch(pre)
     mib = 2 ** 20
@@ -349,7 +351,7 @@ def _shared_memory(pre, samples, size, work_size):
               "rollup_pss_shmem_1proc_mib": round(rollup_pss_shmem() / mib, 1)}
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    other = context.Process(target=_second_rank, args=(samples, size, work_size, child))
+    other = context.Process(target=_second_rank, args=(samples, size, scheme, work_size, child))
     other.start()
     _, other_pss, other_rollup = parent.recv()
     mine = mapped_pss(pre.path)[1]
@@ -370,8 +372,10 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
         samples = list_samples(root)
+        # The generated set paints ARTeFACT's damage ids.
+        scheme = dataset_scheme(root)[0] if folder else artefact_scheme()
         start = time.perf_counter()
-        pre = preload(samples, size, work_size=work_size)
+        pre = preload(samples, size, scheme, work_size=work_size)
         result = {"size": size, "work_size": work_size, "images": len(samples), "batch": batch,
                   "source": str(folder or f"{source_size} px PNG"), "torch_threads": torch.get_num_threads(),
                   "cores": cores(), "build_s": round(time.perf_counter() - start, 2)}
@@ -391,7 +395,7 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
         result["torchvision_aug_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 2), augmented=True)
         result["x_torchvision"] = round(result["host_plain_img_s"] / result["torchvision_png_img_s"], 1)
         result["x_torchvision_aug"] = round(result["host_all_img_s"] / result["torchvision_aug_img_s"], 1)
-        result.update(_shared_memory(pre, samples, size, work_size))
+        result.update(_shared_memory(pre, samples, size, scheme, work_size))
         pre.close()
     return result
 

@@ -5,8 +5,11 @@ import math
 from pathlib import Path
 
 from encoders import ENCODERS
-from labels import NUM_CLASSES, HelpFormatter, UserError
-from weights import METHODS
+from labels import HelpFormatter, UserError, scheme_to_dict
+
+# --class-weights methods (weights.py holds their formulas and imports the names from here, as losses' names
+# live in --loss's choices).
+METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 
 # torch and timm are imported inside the functions that need them: `--help` and flag mistakes answer in a
 # fraction of a second instead of waiting seconds for them.
@@ -30,6 +33,9 @@ def build_parser():
 def _data_flags(d):
     d.add_argument("--data", default=None, help="dataset folder (images/ + annotations/) or 'synthetic' (default: "
                    "synthetic; --eval-only: the checkpoint's)")
+    d.add_argument("--classes", dest="classes_file", default=None, metavar="FILE", help="label scheme JSON (class "
+                   "ids, names, colours, clean and ignore ids, coarse groups) (default: DATA/classes.json, else "
+                   "ARTeFACT's 16 classes with a note; --eval-only: the checkpoint's)")
     d.add_argument("--synthetic-count", type=int, default=64, help="images in the generated synthetic set")
     d.add_argument("--synthetic-size", type=int, default=256, help="side of each synthetic image (px)")
     d.add_argument("--img-size", type=int, default=384, help="side of the square training crops and of the "
@@ -66,7 +72,8 @@ def _model_flags(m):
     m.add_argument("--encoder", default="mit_b3", help=f"one of {', '.join(ENCODERS)} or any timm model name")
     m.add_argument("--decoder", default="unet", choices=["unet", "upernet"], help="decoder over the encoder's maps")
     m.add_argument("--heads", default="fine", choices=["fine", "hierarchical"],
-                   help="one 16-class head, or binary + coarse + fine heads")
+                   help="one head over the label scheme's classes, or binary + coarse + fine heads (the scheme's "
+                   "groups)")
     m.add_argument("--head-weights", default="0.2,0.3,0.5", help="binary,coarse,fine loss weights (hierarchical)")
     m.add_argument("--norm", default="bn", choices=["bn", "gn"], help="decoder norm; gn is batch-independent")
     m.add_argument("--pretrained", action="store_true", help="ImageNet encoder weights from the Hugging Face hub")
@@ -142,8 +149,20 @@ def lr_line(cfg):
     return line, None
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+def parse_args(argv=None, make_parser=build_parser):
+    """The flags; given_flags lists those on the command line, so --eval-only can refuse an explicit --fold
+    that is not the checkpoint's while the checkpoint's own values fill in the rest."""
+    args = make_parser().parse_args(argv)
+    args.given_flags = given_flags(argv, make_parser)
+    return args
+
+
+def given_flags(argv=None, make_parser=build_parser):
+    """Sorted names (dests) of the flags on the command line: a parse in which no flag has a default."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(parser.parse_args(argv)))
 
 
 def _batch_sizes(args, world_size):
@@ -242,19 +261,17 @@ def resolve_config(args, world_size, device):
 
     _check_numbers(args)
     cfg = vars(args).copy()
+    if args.data is not None and not args.data.strip():
+        raise UserError(f"--data {args.data!r}: empty (an unset variable in a job script?); pass a dataset folder or "
+                        "'synthetic'")
     cfg.update(data=args.data or "synthetic", data_flag=args.data)
     if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
         raise UserError(f"--data {args.data}: folder not found; run `python prepare.py ingest` or use --data synthetic")
     if args.encoder not in ENCODERS and not _timm_knows(args.encoder):
         raise UserError(f"--encoder {args.encoder}: unknown; use one of {', '.join(ENCODERS)} or a timm model name")
     check_img_size(args.encoder, args.img_size)
-    try:
-        cfg["head_weights"] = [float(w) for w in args.head_weights.split(",")]
-    except ValueError:
-        cfg["head_weights"] = []
+    cfg["head_weights"] = _head_weights(args.head_weights)
     cfg["scale_aug"] = _scale_range(args.scale_aug)
-    if len(cfg["head_weights"]) != 3:
-        raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
     # Evaluation trains nothing: its tiles go through the model --micro-batch (or the checkpoint's) at a time.
     batch, per_rank, micro = (None, None, args.micro_batch) if args.eval_only else _batch_sizes(args, world_size)
     if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
@@ -269,8 +286,11 @@ def resolve_config(args, world_size, device):
     cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro,
                accum_steps=per_rank // micro if per_rank else None, lr=args.lr * batch / BASE_BATCH if batch else None,
                base_lr=args.lr, batch_auto=args.batch_size == "auto", precision=precision, world_size=world_size,
-               channels_last=not args.no_channels_last, num_classes=NUM_CLASSES, device=device.type,
+               channels_last=not args.no_channels_last, device=device.type,
                run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
+    # --eval-only takes the label scheme with the checkpoint (evaluation.eval_only).
+    if not args.eval_only:
+        cfg.update(label_scheme(cfg["data"], args.classes_file, args.heads))
     return cfg
 
 
@@ -287,6 +307,32 @@ def _scale_range(text):
     if len(scale) != 2 or not low <= scale[0] <= scale[1] <= high:
         raise UserError(f"--scale-aug {text}: give LO,HI with {low:g} <= LO <= HI <= {high:g}, e.g. 0.5,2.0")
     return scale
+
+
+def label_scheme(data, classes_file, heads):
+    """The run config's label scheme entries: classes (the scheme as a dict, so config.json and every checkpoint
+    carry it), num_classes, classes_source; --heads hierarchical needs the scheme's coarse groups."""
+    from data import data_scheme
+    scheme, source = data_scheme(data, classes_file)
+    if heads == "hierarchical" and scheme.groups is None:
+        raise UserError(f"--heads hierarchical: the label scheme of {source} has no coarse groups; add \"groups\" "
+                        "to it (README 'Your own dataset') or use --heads fine")
+    return {"classes": scheme_to_dict(scheme), "num_classes": scheme.num_classes, "classes_source": source}
+
+
+def _head_weights(text):
+    """--head-weights as three loss weights, each finite and 0 or more, not all 0 (a negative weight would
+    maximise its head's loss; all zero trains nothing)."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3:
+        raise UserError(f"--head-weights {text}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights):
+        raise UserError(f"--head-weights {text}: each weight must be 0 or more and at least one above 0 (a negative "
+                        "one trains by ascending that head's loss), e.g. 0.2,0.3,0.5")
+    return weights
 
 
 def _timm_knows(name):

@@ -3,8 +3,15 @@ the device.
 
 Crops (scaled, flipped) are cut from the shared buffer by a host thread or on the device (--device-data); the
 photometric distortion and the normalisation run on the uint8 batch on the device; nothing per-pixel runs in
-Python.
+Python. A library without a command line (ARTeFACT is ingested by prepare.py).
 """
+if __name__ == "__main__":
+    # Older instructions said `python data.py prepare`; running it must not look like success.
+    import sys
+    print("error: data.py has no command line; ingest ARTeFACT with `python prepare.py ingest --download` (or "
+          "--parquet DIR) and check it with `python prepare.py check DIR`", file=sys.stderr)
+    sys.exit(2)
+
 import collections
 import queue
 import threading
@@ -14,9 +21,9 @@ import numpy as np
 import torch
 
 from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, device_rows, photometric_params
-from distributed import barrier
-from files import list_samples, read_metadata
-from labels import GROUP_COLUMNS, IGNORE_INDEX, UserError
+from distributed import barrier, broadcast
+from files import dataset_scheme, fingerprint, list_samples, read_metadata, size_text, write_error
+from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import Preloaded, preload
 from splits import default_manifest_path, split_ids
 from synthetic import make_synthetic
@@ -30,12 +37,44 @@ def resolve_data(data, synthetic_count=64, synthetic_size=192):
     """--data value -> dataset folder; "synthetic" is generated once under data/synthetic-COUNT-SIZE/."""
     if data == "synthetic":
         root = SYNTHETIC_DIR / f"synthetic-{synthetic_count}-{synthetic_size}"
-        return Path(make_synthetic(root, count=synthetic_count, size=synthetic_size, seed=42))
+        try:
+            return Path(make_synthetic(root, count=synthetic_count, size=synthetic_size, seed=42))
+        except OSError as exc:
+            error = write_error(root, exc, fix="--data synthetic generates its images once under "
+                                f"{SYNTHETIC_DIR}: make it writable, or run once from a writable checkout")
+            if error is None:
+                raise
+            raise error from None
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"--data {data}: folder not found; pass a dataset folder (images/ + annotations/), "
                         "run `python prepare.py ingest`, or use --data synthetic")
     return root
+
+
+def data_scheme(data, classes=None, fallback=None):
+    """(label scheme, where it came from) for a --data value and --classes FILE: the synthetic set is ARTeFACT's
+    scheme (it writes that classes.json when generated); a folder's is files.dataset_scheme's."""
+    if data == "synthetic" and not classes:
+        return artefact_scheme(), f"the synthetic set ({ARTEFACT_SOURCE})"
+    return dataset_scheme(data, classes, fallback)
+
+
+def run_scheme(cfg):
+    """The label scheme a run config carries (cfg["classes"], written by config.resolve_config)."""
+    return scheme_from_dict(cfg["classes"], f"{cfg.get('run_dir', 'the run')} config (classes)")
+
+
+def dataset_fingerprint(cfg, rank=0, local_rank=0):
+    """files.fingerprint of cfg's dataset folder, the same on every rank (rank 0's: node-local copies of a
+    synthetic set differ in their modification times); local rank 0 generates a synthetic set first."""
+    if local_rank == 0:
+        root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
+    barrier()
+    if local_rank != 0:
+        root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
+    digest = torch.tensor(list(bytes.fromhex(fingerprint(root) if rank == 0 else "0" * 16)), dtype=torch.int64)
+    return bytes(broadcast(digest).tolist()).hex()
 
 
 # One part of a fold: its samples, their preloaded pixels, and each sample's metadata group per column.
@@ -88,24 +127,26 @@ def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")
     if local_rank != 0:
         root, ids = resolve()
     by_id, metadata = {s.id: s for s in list_samples(root)}, read_metadata(root)
-    parts = {}
+    scheme, parts = run_scheme(cfg), {}
     for name in needed:
         samples = [by_id[i] for i in ids[name]]
         shared = cfg["preload"] == "all" or (cfg["preload"] == "val" and name != "train")
-        pre = preload(samples, cfg["img_size"], local_rank, local_world, offline_aug=cfg["offline_aug"] and name == "train",
+        pre = preload(samples, cfg["img_size"], scheme, local_rank, local_world,
+                      offline_aug=cfg["offline_aug"] and name == "train",
                       mode="shm" if shared else "disk", work_size=cfg["work_size"])
         parts[name] = Part(samples, pre, _groups(metadata, samples))
     return parts
 
 
-# A crop that is almost all outside the object (255) teaches nothing: it is drawn again, this many times at most.
+# A crop almost all outside the object (the ignore id) teaches nothing: it is drawn again, this many times at most.
 MIN_VALID, REDRAWS = 0.1, 4
 
 
 def _damage_centre(pre, row, class_weights, rng):
-    """A stored pixel position (y, x) of a damage class present in the row, rarer classes (higher class
-    weight) drawn more often; None when the row has no damage."""
-    present = np.flatnonzero(pre.counts[row, 1:len(class_weights)]) + 1
+    """A stored pixel position (y, x) of a damage class (any but the scheme's clean id) present in the row, rarer
+    classes (higher class weight) drawn more often; None when the row has no damage."""
+    damage = np.array(pre.scheme.damage_ids, dtype=np.int64)
+    present = damage[pre.counts[row, damage] > 0]
     if not len(present):
         return None
     odds = class_weights[present] / class_weights[present].sum()
@@ -119,10 +160,11 @@ def _span(extent, side):
     return min(extent - side, 0), max(extent - side, 0)
 
 
-def _valid_share(mask, top, left, side):
-    """Share of the side x side window at (top, left) inside the object; pixels off the row count as outside."""
+def _valid_share(mask, top, left, side, ignore):
+    """Share of the side x side window at (top, left) inside the object (not the ignore id); pixels off the row
+    count as outside."""
     inside = mask[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)]
-    return (inside != IGNORE_INDEX).sum() / (side * side)
+    return (inside != ignore).sum() / (side * side)
 
 
 def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
@@ -147,7 +189,7 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
                 top = min(max(int(centre[0]) - side // 2, top_low), top_high)
                 left = min(max(int(centre[1]) - side // 2, left_low), left_high)
             corners[row] = top, left
-            if _valid_share(pre.mask(row), top, left, side) >= MIN_VALID:
+            if _valid_share(pre.mask(row), top, left, side, pre.scheme.ignore) >= MIN_VALID:
                 break
     return corners
 
@@ -247,8 +289,8 @@ def rows_on_device(pre, device):
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         if pre.layout.counts_offset > free / 2:
-            raise UserError(f"--device-data: the preloaded rows take {pre.layout.counts_offset / 2**30:.2f} GiB, "
-                            f"more than half of the {free / 2**30:.2f} GiB free on {device}; drop --device-data "
+            raise UserError(f"--device-data: the preloaded rows take {size_text(pre.layout.counts_offset)}, more "
+                            f"than half of the {size_text(free)} free on {device}; drop --device-data "
                             "or lower --work-size")
     return device_rows(pre, device)
 

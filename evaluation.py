@@ -1,7 +1,7 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
 once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
 with predict.py's tiles, and scored there (or, --full-res, at their own resolution). `train.py --eval-only`
-runs eval_only (the checkpoint's test fold by default)."""
+runs eval_only (the checkpoint's test fold by default, with the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 import data
-from checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
+from checkpoint import MODEL_KEYS, check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
 from files import atomic_write, read_image, read_mask
-from labels import HEAD_NAMES, NUM_CLASSES, UserError, progress
-from losses import hierarchy_targets
+from labels import UserError, progress, scheme_summary, scheme_to_dict
+from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
 from tiles import predict_at_scale, predict_image
 
@@ -38,26 +38,28 @@ def _group_ids(part):
     return out
 
 
-def _empty(cfg, part):
-    heads = list(HEAD_NAMES) if cfg["heads"] == "hierarchical" else ["fine"]
-    cms = {h: torch.zeros(len(HEAD_NAMES[h]), len(HEAD_NAMES[h]), dtype=torch.long) for h in heads}
+def _empty(cfg, part, scheme):
+    names = scheme.head_names
+    heads = list(names) if cfg["heads"] == "hierarchical" else ["fine"]
+    cms = {h: torch.zeros(len(names[h]), len(names[h]), dtype=torch.long) for h in heads}
     for column, values in part.groups.items():
-        cms[f"by_{column}"] = torch.zeros(len(set(values)), NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+        cms[f"by_{column}"] = torch.zeros(len(set(values)), scheme.num_classes, scheme.num_classes, dtype=torch.long)
     return cms
 
 
-def _count(cms, groups, row, labels, mask):
+def _count(cms, groups, row, labels, mask, scheme):
     """Adds one image's (prediction, truth) pixels to every matrix. The coarse and binary scores of a
     hierarchical model are its fine prediction grouped, the map predict.py draws."""
     pred = torch.from_numpy(labels.astype(np.int64))
     # read_mask's and the preload's arrays are read-only; astype gives torch a writable copy in its dtype.
     truth = torch.from_numpy(mask.astype(np.int64))
-    cm = confusion(pred, truth, NUM_CLASSES)
+    cm = confusion(pred, truth, scheme.num_classes, scheme.ignore)
     cms["fine"] += cm
     if "coarse" in cms:
-        grouped_pred, grouped_truth = hierarchy_targets(pred), hierarchy_targets(truth)
+        tables = label_tables(scheme)
+        grouped_pred, grouped_truth = hierarchy_targets(pred, tables), hierarchy_targets(truth, tables)
         for head in ("coarse", "binary"):
-            cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(HEAD_NAMES[head]))
+            cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(cms[head]), scheme.ignore)
     for column, (_, ids) in groups.items():
         cms[f"by_{column}"][ids[row]] += cm
 
@@ -78,7 +80,8 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     and scored pixel by pixel; summed over ranks. With a preemption flag it is polled after each image all
     ranks share; None means a SIGTERM came first."""
     polls = _common_count(len(part.pre), world) if preemption else 0
-    groups, cms = _group_ids(part), _empty(cfg, part)
+    scheme = part.pre.scheme
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
     shard = data.eval_shard(len(part.pre), rank, world).tolist()
     # Lines only for a long evaluation (an ARTeFACT test fold); a short one is reported by its epoch line.
     show = progress("evaluation: images", len(shard)) if len(shard) >= PROGRESS_MIN_IMAGES else None
@@ -87,7 +90,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
                                device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, part.pre.mask(row))
+        _count(cms, groups, row, labels, part.pre.mask(row), scheme)
         if show:
             show(k + 1)
     return _reduced(cms, groups, device)
@@ -96,19 +99,30 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
 def evaluate_full_res(model, part, rank, world, cfg, device):
     """The same prediction at the working scale, resized back to each image's own resolution and scored over
     every original pixel (what predict.py's damage map shows)."""
-    groups, cms = _group_ids(part), _empty(cfg, part)
+    scheme = part.pre.scheme
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
     for row in data.eval_shard(len(part.samples), rank, world).tolist():
         image = read_image(part.samples[row].image)
-        mask = read_mask(part.samples[row].mask, image.shape[:2])
+        mask = read_mask(part.samples[row].mask, scheme, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
                                   device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, mask)
+        _count(cms, groups, row, labels, mask, scheme)
     return _reduced(cms, groups, device)
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
 EVAL_KEYS = MODEL_KEYS + ("split", "fold", "folds", "seed", "synthetic_count", "synthetic_size", "select",
                           "inner_frac", "work_size")
+
+
+def _eval_scheme(cfg, checkpoint, path):
+    """The run config's scheme entries for --eval-only: the checkpoint's scheme, refused when the dataset's
+    (--classes FILE or DATA/classes.json; a folder with neither is taken to hold the checkpoint's, with a note)
+    differs from it."""
+    trained = checkpoint_scheme(checkpoint, path)
+    dataset, source = data.data_scheme(cfg["data"], cfg["classes_file"], (trained, f"the scheme of {path}"))
+    check_scheme(trained, dataset, source, f"--checkpoint {path}: trained")
+    return {"classes": scheme_to_dict(trained), "num_classes": trained.num_classes, "classes_source": source}
 
 
 def eval_only(cfg, rank, world, local_rank, local_world, device):
@@ -120,9 +134,22 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     if missing:
         raise UserError(f"--checkpoint {path}: its config lacks {', '.join(missing)}; pass a checkpoint written by "
                         "this version of train.py")
+    # An explicit flag the checkpoint contradicts is refused: scored anyway, another fold's test part could hold
+    # images this model was trained on.
+    given = set(cfg.get("given_flags", ()))
+    contradicted = [f"--{key.replace('_', '-')} {cfg[key]} (trained with {trained[key]})" for key in EVAL_KEYS
+                    if key in given and cfg[key] != trained[key]]
+    if contradicted:
+        raise UserError(f"--checkpoint {path}: {'; '.join(contradicted)}; --eval-only scores the split, fold and "
+                        "model the checkpoint was trained for (another fold's test images may be in its training "
+                        "set): drop those flags, or pass that fold's own checkpoint")
     cfg.update({key: trained[key] for key in EVAL_KEYS}, data=cfg["data_flag"] or trained["data"],
                splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]),
                micro_batch=cfg["micro_batch"] or trained.get("micro_batch") or TILE_BATCH)
+    cfg.update(_eval_scheme(cfg, checkpoint, path))
+    if rank == 0:
+        print(f"label scheme: {scheme_summary(data.run_scheme(cfg))} ({cfg['classes_source']})", file=sys.stderr,
+              flush=True)
     model = model_from_checkpoint(checkpoint, path).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -134,7 +161,8 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         cms = evaluate_full_res(model, part, rank, world, cfg, device)
     else:
         cms = evaluate(model, part, cfg, device, rank, world)
-    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: eval_metrics(cms)}
+    record = {"checkpoint": str(path), "full_res": cfg["full_res"],
+              cfg["eval_split"]: eval_metrics(cms, data.run_scheme(cfg))}
     if rank == 0:
         print(json.dumps(record, indent=1), flush=True)
         # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
@@ -142,6 +170,7 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         try:
             atomic_write(out, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
             print(f"wrote {out}", file=sys.stderr, flush=True)
-        except OSError as exc:
-            print(f"note: could not save {out} ({exc.strerror}); the scores are above", file=sys.stderr, flush=True)
+        except (OSError, UserError) as exc:
+            print(f"note: could not save {out} ({getattr(exc, 'strerror', None) or exc}); the scores are above",
+                  file=sys.stderr, flush=True)
     return record

@@ -1,17 +1,27 @@
-"""A dataset folder on disk: image/mask pairs, reading images, id masks and metadata, atomic writes.
+"""A dataset folder on disk: image/mask pairs, its label scheme, reading images, id masks and metadata; writes
+that cannot corrupt.
 
 Layout: images/ID.{png,jpg,jpeg,tif,tiff} + annotations/ID.png with matching ids, optional metadata.csv
-(id, material, content, ...). Every problem a user can cause is a UserError naming the file.
+(id, material, content, ...), optional classes.json (the label scheme; ARTeFACT's when absent, with a note).
+Every problem a user can cause is a UserError naming the file; every write that meets a full disk, a read-only
+file system or a denied permission says so in one line naming the folder.
 """
 import collections
+import contextlib
 import csv
+import errno
+import hashlib
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from labels import BACKGROUND_COLOUR, IGNORE_INDEX, NUM_CLASSES, PALETTE, UserError
+from labels import (ARTEFACT_SOURCE, UserError, artefact_scheme, hex_colour, note, read_scheme, scheme_summary,
+                    scheme_to_dict)
 
 # ARTeFACT's largest images are ~244 MP (its dataset card raises the limit likewise); Pillow warns above
 # this and refuses above twice this, which still guards against decompression bombs.
@@ -21,10 +31,56 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 Sample = collections.namedtuple("Sample", "id image mask")
+SCHEME_FILE = "classes.json"
 
 
-def atomic_write(path, write):
-    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact.
+# OSErrors a user fixes (space, mounts, permissions), as the words of their one line; any other errno is a bug.
+WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def size_text(nbytes):
+    """A size for a person: GiB from 1 GiB up, then MiB, KiB below 1 MiB (a 40 MB preload must not read
+    "0.00 GiB")."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+
+
+def free_bytes(folder):
+    """Bytes free to this user in folder's file system (the nearest existing folder above it)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def write_error(path, exc, needed=None, fix=None):
+    """The one-line UserError for an OSError met writing path (full disk with the space needed and free,
+    read-only file system, permission denied), naming the folder; None for any other error."""
+    what = WRITE_ERRORS.get(getattr(exc, "errno", None))
+    if what is None:
+        return None
+    path = Path(path)
+    if exc.errno in FULL:
+        space = f"needs {size_text(needed)}, " if needed else ""
+        return UserError(f"{path.parent}: {what} writing {path.name} ({space}{size_text(free_bytes(path.parent))} "
+                         f"free); {fix or 'free space and run again'}")
+    return UserError(f"{path.parent}: {what} writing {path.name}; "
+                     f"{fix or 'make the folder writable or pass another one'}")
+
+
+def _unlink_quietly(path):
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path, write, needed=None, fix=None):
+    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact; a full
+    disk, read-only file system or denied permission is a UserError (see write_error; needed: bytes the
+    file needs, for the message).
 
     The temporary name carries this process's id (see remove_stale_temporaries); whatever stands there is
     removed first, so a planted symlink is never written through, and rename replaces a link at path itself.
@@ -35,9 +91,65 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        error = write_error(path, exc, needed, fix)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def append_line(path, line, fix=None):
+    """Appends one line whole: a single os.write on an O_APPEND descriptor, then fsync. A write the disk cut
+    short is truncated back, so a full disk never leaves half a line (a kill mid-write still could: read_jsonl
+    drops a torn last line)."""
+    payload = (line.rstrip("\n") + "\n").encode()
+    fd = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.fstat(fd).st_size
+        try:
+            if os.write(fd, payload) != len(payload):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    except OSError as exc:
+        error = write_error(path, exc, len(payload), fix)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A torn last line (a write cut short by a kill or an older full-disk
+    failure) is dropped with a note on stderr; a broken line before it is a UserError naming its number."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore it or start a "
+                        "fresh run folder") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise UserError(f"{path}: line {number} is not JSON; restore the file or remove that line") from None
+            print(f"note: {path}: dropped its torn last line {number} ({len(line)} characters, a write cut short)",
+                  file=sys.stderr, flush=True)
+    return records
 
 
 def remove_stale_temporaries(folder):
@@ -62,10 +174,18 @@ def _stems(folder):
     return files, others
 
 
+# prepare.py writes this file before its first image and removes it after metadata.csv: while it is there, the
+# folder holds a partial dataset, which list_samples (every reader: checks, training, weights) refuses.
+INGEST_MARKER = ".ingest-incomplete"
+
+
 def list_samples(root):
     """Sorted image/mask pairs of a dataset folder; any unpaired or unusable file is a UserError."""
     root = Path(root)
     image_dir, mask_dir = root / "images", root / "annotations"
+    if (root / INGEST_MARKER).exists():
+        raise UserError(f"{root}: an ingest into it did not finish ({INGEST_MARKER} is there); rerun `python "
+                        f"prepare.py ingest --overwrite --out {root}` with the same shards")
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found; a dataset needs images/ and annotations/ "
@@ -132,59 +252,57 @@ def read_image(path):
     return rgb_array(open_image(path), path)
 
 
-_COLOUR_TO_ID = {colour: index for index, colour in enumerate(PALETTE)} | {BACKGROUND_COLOUR: IGNORE_INDEX}
-
-
-def _ids_from_colours(path, rgb):
-    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-        return rgb[..., 0].copy()
+def _ids_from_colours(path, rgb, scheme):
+    """Ids of an RGB mask: its colours through the scheme's palette (the ignore colour -> the ignore id) when every
+    colour is in it; else, for a grey mask (R=G=B), the grey values as ids; else a UserError naming the colours."""
     packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
     colours, inverse = np.unique(packed, return_inverse=True)
-    ids = np.zeros(len(colours), dtype=np.uint8)
-    unknown = []
-    for i, value in enumerate(colours.tolist()):
-        colour = (value >> 16, (value >> 8) & 255, value & 255)
-        if colour in _COLOUR_TO_ID:
-            ids[i] = _COLOUR_TO_ID[colour]
-        else:
-            unknown.append("#%02X%02X%02X" % colour)
-    if unknown:
-        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
-        raise UserError(f"{path}: colour mask has colours outside the ARTeFACT palette ({shown}); "
-                        "save class ids as a single-channel PNG")
-    return ids[inverse.reshape(packed.shape)]
+    colour_to_id = {colour: c for c, colour in enumerate(scheme.colours)} | {scheme.ignore_colour: scheme.ignore}
+    found = [(value >> 16, (value >> 8) & 255, value & 255) for value in colours.tolist()]
+    unknown = [hex_colour(colour) for colour in found if colour not in colour_to_id]
+    if not unknown:
+        ids = np.array([colour_to_id[colour] for colour in found], dtype=np.uint8)
+        return ids[inverse.reshape(packed.shape)]
+    if all(r == g == b for r, g, b in found):
+        return rgb[..., 0].copy()
+    shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+    raise UserError(f"{path}: colour mask has colours outside the label scheme's palette ({shown}); give the "
+                    "dataset's colours in classes.json (--classes) or save class ids as a single-channel PNG")
 
 
-def _check_labels(path, mask):
+def _check_labels(path, mask, scheme):
+    """The mask as uint8 when every value is a class id of the scheme or its ignore id; never relabelled."""
     # bincount is linear time, which matters for 200+ MP masks; wider integer masks are rare enough for unique.
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
-    bad = values[(values < 0) | ((values >= NUM_CLASSES) & (values != IGNORE_INDEX))]
+    bad = values[(values < 0) | ((values >= scheme.num_classes) & (values != scheme.ignore))]
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
-        raise UserError(f"{path}: label values {shown} are outside 0-{NUM_CLASSES - 1} and {IGNORE_INDEX}; "
-                        "masks hold class ids, fix or re-export the mask")
+        raise UserError(f"{path}: label values {shown} are not in the label scheme (class ids "
+                        f"0-{scheme.num_classes - 1}, ignore {scheme.ignore}); fix or re-export the mask, or describe "
+                        "the dataset's classes in classes.json (--classes)")
     return mask.astype(np.uint8, copy=False)
 
 
-def read_mask(path, image_size=None):
-    """Class ids uint8 (H, W); image_size is the image's (height, width), as in image.shape[:2].
+def read_mask(path, scheme, image_size=None):
+    """Class ids uint8 (H, W) of the label scheme; image_size is the image's (height, width), as in image.shape[:2].
 
     L masks are ids. Palette (P) masks are read as their indices, not their colours, because that is how
-    id masks with a preview palette are stored. RGB/RGBA masks must use the ARTeFACT colours (background
-    #5A0007 -> 255) or be grey (R=G=B, read as ids). 16-bit and 32-bit integer masks are accepted only
-    when every value is a valid id, so no value is ever truncated. Anything else is a UserError.
+    id masks with a preview palette are stored. RGB/RGBA masks are read through the scheme's colours (its
+    ignore colour -> its ignore id) when all their colours are in it, else, when grey (R=G=B), as ids. 16-bit
+    and 32-bit integer masks are accepted only when every value is a valid id, so no value is ever truncated.
+    A value or colour outside the scheme, or anything else, is a UserError naming the file.
     """
     image = open_image(path, orient=False)
     if image.mode in ("L", "P"):
-        mask = _check_labels(path, np.asarray(image, dtype=np.uint8))
+        mask = _check_labels(path, np.asarray(image, dtype=np.uint8), scheme)
     elif image.mode in ("RGB", "RGBA"):
         pixels = np.asarray(image)
         if image.mode == "RGBA" and (pixels[..., 3] != 255).any():
             raise UserError(f"{path}: colour mask has transparent pixels; save it without alpha, "
                             "or as a single-channel id PNG")
-        mask = _check_labels(path, _ids_from_colours(path, pixels[..., :3]))
+        mask = _check_labels(path, _ids_from_colours(path, pixels[..., :3], scheme), scheme)
     elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        mask = _check_labels(path, np.asarray(image).astype(np.int64))
+        mask = _check_labels(path, np.asarray(image).astype(np.int64), scheme)
     else:
         raise UserError(f"{path}: mask mode {image.mode} is not supported; save class ids as an 8-bit "
                         "single-channel PNG")
@@ -195,19 +313,63 @@ def read_mask(path, image_size=None):
     return mask
 
 
+def dataset_scheme(root, classes=None, fallback=None):
+    """(label scheme, where it came from) of a dataset folder: the --classes FILE, else ROOT/classes.json, else
+    fallback (scheme, its name), by default ARTeFACT's, said in a note line: never assumed silently."""
+    if classes:
+        return read_scheme(classes, f"--classes {classes}"), f"--classes {classes}"
+    path = Path(root) / SCHEME_FILE
+    if path.is_file():
+        return read_scheme(path), str(path)
+    scheme, name = fallback or (artefact_scheme(), ARTEFACT_SOURCE)
+    note(f"{path} not found; assumed {name}: {scheme_summary(scheme)}. For another dataset write its "
+         f"{SCHEME_FILE} or pass --classes FILE (README 'Your own dataset')")
+    return scheme, f"{name} (assumed: no {path})"
+
+
+def write_scheme(root, scheme):
+    """ROOT/classes.json (atomically) holding the scheme in the format dataset_scheme reads."""
+    path = Path(root) / SCHEME_FILE
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(scheme_to_dict(scheme), indent=1) + "\n"))
+    return path
+
+
 def read_metadata(root):
-    """metadata.csv as {id: row dict}; {} when the file does not exist."""
+    """metadata.csv as {id: row dict}; {} when the file does not exist. An Excel export (UTF-8 byte-order mark,
+    CRLF line ends) reads like any other; an id on two rows with different values is a UserError naming both."""
     path = Path(root) / "metadata.csv"
     if not path.is_file():
         return {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: unreadable metadata ({exc}); fix or delete it") from None
-    if rows and "id" not in rows[0]:
+    if rows and "id" not in rows[0][1]:
         raise UserError(f"{path}: no 'id' column; the first line must name the columns (id, material, content)")
-    return {row["id"]: row for row in rows}
+    by_id, line_of = {}, {}
+    for line, row in rows:
+        earlier = by_id.get(row["id"])
+        if earlier is not None and earlier != row:
+            column = next(c for c in row if earlier.get(c) != row.get(c))
+            raise UserError(f"{path}: id {row['id']} is on lines {line_of[row['id']]} and {line} with different "
+                            f"{column} ({earlier.get(column)!r} vs {row.get(column)!r}); keep one row per image")
+        by_id[row["id"]], line_of[row["id"]] = row, line
+    return by_id
+
+
+def fingerprint(root):
+    """A digest of the dataset folder's files (names, sizes, modification times of images/, annotations/ and
+    metadata.csv): it changes when an image or mask is replaced, edited, added or removed under the same path,
+    without reading gigabytes of pixels (the preload's cache key rests on the same facts)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "images").iterdir(), *(root / "annotations").iterdir(), root / "metadata.csv"]):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_metadata(path, rows):
@@ -267,16 +429,16 @@ def scaled_shape(height, width, size, work_size):
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def load_working(sample, size, work_size):
+def load_working(sample, size, work_size, scheme):
     """(image uint8 (h, w, 3), mask uint8 (h, w)) of a sample at its working shape (see working_shape); padding
-    is black in the image and 255 (ignored) in the mask."""
+    is black in the image and the scheme's ignore id in the mask."""
     image = open_image(sample.image)
-    mask = read_mask(sample.mask, image_size=(image.height, image.width))
+    mask = read_mask(sample.mask, scheme, image_size=(image.height, image.width))
     height, width = scaled_shape(image.height, image.width, size, work_size)
     pixels = resize_image(rgb_array(image, sample.image), height, width)
     labels = resize_labels(mask, height, width)
     padded_h, padded_w = working_shape(image.height, image.width, size, work_size)
     if (padded_h, padded_w) != (height, width):
         pixels = np.pad(pixels, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
-        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=IGNORE_INDEX)
+        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=scheme.ignore)
     return pixels, labels

@@ -1,7 +1,9 @@
-"""Segmentation losses (dice, focal, dice+focal, cross-entropy, hierarchical) with class weights and label 255 ignored.
+"""Segmentation losses (dice, focal, dice+focal, cross-entropy, hierarchical) with class weights and the ignore id
+left out.
 
 Every loss takes logits (B, C, H, W) and a target (B, H, W) of class ids, computes in float32
-(``logits.float()``), and treats pixels labelled ``ignore_index`` (255) as absent: they add nothing to any
+(``logits.float()``), and treats pixels labelled ``ignore_index`` (the label scheme's ignore id, by default 255)
+as absent: they add nothing to any
 sum, dice denominators included, so changing the logits there changes neither the value nor the gradient.
 No loss loops over classes in Python or reads values back to the host, so they run inside a CUDA graph
 or a compiled step without syncs.
@@ -15,40 +17,32 @@ Class weights ``w`` (length C, positive) enter every loss as a weighted mean:
 Without weights every ``w_c`` is 1. A batch whose pixels are all ignored gives a loss of 0 (not nan) that
 still backpropagates (zero gradients).
 
-Hierarchical heads: the binary (clean / any damage) and coarse (4 damage groups) labels are derived from
-the fine mask with ``COARSE_OF_FINE``; see ``HierarchicalLoss``.
+Hierarchical heads: the binary (clean / any damage) and coarse (the label scheme's groups) labels are derived
+from the fine mask with the scheme's tables (``label_tables``); see ``HierarchicalLoss``.
 """
-from functools import lru_cache
-
 import torch
 import torch.nn as nn
 
 from distributed import all_reduce
-from labels import COARSE_OF_FINE, IGNORE_INDEX
+from labels import DEFAULT_IGNORE
 
 LOSSES = ("dicefocal", "dice", "focal", "ce")
 
 
-@lru_cache(maxsize=None)
-def _label_tables(device, ignore_index):
-    """Lookup tables over all 256 byte values: fine id -> coarse id and fine id -> binary id.
-
-    Cached per device so the copy to the GPU happens once, not every step. Ids outside 0..15 map to
-    ``ignore_index``.
-    """
-    coarse = torch.full((256,), ignore_index, dtype=torch.long)
-    coarse[: len(COARSE_OF_FINE)] = torch.tensor(COARSE_OF_FINE)
-    binary = torch.where(coarse == ignore_index, coarse, (coarse != 0).long())
-    return coarse.to(device), binary.to(device)
+def label_tables(scheme):
+    """Lookup tables over all 256 byte values of a scheme with groups: fine id -> coarse (group) id and fine id ->
+    binary id (0 the clean id, 1 every damage id). Every other value maps to the scheme's ignore id."""
+    coarse = torch.full((256,), scheme.ignore, dtype=torch.long)
+    binary = coarse.clone()
+    coarse[:scheme.num_classes] = torch.tensor(scheme.coarse_of_fine)
+    binary[:scheme.num_classes] = (torch.arange(scheme.num_classes) != scheme.clean).long()
+    return coarse, binary
 
 
-def hierarchy_targets(mask, ignore_index=IGNORE_INDEX):
-    """Targets for the three heads from a fine mask (B, H, W): dict(fine, coarse, binary).
-
-    coarse: 0 Clean, 1 Structural loss, 2 Surface deposits, 3 Additions & optical (``COARSE_OF_FINE``);
-    binary: 0 clean, 1 any damage. Pixels labelled ``ignore_index`` stay ``ignore_index`` in every head.
-    """
-    coarse, binary = _label_tables(mask.device, ignore_index)
+def hierarchy_targets(mask, tables):
+    """Targets for the three heads from a fine mask (B, H, W): dict(fine, coarse, binary), through the
+    label_tables (on the mask's device). Pixels labelled with the ignore id stay ignored in every head."""
+    coarse, binary = tables
     index = mask.long()
     return {"fine": mask, "coarse": coarse[index], "binary": binary[index]}
 
@@ -91,7 +85,7 @@ class DiceLoss(nn.Module):
     """
     linear = False
 
-    def __init__(self, weight=None, smooth=1.0, ignore_index=IGNORE_INDEX):
+    def __init__(self, weight=None, smooth=1.0, ignore_index=DEFAULT_IGNORE):
         super().__init__()
         self.register_buffer("weight", _as_weight(weight))
         self.smooth = smooth
@@ -130,7 +124,7 @@ class FocalLoss(nn.Module):
     """
     linear = True
 
-    def __init__(self, weight=None, gamma=2.0, ignore_index=IGNORE_INDEX):
+    def __init__(self, weight=None, gamma=2.0, ignore_index=DEFAULT_IGNORE):
         super().__init__()
         self.register_buffer("weight", _as_weight(weight))
         self.gamma = gamma
@@ -200,7 +194,7 @@ class _Sum(nn.Module):
 class DiceFocalLoss(_Sum):
     """``dice_weight * DiceLoss + focal_weight * FocalLoss``, both with the same class weights (0.5 / 0.5)."""
 
-    def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=IGNORE_INDEX):
+    def __init__(self, weight=None, dice_weight=0.5, focal_weight=0.5, ignore_index=DEFAULT_IGNORE):
         super().__init__({"dice": DiceLoss(weight, ignore_index=ignore_index),
                           "focal": FocalLoss(weight, ignore_index=ignore_index)}, (dice_weight, focal_weight))
 
@@ -208,34 +202,39 @@ class DiceFocalLoss(_Sum):
         return {"dice": (outputs, target), "focal": (outputs, target)}
 
 
-def build_loss(name, class_weights=None):
+def build_loss(name, class_weights=None, ignore_index=DEFAULT_IGNORE):
     """Loss module by ``--loss`` name: dicefocal | dice | focal | ce (ce = FocalLoss with gamma 0)."""
     if name == "dicefocal":
-        return DiceFocalLoss(class_weights)
+        return DiceFocalLoss(class_weights, ignore_index=ignore_index)
     if name == "dice":
-        return DiceLoss(class_weights)
+        return DiceLoss(class_weights, ignore_index=ignore_index)
     if name == "focal":
-        return FocalLoss(class_weights)
+        return FocalLoss(class_weights, ignore_index=ignore_index)
     if name == "ce":
-        return FocalLoss(class_weights, gamma=0.0)
+        return FocalLoss(class_weights, gamma=0.0, ignore_index=ignore_index)
     raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
 
 
 class HierarchicalLoss(_Sum):
     """``head_weights[0] * binary + head_weights[1] * coarse + head_weights[2] * fine`` (0.2, 0.3, 0.5).
 
-    Each head uses the loss ``name``; the binary and coarse targets come from ``hierarchy_targets``.
-    ``class_weights`` (16 fine classes) apply to the fine head only; the binary and coarse heads are
-    unweighted, since fine weights have no single meaning for a merged group.
+    Each head uses the loss ``name``; the binary and coarse targets come from ``hierarchy_targets`` over the
+    label ``scheme``'s groups (its tables are buffers, so they move with the module). ``class_weights`` (one per
+    fine class) apply to the fine head only; the binary and coarse heads are unweighted, since fine weights have
+    no single meaning for a merged group.
     """
 
-    def __init__(self, name, class_weights=None, head_weights=(0.2, 0.3, 0.5)):
-        super().__init__({"binary": build_loss(name), "coarse": build_loss(name),
-                          "fine": build_loss(name, class_weights)}, tuple(head_weights))
+    def __init__(self, name, scheme, class_weights=None, head_weights=(0.2, 0.3, 0.5)):
+        ignore = scheme.ignore
+        super().__init__({"binary": build_loss(name, None, ignore), "coarse": build_loss(name, None, ignore),
+                          "fine": build_loss(name, class_weights, ignore)}, tuple(head_weights))
         self.head_weights = tuple(head_weights)
+        coarse, binary = label_tables(scheme)
+        self.register_buffer("coarse_table", coarse, persistent=False)
+        self.register_buffer("binary_table", binary, persistent=False)
 
     def parts(self, outputs, target):
-        targets = hierarchy_targets(target)
+        targets = hierarchy_targets(target, (self.coarse_table, self.binary_table))
         return {head: (None if outputs is None else outputs[head], targets[head]) for head in self.names}
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from encoders import ENCODERS
 from hub import loaded, weights_file
-from labels import HEAD_NAMES, NUM_CLASSES, UserError
+from labels import UserError
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 UPERNET_CHANNELS = 256
@@ -207,15 +207,20 @@ class SegmentationModel(nn.Module):
         return logits if len(logits) > 1 else logits["fine"]
 
 
-def build_model(encoder, num_classes=NUM_CLASSES, decoder="unet", heads="fine", pretrained=False, img_size=384,
-                norm="bn", weights=None):
-    """Weights given as a local file take precedence over --pretrained (nothing is downloaded then)."""
+def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=False, img_size=384,
+                norm="bn", weights=None, num_groups=None):
+    """A fine head of num_classes outputs; with heads="hierarchical" also a coarse head of num_groups (the label
+    scheme's groups) and a binary clean/damage head. Weights given as a local file take precedence over
+    --pretrained (nothing is downloaded then)."""
     spec = _spec(encoder)
     check_img_size(encoder, img_size)
     for flag, value, choices in (("--decoder", decoder, ("unet", "upernet")),
                                  ("--heads", heads, ("fine", "hierarchical")), ("--norm", norm, ("bn", "gn"))):
         if value not in choices:
             raise UserError(f"{flag} {value}: use one of {', '.join(choices)}")
+    if heads == "hierarchical" and not num_groups:
+        raise UserError("--heads hierarchical: the label scheme has no coarse groups; give \"groups\" in its "
+                        "classes.json or use --heads fine")
     from_hub = pretrained and weights is None
     mit = encoder in ENCODERS and encoder.startswith("mit_b")
     features = _create_encoder(encoder, spec, img_size, from_hub and not mit)
@@ -226,7 +231,7 @@ def build_model(encoder, num_classes=NUM_CLASSES, decoder="unet", heads="fine", 
         body = UPerNetDecoder(channels, norm)
     head_classes = {"fine": num_classes}
     if heads == "hierarchical":
-        head_classes.update(coarse=len(HEAD_NAMES["coarse"]), binary=len(HEAD_NAMES["binary"]))
+        head_classes.update(coarse=num_groups, binary=2)
     kernel = 3 if decoder == "unet" and heads == "fine" else 1  # smp's UNet head is 3x3; the others 1x1
     head_modules = nn.ModuleDict({name: nn.Conv2d(body.out_channels, n, kernel, padding=kernel // 2)
                                   for name, n in head_classes.items()})

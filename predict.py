@@ -5,11 +5,12 @@
 The model sees overlapping, blended tiles of its training size (``--img-size``, default the checkpoint's;
 see tiles.py), so memory stays bounded for images of 100+ megapixels.
 
-Per image ``--out`` gets ``<stem>_mask.png`` (indexed PNG: pixel value = ARTeFACT id, palette = ARTeFACT
-colours), ``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the
-image, each region outlined in its full colour, and a legend, and ``<stem>_report.json``; ``report.csv`` holds
-one row per image and class. With ``--masks DIR`` the mask of the same stem marks the object (255 = outside,
-left out of all areas) and the per-class IoU of the prediction against that mask is reported too.
+Class ids, names and colours are the checkpoint's label scheme (the one it was trained with). Per image ``--out``
+gets ``<stem>_mask.png`` (indexed PNG: pixel value = class id, palette = the scheme's colours),
+``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the image, each region
+outlined in its full colour, and a legend, and ``<stem>_report.json``; ``report.csv`` holds one row per image
+and class. With ``--masks DIR`` the mask of the same stem (read with the scheme) marks the object (the ignore
+id = outside, left out of all areas) and the per-class IoU of the prediction against that mask is reported too.
 """
 import argparse
 import csv
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, HelpFormatter, UserError, colour_table, progress, run_cli
+from labels import HelpFormatter, UserError, colour_table, progress, run_cli
 
 
 def parse_args(argv=None):
@@ -64,37 +65,36 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from config import auto_precision
 from files import IMAGE_SUFFIXES, read_image, read_mask, scaled_shape
 from metrics import confusion, iou_report
 from model import check_img_size
 from tiles import predict_at_scale, tile_count
 
-OUTSIDE = IGNORE_INDEX
 HUGE_OVERLAY_PIXELS = 40_000_000
 PROGRESS_MIN_TILES = 32
 ROWS_PER_CHUNK = 512
-COLOURS = colour_table()
 
 
 def _row_chunks(height):
     return [(r, min(r + ROWS_PER_CHUNK, height)) for r in range(0, height, ROWS_PER_CHUNK)]
 
 
-def blend(image, labels, alpha=0.5, edges=None):
-    """Image with every non-clean pixel mixed with its class colour: round((1-alpha)*pixel + alpha*colour);
-    pixels marked in ``edges`` get the full class colour instead."""
+def blend(image, labels, scheme, alpha=0.5, edges=None):
+    """Image with every non-clean pixel mixed with its class colour (the scheme's; the ignore colour outside the
+    object): round((1-alpha)*pixel + alpha*colour); pixels marked in ``edges`` get the full class colour instead."""
+    colours = colour_table(scheme)
     out = image.copy()
-    marked = labels != 0
-    mixed = image[marked] * np.float32(1 - alpha) + COLOURS[labels[marked]] * np.float32(alpha)
+    marked = labels != scheme.clean
+    mixed = image[marked] * np.float32(1 - alpha) + colours[labels[marked]] * np.float32(alpha)
     out[marked] = np.rint(mixed).astype(np.uint8)
     if edges is not None:
-        out[edges] = COLOURS[labels[edges]]
+        out[edges] = colours[labels[edges]]
     return out
 
 
-def region_edges(labels):
+def region_edges(labels, scheme):
     """Damage pixels with a 4-neighbour (inside ``labels``) of another label: the 1-px border of each region.
 
     Blended at half strength, dark classes (Stamp, Burn marks, Puncture) vanish into dark paint; drawn in full
@@ -107,33 +107,35 @@ def region_edges(labels):
     horizontal = labels[:, 1:] != labels[:, :-1]
     edges[:, 1:] |= horizontal
     edges[:, :-1] |= horizontal
-    return edges & (labels != 0) & (labels != OUTSIDE)
+    return edges & (labels != scheme.clean) & (labels != scheme.ignore)
 
 
-def area_report(labels, truth=None):
-    """Damaged area per class as pixels and % of the object, and, given a ground-truth mask, IoU per class.
+def area_report(labels, scheme, truth=None):
+    """Damaged area per class of the label scheme as pixels and % of the object, and, given a ground-truth mask,
+    IoU per class.
 
-    The object is the whole image, or the pixels that ``truth`` does not mark 255. ``labels`` must already
-    hold 255 outside the object. IoU is reported for classes present in the truth or the prediction (others
-    None); ``miou`` averages those; ``damage_iou`` is the IoU of any-damage vs clean.
+    The object is the whole image, or the pixels that ``truth`` does not mark with the ignore id. ``labels``
+    must already hold the ignore id outside the object. IoU is reported for classes present in the truth or the
+    prediction (others None); ``miou`` averages those; ``damage_iou`` is the IoU of any-damage vs clean.
     """
     # Without a mask the object is every pixel the labels do not mark outside.
-    object_truth = np.where(labels == OUTSIDE, OUTSIDE, 0).astype(np.uint8) if truth is None else truth
-    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    object_truth = np.where(labels == scheme.ignore, scheme.ignore, scheme.clean).astype(np.uint8) \
+        if truth is None else truth
+    cm = torch.zeros(scheme.num_classes, scheme.num_classes, dtype=torch.long)
     # Row chunks keep the int64 temporaries small for 100+ megapixel images.
     for r0, r1 in _row_chunks(labels.shape[0]):
         cm += confusion(torch.from_numpy(labels[r0:r1].astype(np.int64)),
-                        torch.from_numpy(object_truth[r0:r1].astype(np.int64)), NUM_CLASSES)
+                        torch.from_numpy(object_truth[r0:r1].astype(np.int64)), scheme.num_classes, scheme.ignore)
     pixels = cm.sum(0).tolist()
     object_pixels = sum(pixels)
     classes = [{"id": class_id, "name": name, "pixels": pixels[class_id],
                 "percent": round(100 * pixels[class_id] / max(object_pixels, 1), 4), "iou": None}
-               for class_id, name in enumerate(CLASS_NAMES)]
-    damaged = object_pixels - pixels[0]
+               for class_id, name in enumerate(scheme.names)]
+    damaged = object_pixels - pixels[scheme.clean]
     report = {"object_pixels": object_pixels, "damaged_pixels": damaged,
               "damaged_percent": round(100 * damaged / max(object_pixels, 1), 4), "classes": classes}
     if truth is not None:
-        scores = iou_report(cm, CLASS_NAMES)
+        scores = iou_report(cm, scheme.names, scheme.clean)
         for entry in classes:
             iou = scores["iou"][entry["name"]]
             entry["iou"] = None if iou is None else round(iou, 6)
@@ -143,20 +145,20 @@ def area_report(labels, truth=None):
     return report
 
 
-def write_mask(path, labels):
-    """Indexed PNG whose pixel values are ARTeFACT ids and whose palette holds the ARTeFACT colours."""
+def write_mask(path, labels, scheme):
+    """Indexed PNG whose pixel values are class ids and whose palette holds the label scheme's colours."""
     mask = Image.fromarray(labels)
-    mask.putpalette(COLOURS.tobytes())
+    mask.putpalette(colour_table(scheme).tobytes())
     mask.save(path)
 
 
-def legend_entries(report, outside):
-    """(colour, text) of each damage class found, then the outside-object colour; Clean is not drawn, so it
-    gets no swatch, and a class under 0.01 % of the object reads "<0.01 %" rather than "0.00 %"."""
-    entries = [(COLOURS[c["id"]], f"{c['name']} {_percent(c['percent'])}") for c in report["classes"]
-               if c["pixels"] and c["id"] != 0]
+def legend_entries(report, outside, scheme):
+    """(colour, text) of each damage class found, then the outside-object colour; the clean class is not drawn,
+    so it gets no swatch, and a class under 0.01 % of the object reads "<0.01 %" rather than "0.00 %"."""
+    entries = [(scheme.colours[c["id"]], f"{c['name']} {_percent(c['percent'])}") for c in report["classes"]
+               if c["pixels"] and c["id"] != scheme.clean]
     if outside:
-        entries.append((COLOURS[OUTSIDE], "Outside object"))
+        entries.append((scheme.ignore_colour, "Outside object"))
     return entries
 
 
@@ -164,8 +166,8 @@ def _percent(value):
     return "<0.01 %" if value < 0.01 else f"{value:.2f} %"
 
 
-def _legend(width, report, outside):
-    entries = legend_entries(report, outside)
+def _legend(width, report, outside, scheme):
+    entries = legend_entries(report, outside, scheme)
     size = max(12, width // 100)
     font = ImageFont.load_default(size=size)
     pad, line = size // 2, size + size // 2
@@ -184,17 +186,17 @@ def _legend(width, report, outside):
     return legend
 
 
-def render_overlay(image, labels, report, alpha=0.5):
-    """The image with damage (and outside-object pixels) blended in their colours, each damage region outlined in
-    its full colour, a legend strip below it."""
+def render_overlay(image, labels, report, scheme, alpha=0.5):
+    """The image with damage (and outside-object pixels) blended in the scheme's colours, each damage region
+    outlined in its full colour, a legend strip below it."""
     height, width = labels.shape
-    legend = _legend(width, report, outside=bool((labels == OUTSIDE).any()))
+    legend = _legend(width, report, bool((labels == scheme.ignore).any()), scheme)
     canvas = Image.new("RGB", (width, height + legend.height))
     for r0, r1 in _row_chunks(height):
         # One halo row above and below, so that region borders do not depend on where the chunks are cut.
         h0, h1 = max(r0 - 1, 0), min(r1 + 1, height)
-        edges = region_edges(labels[h0:h1])[r0 - h0:r0 - h0 + r1 - r0]
-        canvas.paste(Image.fromarray(blend(image[r0:r1], labels[r0:r1], alpha, edges)), (0, r0))
+        edges = region_edges(labels[h0:h1], scheme)[r0 - h0:r0 - h0 + r1 - r0]
+        canvas.paste(Image.fromarray(blend(image[r0:r1], labels[r0:r1], scheme, alpha, edges)), (0, r0))
     canvas.paste(legend, (0, height))
     return canvas
 
@@ -230,13 +232,15 @@ def find_mask(folder, image_path):
 
 
 def load_model(path, device, img_size=None):
-    """(model in eval mode on device, config) of a train.py checkpoint; img_size overrides the tile size."""
+    """(model in eval mode on device, config, label scheme) of a train.py checkpoint; img_size overrides the tile
+    size."""
     checkpoint = load_checkpoint(path)
     img_size = img_size or checkpoint["config"].get("img_size", 384)
     check_img_size(checkpoint["config"]["encoder"], img_size)
     model = model_from_checkpoint(checkpoint, path, img_size)
     # channels_last: the layout convolutions run fastest in on GPUs (tensor cores) and oneDNN CPUs.
-    return model.to(device, memory_format=torch.channels_last).eval(), checkpoint["config"]
+    return (model.to(device, memory_format=torch.channels_last).eval(), checkpoint["config"],
+            checkpoint_scheme(checkpoint, path))
 
 
 def _progress_printer(name):
@@ -259,7 +263,7 @@ def predict_file(model, path, args, tile, writer):
     truth = None
     if args.masks:
         mask_path = find_mask(args.masks, path)
-        truth = read_mask(mask_path)
+        truth = read_mask(mask_path, args.scheme)
         if truth.shape != image.shape[:2]:
             raise UserError(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]} but {path} is "
                             f"{width}x{height}; pass masks of the same size as their images")
@@ -268,16 +272,17 @@ def predict_file(model, path, args, tile, writer):
     # At the checkpoint's working scale, then back to the photograph's own size for the map and the report.
     labels = predict_at_scale(model, image, tile, args.work_size, overlap=args.overlap, batch_size=args.batch_size,
                               tta=args.tta, device=args.device, precision=args.precision, progress=progress,
-                              consistency=args.consistency)
+                              hierarchy=args.scheme if args.consistency else None)
     if truth is not None:
-        labels[truth == OUTSIDE] = OUTSIDE
-    report = area_report(labels, truth)
+        labels[truth == args.scheme.ignore] = args.scheme.ignore
+    report = area_report(labels, args.scheme, truth)
     out = Path(args.out)
     mask_path_out = out / f"{path.stem}_mask.png"
     overlay_ext = ".jpg" if height * width > HUGE_OVERLAY_PIXELS else ".png"
     overlay_path = out / f"{path.stem}_overlay{overlay_ext}"
-    write_mask(mask_path_out, labels)
-    render_overlay(image, labels, report).save(overlay_path, **({"quality": 90} if overlay_ext == ".jpg" else {}))
+    write_mask(mask_path_out, labels, args.scheme)
+    render_overlay(image, labels, report, args.scheme).save(overlay_path,
+                                                           **({"quality": 90} if overlay_ext == ".jpg" else {}))
     report = {"image": str(path), "width": width, "height": height,
               "object": str(mask_path) if truth is not None else "whole image", **report,
               "mask": str(mask_path_out), "overlay": str(overlay_path),
@@ -307,7 +312,7 @@ def run(args):
     if args.precision is None:
         args.precision = auto_precision(args.device)
     images = list_images(args.images)
-    model, config = load_model(args.checkpoint, args.device, args.img_size)
+    model, config, args.scheme = load_model(args.checkpoint, args.device, args.img_size)
     tile = args.img_size or config.get("img_size", 384)
     # Checkpoints from before --work-size were trained on whole images squashed to the tile.
     args.work_size = config.get("work_size", 0)

@@ -10,9 +10,11 @@ are never touched.
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import threading
 import time
@@ -21,21 +23,25 @@ from pathlib import Path
 import numpy as np
 
 from augment import resize_window, window
-from files import displayed_size, load_working, working_shape
-from labels import IGNORE_INDEX, NUM_CLASSES, UserError, progress
+from files import displayed_size, free_bytes, load_working, size_text, working_shape, write_error
+from labels import UserError, progress, scheme_to_dict
 
 # Offline augmentation rows per sample: the prototype's "3x" means three copies (hflip, vflip, rot90)
 # next to the original, so each training image becomes 4 rows.
 OFFLINE_COPIES = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], np.rot90)
 # Pixel positions kept per damage class and row: enough to centre crops on varied spots of a rare class.
 POINTS = 32
-COUNT_COLUMNS = NUM_CLASSES + 1  # class pixel counts, then the ignored (255) pixels
 PIXEL = np.dtype("V3")  # one RGB pixel as a unit
 
 Layout = collections.namedtuple("Layout", "shapes image_offsets mask_offsets counts_offset points_offset nbytes")
 
 
-def row_layout(samples, size, work_size, copies):
+def count_columns(scheme):
+    """Columns of the per-row counts: one per class id, then the ignored pixels."""
+    return scheme.num_classes + 1
+
+
+def row_layout(samples, size, work_size, copies, scheme):
     """Every row's working shape and where its bytes lie in the flat buffer."""
     shapes = []
     for sample in samples:
@@ -48,36 +54,39 @@ def row_layout(samples, size, work_size, copies):
     image_offsets = np.concatenate([[0], np.cumsum(pixels * 3)])
     mask_offsets = image_offsets[-1] + np.concatenate([[0], np.cumsum(pixels)])
     counts_offset = int(mask_offsets[-1] + 7) // 8 * 8
-    points_offset = counts_offset + len(shapes) * COUNT_COLUMNS * 8
+    points_offset = counts_offset + len(shapes) * count_columns(scheme) * 8
     return Layout(shapes, image_offsets[:-1], mask_offsets[:-1], counts_offset, points_offset,
-                  points_offset + len(shapes) * NUM_CLASSES * POINTS * 2 * 4)
+                  points_offset + len(shapes) * scheme.num_classes * POINTS * 2 * 4)
 
 
-def row_stats(mask):
-    """(class pixel counts (17,), up to POINTS (y, x) positions of each damage class (16, POINTS, 2), -1 padded)."""
+def row_stats(mask, scheme):
+    """(pixel counts of each class id, then of the ignore id (C + 1,); up to POINTS (y, x) positions of each
+    damage class (C, POINTS, 2), -1 padded, none for the clean class)."""
     counts = np.bincount(mask.ravel(), minlength=256)
-    points = np.full((NUM_CLASSES, POINTS, 2), -1, dtype=np.int32)
-    for c in np.flatnonzero(counts[1:NUM_CLASSES]) + 1:
+    points = np.full((scheme.num_classes, POINTS, 2), -1, dtype=np.int32)
+    for c in scheme.damage_ids:
+        if not counts[c]:
+            continue
         where = np.flatnonzero(mask.ravel() == c)
         chosen = np.sort(np.random.default_rng(int(c)).choice(where, min(POINTS, len(where)), replace=False))
         points[c, :len(chosen)] = np.stack(np.divmod(chosen, mask.shape[1]), axis=1)
-    return np.concatenate([counts[:NUM_CLASSES], counts[IGNORE_INDEX:]]).astype(np.int64), points
+    return np.append(counts[:scheme.num_classes], counts[scheme.ignore]).astype(np.int64), points
 
 
-def _fill(samples, size, work_size, buffer, layout, copies):
-    counts = np.ndarray((len(layout.shapes), COUNT_COLUMNS), np.int64, buffer, layout.counts_offset)
-    points = np.ndarray((len(layout.shapes), NUM_CLASSES, POINTS, 2), np.int32, buffer, layout.points_offset)
+def _fill(samples, size, work_size, buffer, layout, copies, scheme):
+    counts = np.ndarray((len(layout.shapes), count_columns(scheme)), np.int64, buffer, layout.counts_offset)
+    points = np.ndarray((len(layout.shapes), scheme.num_classes, POINTS, 2), np.int32, buffer, layout.points_offset)
     show, done, lock = progress("preload: images", len(samples)), [0], threading.Lock()
     size_note = f" ({layout.nbytes / 2**20:.0f} MB)"
 
     def one(i):
-        image, mask = load_working(samples[i], size, work_size)
+        image, mask = load_working(samples[i], size, work_size, scheme)
         for j in range(copies):
             row = i * copies + j
             h, w = layout.shapes[row]
             _image_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](image)
             _mask_view(buffer, layout, row)[:] = OFFLINE_COPIES[j](mask)
-            counts[row], points[row] = row_stats(_mask_view(buffer, layout, row))
+            counts[row], points[row] = row_stats(_mask_view(buffer, layout, row), scheme)
         with lock:
             done[0] += 1
             show(done[0], size_note)
@@ -199,7 +208,8 @@ _registered = collections.Counter()
 
 
 class _Rows:
-    """What Preloaded and OnDisk share: rows by index, crops of them, per-row class statistics."""
+    """What Preloaded and OnDisk share: rows by index, crops of them, per-row class statistics (by the label
+    scheme the masks were read with, self.scheme)."""
 
     def __len__(self):
         return len(self.ids)
@@ -208,7 +218,8 @@ class _Rows:
         """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j], flipped on the
         way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy little extra.
         sides[j] (default: the crops' side) is the side of the window cut at corners[j]; a window of another
-        side is resized to the crop's (augment.resize_window), and off the row its image is 0, its mask 255."""
+        side is resized to the crop's (augment.resize_window), and off the row its image is 0, its mask the
+        scheme's ignore id."""
         size = images.shape[1]
         flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
         sides = np.full(len(indices), size) if sides is None else np.asarray(sides)
@@ -219,7 +230,7 @@ class _Rows:
                 mask = self.mask(row)[top:top + size, left:left + size]
             else:
                 planes, mask = resize_window(window(self.image(row), top, left, side, 0),
-                                             window(self.mask(row), top, left, side, IGNORE_INDEX), size)
+                                             window(self.mask(row), top, left, side, self.scheme.ignore), size)
                 for c, plane in enumerate(planes):
                     images[j][..., c] = _flipped(plane, turn)
             masks[j] = _flipped(mask, turn)
@@ -260,25 +271,31 @@ class Preloaded(_Rows):
     next preload on the node; files with a live user are never touched.
     """
 
-    def __init__(self, samples, size, work_size=0, local_rank=0, local_world=1, offline_aug=False,
+    def __init__(self, samples, size, scheme, work_size=0, local_rank=0, local_world=1, offline_aug=False,
                  timeout=3600.0):
-        self.size, self.work_size = size, work_size
+        self.size, self.work_size, self.scheme = size, work_size, scheme
         self.copies = len(OFFLINE_COPIES) if offline_aug else 1
         self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.directory, self.key = _shm_dir(), _cache_key(samples, size, work_size, offline_aug)
+        self.directory, self.key = _shm_dir(), _cache_key(samples, size, work_size, offline_aug, scheme)
         if not self.directory.is_dir():
             raise UserError(f"{self.directory}: no shared-memory folder; use --preload none, or point "
                             "ARTDAMAGE_SHM_DIR at a tmpfs folder")
-        self.layout = row_layout(samples, size, work_size, self.copies)
+        self.layout = row_layout(samples, size, work_size, self.copies, scheme)
         self.shapes, self.nbytes = self.layout.shapes, self.layout.nbytes
         self.files = _key_files(self.directory, self.key)
         self.path, self._owner, self._closed = self.files["data"], os.getpid(), False
-        with _Lock(self.directory):
-            _reclaim(self.directory, self.key)
-            self._register()
+        try:
+            with _Lock(self.directory):
+                _reclaim(self.directory, self.key)
+                self._register()
+        except OSError as exc:
+            raise _shm_error(self.directory, exc) from None
         atexit.register(self.close)
         try:
             self._map(samples, local_rank, local_world, timeout)
+        except OSError as exc:
+            self.close()
+            raise _shm_error(self.directory, exc, self.nbytes) from None
         except BaseException:
             self.close()
             raise
@@ -317,15 +334,16 @@ class Preloaded(_Rows):
                                f"{self.nbytes} bytes; delete it")
         self.buffer = np.memmap(self.path, np.uint8, "r")
         n = len(self.ids)
-        self.counts = np.ndarray((n, COUNT_COLUMNS), np.int64, self.buffer, self.layout.counts_offset)
-        self.points = np.ndarray((n, NUM_CLASSES, POINTS, 2), np.int32, self.buffer, self.layout.points_offset)
+        self.counts = np.ndarray((n, count_columns(self.scheme)), np.int64, self.buffer, self.layout.counts_offset)
+        self.points = np.ndarray((n, self.scheme.num_classes, POINTS, 2), np.int32, self.buffer,
+                                 self.layout.points_offset)
 
     def image(self, row):
         """uint8 (h, w, 3) view of a row's image at its working size."""
         return _image_view(self.buffer, self.layout, row)
 
     def mask(self, row):
-        """uint8 (h, w) view of a row's mask (255 outside the object and in the padding)."""
+        """uint8 (h, w) view of a row's mask (the ignore id outside the object and in the padding)."""
         return _mask_view(self.buffer, self.layout, row)
 
     def _build(self, samples, tmp, fd):
@@ -335,19 +353,20 @@ class Preloaded(_Rows):
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG):
                     raise
-                free = os.statvfs(self.directory)
-                raise UserError(f"{self.directory}: preload needs {self.nbytes / 2**30:.2f} GiB, "
-                                f"{free.f_bavail * free.f_frsize / 2**30:.2f} GiB free; use --preload none, "
-                                "a smaller --work-size, or a larger /dev/shm") from None
+                raise UserError(f"{self.directory}: preload needs {size_text(self.nbytes)}, "
+                                f"{size_text(free_bytes(self.directory))} free; use --preload none, a smaller "
+                                "--work-size, or a larger /dev/shm") from None
             buffer = np.memmap(tmp, np.uint8, "r+")
-            _fill(samples, self.size, self.work_size, buffer, self.layout, self.copies)
+            _fill(samples, self.size, self.work_size, buffer, self.layout, self.copies, self.scheme)
             buffer.flush()
             del buffer
             os.rename(tmp, self.path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, UserError):
-                self.files["failed"].write_text(str(exc))
+                # Waiting ranks read the builder's error from here; a full folder leaves them their timeout.
+                with contextlib.suppress(OSError):
+                    self.files["failed"].write_text(str(exc))
             raise
         finally:
             os.close(fd)
@@ -368,8 +387,19 @@ class Preloaded(_Rows):
             _reclaim(self.directory, None)
 
 
-def _cache_key(samples, size, work_size, offline_aug):
-    digest = hashlib.sha256(f"v2 {size} {work_size} {bool(offline_aug)}".encode())
+def _shm_error(directory, exc, needed=None):
+    """The one line for a shared-memory folder that is read-only, full or denied; other errors are bugs."""
+    fix = f"use --preload none, or point ARTDAMAGE_SHM_DIR at a writable tmpfs folder (now {directory})"
+    error = write_error(Path(exc.filename) if exc.filename else directory / "artdamage.lock", exc, needed, fix)
+    if error is None:
+        raise exc
+    return error
+
+
+def _cache_key(samples, size, work_size, offline_aug, scheme):
+    # The scheme decides how masks are read (ids, palette) and the count columns: another scheme, another file.
+    scheme_json = json.dumps(scheme_to_dict(scheme), sort_keys=True)
+    digest = hashlib.sha256(f"v3 {size} {work_size} {bool(offline_aug)} {scheme_json}".encode())
     for sample in samples:
         for path in (sample.image, sample.mask):
             try:
@@ -384,15 +414,15 @@ class OnDisk(_Rows):
     """Same interface as Preloaded, but every access decodes and resizes from disk (slow, no RAM cost); the
     per-row class statistics are worked out once, on first use, from the masks alone."""
 
-    def __init__(self, samples, size, work_size=0, offline_aug=False):
-        self.samples, self.size, self.work_size = samples, size, work_size
+    def __init__(self, samples, size, scheme, work_size=0, offline_aug=False):
+        self.samples, self.size, self.work_size, self.scheme = samples, size, work_size, scheme
         self.copies = len(OFFLINE_COPIES) if offline_aug else 1
         self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.shapes = row_layout(samples, size, work_size, self.copies).shapes
+        self.shapes = row_layout(samples, size, work_size, self.copies, scheme).shapes
         self._stats = None
 
     def _row(self, row):
-        image, mask = load_working(self.samples[row // self.copies], self.size, self.work_size)
+        image, mask = load_working(self.samples[row // self.copies], self.size, self.work_size, self.scheme)
         augment = OFFLINE_COPIES[row % self.copies]
         return np.ascontiguousarray(augment(image)), np.ascontiguousarray(augment(mask))
 
@@ -404,9 +434,9 @@ class OnDisk(_Rows):
 
     def _statistics(self):
         if self._stats is None:
-            stats = [row_stats(self.mask(row)) for row in range(len(self.ids))]
-            self._stats = (np.array([c for c, _ in stats]).reshape(-1, COUNT_COLUMNS),
-                           np.array([p for _, p in stats]).reshape(-1, NUM_CLASSES, POINTS, 2))
+            stats = [row_stats(self.mask(row), self.scheme) for row in range(len(self.ids))]
+            self._stats = (np.array([c for c, _ in stats]).reshape(-1, count_columns(self.scheme)),
+                           np.array([p for _, p in stats]).reshape(-1, self.scheme.num_classes, POINTS, 2))
         return self._stats
 
     @property
@@ -421,13 +451,15 @@ class OnDisk(_Rows):
         pass
 
 
-def preload(samples, size, local_rank=0, local_world=1, offline_aug=False, mode="shm", timeout=3600.0, work_size=0):
+def preload(samples, size, scheme, local_rank=0, local_world=1, offline_aug=False, mode="shm", timeout=3600.0,
+            work_size=0):
     """Samples at their working scale (work_size 0: squashed to size x size; else long side work_size, padded to
-    at least size): mode "shm" builds/maps the node-shared file (Preloaded), "disk" reads on access (OnDisk).
+    at least size), masks read with the label scheme: mode "shm" builds/maps the node-shared file (Preloaded),
+    "disk" reads on access (OnDisk).
     offline_aug adds hflip, vflip and rot90 copies: pass it for training samples only, after the split. Local
     rank 0 builds; other local ranks wait up to timeout seconds."""
     if mode == "disk" or not samples:
-        return OnDisk(samples, size, work_size, offline_aug)
+        return OnDisk(samples, size, scheme, work_size, offline_aug)
     if mode != "shm":
         raise ValueError(f"preload mode {mode!r}: use 'shm' or 'disk'")
-    return Preloaded(samples, size, work_size, local_rank, local_world, offline_aug, timeout)
+    return Preloaded(samples, size, scheme, work_size, local_rank, local_world, offline_aug, timeout)

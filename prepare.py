@@ -1,9 +1,11 @@
-"""ARTeFACT ingestion and dataset checks (user-facing CLI).
+"""ARTeFACT ingestion, dataset checks and label-scheme files (user-facing CLI).
 
     python prepare.py ingest --parquet DIR_OF_SHARDS --out data/artefact   # or --download (Hugging Face hub)
-    python prepare.py check data/artefact                                  # one line per problem
+    python prepare.py check data/artefact [--classes FILE]                 # one line per problem
+    python prepare.py classes DIR                                          # ARTeFACT's classes.json, to edit
 
-ingest writes the dataset folder every other script reads: images/ID.png, annotations/ID.png, metadata.csv.
+ingest writes the dataset folder every other script reads: images/ID.png, annotations/ID.png, metadata.csv and
+classes.json (ARTeFACT's label scheme).
 """
 import argparse
 import io
@@ -14,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import (EXIF_ORIENTATION, atomic_write, list_samples, open_image, read_mask, read_metadata, rgb_array,
-                   write_metadata)
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, progress, run_cli
+from files import (EXIF_ORIENTATION, INGEST_MARKER, SCHEME_FILE, atomic_write, dataset_scheme, list_samples,
+                   open_image, read_mask, read_metadata, rgb_array, write_error, write_metadata, write_scheme)
+from labels import UserError, artefact_scheme, progress, run_cli, scheme_summary
 
 HF_DATASET = "danielaivanova/damaged-media"
 
@@ -73,20 +75,40 @@ def _png_bytes(payload, where, is_mask):
 
 
 def _empty_output(out, overwrite):
-    """out/images and out/annotations, refusing to mix a new dataset into an old one unless overwrite."""
+    """out/images and out/annotations, refusing to mix a new dataset into an old one unless overwrite. The
+    ingest marker (files.INGEST_MARKER) goes in before anything is removed or written, so until the ingest has
+    finished every reader refuses the folder. Sub-folders are not part of a dataset and are left in place."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; pass a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out}: not empty; pass a new folder, or --overwrite to replace its dataset")
-        for sub in ("images", "annotations"):
-            for path in (out / sub).glob("*") if (out / sub).is_dir() else ():
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: not empty; pass a new folder, or --overwrite to replace its dataset")
+    _make_folder(out)
+    atomic_write(out / INGEST_MARKER, lambda tmp: tmp.write_text("prepare.py ingest started here and has not "
+                                                                 "finished; rerun it with --overwrite\n"), fix=FIX)
+    for sub in ("images", "annotations"):
+        for path in sorted((out / sub).iterdir()) if (out / sub).is_dir() else ():
+            if path.is_dir() and not path.is_symlink():
+                print(f"note: {path}: a folder, not part of the dataset; left in place", file=sys.stderr)
+            else:
                 path.unlink()
-        (out / "metadata.csv").unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    (out / "metadata.csv").unlink(missing_ok=True)
+    (out / SCHEME_FILE).unlink(missing_ok=True)
+    _make_folder(out / "images")
+    _make_folder(out / "annotations")
     return out
+
+
+# What a full disk or a read-only --out during ingest asks of the user.
+FIX = "free space (or pass another --out) and rerun prepare.py ingest with --overwrite"
+
+
+def _make_folder(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc, fix=FIX) or UserError(f"--out {folder}: cannot create the folder "
+                                                             f"({exc.strerror}); pass a writable folder") from None
 
 
 def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
@@ -102,9 +124,10 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("prepare needs pyarrow to read parquet: pip install pyarrow") from None
+    shards = _parquet_files(parquet)
     out = _empty_output(out, overwrite)
     rows, seen = [], set()
-    for file in _parquet_files(parquet):
+    for file in shards:
         try:
             shard = pq.ParquetFile(file)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...; any of them means an unusable file
@@ -126,7 +149,9 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
                 written += sum((out / sub / f"{rows[-1][0]}.png").stat().st_size for sub in ("images", "annotations"))
                 show(len(rows) - before, f", {written / 2**20:.1f} MB written")
         print(f"{file.name}: {len(rows) - before} images", flush=True)
-    atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
+    atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows), fix=FIX)
+    write_scheme(out, artefact_scheme())
+    (out / INGEST_MARKER).unlink()
     return out
 
 
@@ -153,24 +178,40 @@ def _prepare_row(where, record, out):
         raise UserError(f"{where}: undecodable image bytes ({str(exc)[:120]}); download the shard again") from None
     if size != mask_size:
         raise UserError(f"{where}: annotation is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
-    atomic_write(out / "images" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(image))
-    atomic_write(out / "annotations" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(annotation))
+    atomic_write(out / "images" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(image), len(image), FIX)
+    atomic_write(out / "annotations" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(annotation), len(annotation),
+                 FIX)
     return sample_id, record.get("material") or "", record.get("content") or "", size[0], size[1]
 
 
-def check(root):
-    """Reads every pair of a dataset folder the way training does; returns a one-line summary."""
+def check(root, classes=None):
+    """Reads every pair of a dataset folder the way training does, masks by the dataset's label scheme (--classes
+    FILE, else ROOT/classes.json, else ARTeFACT's with a note); returns a two-line summary."""
     samples = list_samples(root)
+    scheme, source = dataset_scheme(root, classes)
     read_metadata(root)
     counts = np.zeros(256, dtype=np.int64)
     for sample in samples:
         image = open_image(sample.image)
         rgb_array(image, sample.image)
-        mask = read_mask(sample.mask, image_size=(image.height, image.width))
+        mask = read_mask(sample.mask, scheme, image_size=(image.height, image.width))
         counts += np.bincount(mask.ravel(), minlength=256)
-    present = [CLASS_NAMES[c] for c in range(NUM_CLASSES) if counts[c]]
-    return (f"ok: {len(samples)} image/mask pairs in {root}; {counts[:NUM_CLASSES].sum()} labelled pixels, "
-            f"{counts[IGNORE_INDEX]} ignored; classes present: {', '.join(present) or 'none'}")
+    present = [name for c, name in enumerate(scheme.names) if counts[c]]
+    absent = [name for c, name in enumerate(scheme.names) if not counts[c]]
+    return (f"ok: {len(samples)} image/mask pairs in {root}; {counts[:scheme.num_classes].sum()} labelled pixels, "
+            f"{counts[scheme.ignore]} ignored; classes present: {', '.join(present) or 'none'}"
+            + (f"; absent: {', '.join(absent)}" if absent else "")
+            + f"\nlabel scheme ({source}): {scheme_summary(scheme)}")
+
+
+def write_default_scheme(folder):
+    """FOLDER/classes.json with ARTeFACT's scheme, a template for another dataset's; an existing one is kept."""
+    path = Path(folder) / SCHEME_FILE
+    if path.exists():
+        raise UserError(f"{path}: exists; edit it, or remove it to write ARTeFACT's scheme there")
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: folder not found; pass the dataset folder")
+    return write_scheme(folder, artefact_scheme())
 
 
 def main(argv=None):
@@ -184,12 +225,19 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     c = commands.add_parser("check", help="validate every image/mask pair of a dataset folder")
     c.add_argument("root", help="dataset folder (images/ + annotations/)")
+    c.add_argument("--classes", dest="classes_file", metavar="FILE", help="label scheme JSON (default: "
+                   "ROOT/classes.json, else ARTeFACT's, with a note)")
+    s = commands.add_parser("classes", help="write ARTeFACT's label scheme as DIR/classes.json (a template)")
+    s.add_argument("folder", help="dataset folder to write classes.json into")
     return run_cli(_command, parser.parse_args(argv))
 
 
 def _command(args):
     if args.command == "check":
-        print(check(args.root))
+        print(check(args.root, args.classes_file))
+        return
+    if args.command == "classes":
+        print(f"wrote {write_default_scheme(args.folder)}")
         return
     if not args.parquet and not args.download:
         raise UserError("ingest: pass --parquet DIR_OR_FILES (or --download)")

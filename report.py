@@ -7,11 +7,26 @@ IoU per epoch; several runs, e.g. the folds of a cross-validation, overlaid), cl
 run's test record, classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png
 (from RUN_DIR/confusion.json, the test evaluation's matrices), panels.png (image | truth | prediction | errors for
 a seeded set of test images, predicted by best.pt or last.pt) with the masks as palette PNGs under samples/, and
-report.md.
+report.md. Class names and colours are the runs' label scheme (their config.json; one scheme for all runs).
 """
 import argparse
-import json
 import sys
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
+    parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
+    parser.add_argument("--images", type=int, default=4, help="test images in the truth/prediction panels")
+    parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag mistakes answer before torch and matplotlib load (seconds on a cold node).
+    build_parser().parse_args()
+
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +34,9 @@ import torch
 from PIL import Image
 
 import data
-from checkpoint import load_checkpoint, model_from_checkpoint
-from files import read_image, read_mask
-from labels import (BACKGROUND_COLOUR, CLASS_NAMES, COARSE_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError,
-                    colour_table, run_cli)
+from checkpoint import check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
+from files import read_image, read_jsonl, read_mask
+from labels import UserError, colour_table, config_scheme, run_cli, same_scheme
 from metrics import iou_report
 from predict import write_mask
 from tiles import predict_at_scale
@@ -43,7 +57,6 @@ PANEL_ROW = 3.5
 # Panels are predicted at most this many pixels across: ARTeFACT images reach 12,000 px, which would take
 # minutes per image on a CPU and could not be seen at panel size anyway.
 PANEL_MAX_SIDE = 1024
-COLOURS = colour_table()
 WRONG = (255, 0, 0)
 
 
@@ -51,10 +64,28 @@ def read_records(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; pass run folders written by train.py")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)
     if not records:
         raise UserError(f"{path}: empty; the run has not finished an epoch")
     return records
+
+
+def run_scheme(run_dirs):
+    """The label scheme of the runs, from their config.json (ARTeFACT's, with a note, for runs written before
+    runs carried one); runs of different schemes are refused."""
+    schemes, wheres = [], []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "config.json"
+        wheres.append(str(path))
+        if not path.is_file():
+            raise UserError(f"{path}: not found; pass run folders written by train.py (it writes config.json "
+                            "with metrics.jsonl)")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{path}: unreadable; expected the JSON config train.py writes") from None
+        schemes.append(config_scheme(config, str(path)))
+    return same_scheme(schemes, wheres, "report runs of one label scheme together")
 
 
 def epochs_of(records):
@@ -74,11 +105,11 @@ def reported(records):
     return f"inner val, epoch {best['epoch']} (no test record yet)", best["val"]
 
 
-def class_iou_bars(metrics):
-    """Per-class IoU of one metrics dict; None for classes absent from the ground truth (or never scored),
-    so that they can be marked rather than drawn as a zero."""
+def class_iou_bars(metrics, names):
+    """Per-class IoU of one metrics dict, in the order of names; None for classes absent from the ground truth
+    (or never scored), so that they can be marked rather than drawn as a zero."""
     absent = set(metrics.get("absent", []))
-    return [None if name in absent else metrics["iou"].get(name) for name in CLASS_NAMES]
+    return [None if name in absent else metrics["iou"].get(name) for name in names]
 
 
 def has_validation(runs):
@@ -113,25 +144,25 @@ def plot_curves(runs, path):
     _save(fig, path)
 
 
-def plot_class_iou(runs, path):
+def plot_class_iou(runs, path, names):
     fig, ax = plt.subplots(figsize=FIGSIZE["class_iou"], layout="constrained")
     width = 0.8 / len(runs)
     for k, (name, records) in enumerate(runs):
-        xs = np.arange(NUM_CLASSES) + (k - (len(runs) - 1) / 2) * width
-        values = class_iou_bars(reported(records)[1])
+        xs = np.arange(len(names)) + (k - (len(runs) - 1) / 2) * width
+        values = class_iou_bars(reported(records)[1], names)
         ax.bar(xs, [np.nan if v is None else v for v in values], width, label=name)
         for x, v in zip(xs, values):
             if v is None:
                 ax.bar(x, 1, width, color="none", edgecolor="0.7", hatch="//")
                 ax.text(x, 0.5, "absent", rotation=90, ha="center", va="center", color="0.4", fontsize=8)
-    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(ylim=(0, 1), ylabel="IoU", title="per-class IoU on the test fold (hatched: absent from the ground truth)")
     if len(runs) > 1:
         ax.legend()
     _save(fig, path)
 
 
-def plot_confusion(matrix, path):
+def plot_confusion(matrix, path, names):
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
     # Rows of classes absent from the ground truth are NaN, drawn grey so they do not read as "never predicted".
@@ -142,8 +173,8 @@ def plot_confusion(matrix, path):
         if v >= 0.005:
             ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
                     color="white" if v > 0.6 else "black")
-    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=60, ha="right")
-    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="prediction", ylabel="ground truth", title="confusion matrix, % of each true class")
     fig.colorbar(shown, ax=ax, shrink=0.8)
     _save(fig, path)
@@ -159,8 +190,10 @@ def plot_groups(by_kind, path):
     _save(fig, path)
 
 
-def read_confusion(run_dirs):
-    """{key: summed matrix or {group: summed matrix}} over the runs that have confusion.json, and those runs."""
+def read_confusion(run_dirs, num_classes):
+    """{key: summed matrix or {group: summed matrix}} over the runs that have confusion.json (a C x C fine matrix
+    for the C classes of their label scheme), and those runs."""
+    shape = f"{num_classes}x{num_classes}"
     total, found = {}, []
     for run_dir in run_dirs:
         path = Path(run_dir) / "confusion.json"
@@ -170,9 +203,10 @@ def read_confusion(run_dirs):
             content = json.loads(path.read_text())
             fine = np.asarray(content["fine"], dtype=np.int64)
         except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: unreadable; expected JSON with a 16x16 'fine' matrix") from None
-        if fine.shape != (NUM_CLASSES, NUM_CLASSES):
-            raise UserError(f"{path}: 'fine' is {fine.shape}, expected 16x16 (rows truth, columns prediction)")
+            raise UserError(f"{path}: unreadable; expected JSON with a {shape} 'fine' matrix") from None
+        if fine.shape != (num_classes, num_classes):
+            raise UserError(f"{path}: 'fine' is {fine.shape}, expected {shape} for the run's {num_classes} classes "
+                            "(rows truth, columns prediction)")
         found.append(path)
         # Folds test on disjoint images, so summing their matrices scores the whole cross-validation at once.
         # The damage-vs-clean IoU comes from the fine matrix, so "binary" is not needed.
@@ -203,48 +237,54 @@ def _shrink(image, mask):
             np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
 
 
-def error_map(image, truth, pred):
-    """The image dimmed to grey, wrong pixels in red, outside-object pixels in the background colour."""
+def error_map(image, truth, pred, scheme):
+    """The image dimmed to grey, wrong pixels in red, outside-object pixels in the scheme's ignore colour."""
     grey = (image.mean(2, keepdims=True) * 0.5 + 64).astype(np.uint8).repeat(3, axis=2)
-    grey[(pred != truth) & (truth != IGNORE_INDEX)] = WRONG
-    grey[truth == IGNORE_INDEX] = BACKGROUND_COLOUR
+    grey[(pred != truth) & (truth != scheme.ignore)] = WRONG
+    grey[truth == scheme.ignore] = scheme.ignore_colour
     return grey
 
 
-def predict_panels(checkpoint_path, out, count, seed):
-    """[(sample id, image, truth, prediction)] for the seeded test images; masks written under samples/."""
+def predict_panels(checkpoint_path, out, count, seed, scheme):
+    """[(sample id, image, truth, prediction)] for the seeded test images; masks written under samples/. The
+    checkpoint and the dataset must hold the runs' label scheme."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
+    lead = f"{checkpoint_path}: trained"
+    check_scheme(checkpoint_scheme(checkpoint, checkpoint_path), scheme, "its run folder", lead)
+    dataset, source = data.data_scheme(config["data"], config.get("classes_file"), (scheme, "the run's scheme"))
+    check_scheme(scheme, dataset, source, lead)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
     (out / "samples").mkdir(exist_ok=True)
     panels = []
     for sample in panel_samples(config, count, seed):
         image = read_image(sample.image)
-        image, truth = _shrink(image, read_mask(sample.mask, image.shape[:2]))
+        image, truth = _shrink(image, read_mask(sample.mask, scheme, image.shape[:2]))
         pred = predict_at_scale(model, image, config.get("img_size", 384), config.get("work_size", 0), device=device)
-        pred[truth == IGNORE_INDEX] = IGNORE_INDEX
-        write_mask(out / "samples" / f"{sample.id}_truth.png", np.ascontiguousarray(truth))
-        write_mask(out / "samples" / f"{sample.id}_prediction.png", pred)
+        pred[truth == scheme.ignore] = scheme.ignore
+        write_mask(out / "samples" / f"{sample.id}_truth.png", np.ascontiguousarray(truth), scheme)
+        write_mask(out / "samples" / f"{sample.id}_prediction.png", pred, scheme)
         panels.append((sample.id, image, truth, pred))
     return panels
 
 
-def plot_panels(panels, path):
+def plot_panels(panels, path, scheme):
     width, height = FIGSIZE["panels"]
     fig, axes = plt.subplots(len(panels), 4, figsize=(width, height + PANEL_ROW * len(panels)), squeeze=False,
                              layout="constrained")
+    colours = colour_table(scheme)
     for row, (sample_id, image, truth, pred) in zip(axes, panels):
-        pictures = (image, COLOURS[truth], COLOURS[pred], error_map(image, truth, pred))
+        pictures = (image, colours[truth], colours[pred], error_map(image, truth, pred, scheme))
         for ax, picture, title in zip(row, pictures, ("image", "ground truth", "prediction", "errors (red)")):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(f"{sample_id}: {title}", fontsize=9)
             ax.axis("off")
     present = sorted(set().union(*(np.unique(np.concatenate([t.ravel(), p.ravel()])).tolist()
                                    for _, _, t, p in panels)))
-    handles = [Patch(color=COLOURS[k] / 255, label=CLASS_NAMES[k]) for k in present if k < NUM_CLASSES]
-    if IGNORE_INDEX in present:
-        handles.append(Patch(color=np.array(BACKGROUND_COLOUR) / 255, label="Outside object"))
+    handles = [Patch(color=colours[k] / 255, label=scheme.names[k]) for k in present if k < scheme.num_classes]
+    if scheme.ignore in present:
+        handles.append(Patch(color=colours[scheme.ignore] / 255, label="Outside object"))
     handles.append(Patch(color=np.array(WRONG) / 255, label="wrong (errors)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=9)
     _save(fig, path)
@@ -268,36 +308,38 @@ def curves_section(runs):
     return lines
 
 
-def class_section(runs):
-    names = " | ".join(f"{name} ({reported(records)[0]})" for name, records in runs)
+def class_section(runs, names):
+    columns = " | ".join(f"{name} ({reported(records)[0]})" for name, records in runs)
     lines = ["## Per-class IoU", "", "IoU of each class on each run's test fold (the selected checkpoint); classes "
              "absent from the ground truth are hatched and written `absent`, not counted as zero.", "",
-             "![per-class IoU](class_iou.png)", "", f"| class | {names} |", "|---|" + "---|" * len(runs)]
-    bars = [class_iou_bars(reported(records)[1]) for _, records in runs]
-    for k, name in enumerate(CLASS_NAMES):
+             "![per-class IoU](class_iou.png)", "", f"| class | {columns} |", "|---|" + "---|" * len(runs)]
+    bars = [class_iou_bars(reported(records)[1], names) for _, records in runs]
+    for k, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(_pct(values[k]) for values in bars) + " |")
     return lines
 
 
-def _scores(cm, names=CLASS_NAMES):
-    return iou_report(torch.tensor(cm), names)
+def _scores(cm, names, clean):
+    return iou_report(torch.tensor(cm), names, clean)
 
 
-def confusion_section(run_dirs, out):
-    total, found = read_confusion(run_dirs)
+def confusion_section(run_dirs, out, scheme):
+    total, found = read_confusion(run_dirs, scheme.num_classes)
     if not found:
         return ["## Confusion matrix", "", "No `confusion.json` in " + ", ".join(f"`{d}`" for d in run_dirs)
                 + ": the confusion matrix and the per-material / per-content mIoU are not drawn."]
-    plot_confusion(total["fine"], out / "confusion.png")
-    fine = _scores(total["fine"])
+    plot_confusion(total["fine"], out / "confusion.png", scheme.names)
+    fine = _scores(total["fine"], scheme.names, scheme.clean)
     lines = ["## Confusion matrix", "", f"From {', '.join(f'`{p}`' for p in found)}"
              + (" (summed)" if len(found) > 1 else "") + ". Rows are the ground truth, normalised to 100 %; "
              "grey rows are classes absent from it.", "", "![confusion matrix](confusion.png)", "",
              f"mIoU {_pct(fine['miou'])} %, damage-vs-clean IoU {_pct(fine.get('binary_iou'))} %, "
              f"pixel accuracy {_pct(fine['pixel_acc'])} %."]
-    if "coarse" in total:
-        lines[-1] += f" Coarse groups mIoU {_pct(_scores(total['coarse'], COARSE_NAMES)['miou'])} %."
-    by_kind = {key[3:]: {name: _scores(cm)["miou"] for name, cm in sorted(total[key].items())}
+    if "coarse" in total and scheme.groups:
+        coarse = _scores(total["coarse"], scheme.head_names["coarse"], scheme.coarse_of_fine[scheme.clean])
+        lines[-1] += f" Coarse groups mIoU {_pct(coarse['miou'])} %."
+    by_kind = {key[3:]: {name: _scores(cm, scheme.names, scheme.clean)["miou"]
+                         for name, cm in sorted(total[key].items())}
                for key in ("by_material", "by_content") if key in total}
     if by_kind:
         plot_groups(by_kind, out / "groups.png")
@@ -307,7 +349,7 @@ def confusion_section(run_dirs, out):
     return lines
 
 
-def panels_section(run_dirs, out, images, seed):
+def panels_section(run_dirs, out, images, seed, scheme):
     lines = ["## Truth vs prediction", ""]
     for k, run_dir in enumerate(run_dirs):
         checkpoint = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
@@ -315,18 +357,18 @@ def panels_section(run_dirs, out, images, seed):
             lines += [f"No best.pt or last.pt in `{run_dir}`: no prediction panels.", ""]
             continue
         try:
-            panels = predict_panels(checkpoint, out, images, seed)
+            panels = predict_panels(checkpoint, out, images, seed, scheme)
         except UserError as exc:
             # A report at the end of a long training run must not fail over a dataset moved since.
             print(f"note: no prediction panels for {run_dir}: {exc}", file=sys.stderr)
             lines += [f"No prediction panels for `{run_dir}`: {exc}", ""]
             continue
         name = "panels.png" if len(run_dirs) == 1 else f"panels-{k + 1}.png"
-        plot_panels(panels, out / name)
+        plot_panels(panels, out / name, scheme)
         lines += [f"{len(panels)} test images of `{run_dir}` (chosen with seed {seed}), predicted by "
                   f"`{checkpoint.name}` at most {PANEL_MAX_SIDE} px across; errors: wrong pixels in red, "
                   "outside the object in the background colour.", "", f"![truth vs prediction]({name})", "",
-                  "Masks (palette PNGs, ARTeFACT colours): " + ", ".join(
+                  "Masks (palette PNGs in the label scheme's colours): " + ", ".join(
                       f"[{i} truth](samples/{i}_truth.png) / [prediction](samples/{i}_prediction.png)"
                       for i, *_ in panels), ""]
     return lines
@@ -343,28 +385,24 @@ def build_report(run_dirs, out=None, images=4, seed=42):
     # Fold folders of different experiments may share a name; then whole paths tell them apart.
     names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
     runs = [(name, read_records(d)) for name, d in zip(names, run_dirs)]
+    scheme = run_scheme(run_dirs)
     out = Path(out) if out else run_dirs[0]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror}); pass a writable folder") from None
     plot_curves(runs, out / "curves.png")
-    plot_class_iou(runs, out / "class_iou.png")
+    plot_class_iou(runs, out / "class_iou.png", scheme.names)
     lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""]
-    lines += curves_section(runs) + [""] + class_section(runs) + [""] + confusion_section(run_dirs, out) + [""]
-    lines += panels_section(run_dirs, out, images, seed)
+    lines += curves_section(runs) + [""] + class_section(runs, scheme.names) + [""]
+    lines += confusion_section(run_dirs, out, scheme) + [""] + panels_section(run_dirs, out, images, seed, scheme)
     path = out / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
-    parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
-    parser.add_argument("--images", type=int, default=4, help="test images in the truth/prediction panels")
-    parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     def job():
         if args.images < 1:

@@ -1,7 +1,8 @@
-"""The built-in synthetic damage set: procedurally painted artworks with ARTeFACT-style damage masks.
+"""The built-in synthetic damage set: procedurally painted artworks with damage masks in ARTeFACT's label scheme.
 
-Written in the dataset folder format (images/, annotations/, metadata.csv) so every other script treats
-it like ARTeFACT; `train.py --data synthetic` generates it once through data.resolve_data.
+Written in the dataset folder format (images/, annotations/, metadata.csv, classes.json) so every other script
+treats it like ARTeFACT; `train.py --data synthetic` generates it once through data.resolve_data. Each painter
+draws one of ARTeFACT's damage classes, so the set is ARTeFACT's scheme by construction.
 """
 import csv
 import os
@@ -12,8 +13,8 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from files import write_metadata
-from labels import IGNORE_INDEX, UserError, progress
+from files import SCHEME_FILE, write_metadata, write_scheme
+from labels import UserError, artefact_scheme, progress
 
 SYNTHETIC_MATERIALS = ("Paper", "Canvas", "Tesserae", "Parchment")
 SYNTHETIC_CONTENTS = ("Artistic depiction", "Geometric patterns", "Line art")
@@ -616,10 +617,11 @@ def _render(index, size, seed):
         inside, box, backdrop = _outline(rng, size, yy, xx)
     # Two scheduled damage types per image (offsets vary by block so pairs do not always co-occur)
     # give every class ~2 images in 15; a random extra adds variety.
-    first = (index + seed) % 15
-    second = (first + 3 + 5 * ((index // 15) % 3)) % 15
+    kinds = len(_PAINTERS)
+    first = (index + seed) % kinds
+    second = (first + 3 + 5 * ((index // kinds) % 3)) % kinds
     chosen = {1 + first, 1 + second}
-    others = [c for c in range(1, 16) if c not in chosen]
+    others = [c for c in sorted(_PAINTERS) if c not in chosen]
     chosen.update(rng.choice(others, size=_EXTRA_DAMAGE[rng.integers(len(_EXTRA_DAMAGE))], replace=False).tolist())
     ctx = {"yy": yy, "xx": xx, "size": size, "box": box}
     for label in _DAMAGE_ORDER:
@@ -628,7 +630,7 @@ def _render(index, size, seed):
     np.clip(img, 0, 1, out=img)
     if photographed:
         img[~inside] = backdrop[~inside]
-        mask[~inside] = IGNORE_INDEX
+        mask[~inside] = artefact_scheme().ignore
     img *= (1.0 + rng.normal(0, 0.015, img.shape)).astype(np.float32)
     image = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return image, mask, material, content
@@ -657,6 +659,9 @@ def make_synthetic(root, count=64, size=128, seed=42):
     """
     root = pathlib.Path(root)
     if _complete(root, count, size):
+        if not (root / SCHEME_FILE).is_file():
+            # Sets generated before datasets carried their scheme get it now.
+            write_scheme(root, artefact_scheme())
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -673,6 +678,7 @@ def make_synthetic(root, count=64, size=128, seed=42):
             rows.append((name, material, content, size, size))
             show(index + 1)
         write_metadata(tmp / "metadata.csv", rows)
+        write_scheme(tmp, artefact_scheme())
         try:
             # rename(2) replaces an empty directory atomically and refuses a non-empty one.
             os.rename(tmp, root)

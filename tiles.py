@@ -13,7 +13,6 @@ import torch
 
 from data import normalize
 from files import resize_image, resize_labels, scaled_shape
-from labels import COARSE_OF_FINE
 from model import autocast
 
 # Share of a tile its neighbours overlap: 25 % costs ~1.8x the tiles of none and hides tile borders.
@@ -38,35 +37,37 @@ def blend_window(n):
     return torch.sin(torch.pi * centres).pow(2).float()
 
 
-def head_probs(output, consistency=False):
-    """Class probabilities (B, 16, h, w) from a model output.
+def head_probs(output, hierarchy=None):
+    """Class probabilities (B, C, h, w) from a model output.
 
-    Hierarchical models return dict(fine, coarse, binary); the fine head is used. With ``consistency``
-    each fine class is also weighted by the probability of its coarse group and of clean/damage
-    (a product of the three heads, renormalised; computed in log space so it cannot underflow).
+    Hierarchical models return dict(fine, coarse, binary); the fine head is used. With ``hierarchy`` (the
+    label scheme, whose groups tie the heads together) each fine class is also weighted by the probability of
+    its coarse group and of clean/damage (a product of the three heads, renormalised; computed in log space so
+    it cannot underflow).
     """
     if not isinstance(output, dict):
         return output.float().softmax(1)
     fine = output["fine"].float().log_softmax(1)
-    if not consistency:
+    if hierarchy is None:
         return fine.exp()
-    group = torch.tensor(COARSE_OF_FINE, device=fine.device)
+    group = torch.tensor(hierarchy.coarse_of_fine, device=fine.device)
+    damage = (torch.arange(hierarchy.num_classes, device=fine.device) != hierarchy.clean).long()
     coarse = output["coarse"].float().log_softmax(1)[:, group]
-    binary = output["binary"].float().log_softmax(1)[:, (group > 0).long()]
+    binary = output["binary"].float().log_softmax(1)[:, damage]
     return (fine + coarse + binary).softmax(1)
 
 
-def _tile_probs(model, tiles, tta, consistency, precision_context):
+def _tile_probs(model, tiles, tta, hierarchy, precision_context):
     with precision_context:
         output = model(tiles)
-    probs = head_probs(output, consistency)
+    probs = head_probs(output, hierarchy)
     if not tta:
         return probs
     flips = [(3,), (2,), (2, 3)]
     for dims in flips:
         with precision_context:
             output = model(tiles.flip(dims))
-        probs += head_probs(output, consistency).flip(dims)
+        probs += head_probs(output, hierarchy).flip(dims)
     return probs.div_(len(flips) + 1)
 
 
@@ -86,7 +87,7 @@ def accumulator_shape(num_classes, tile, width):
 
 
 @torch.inference_mode()
-def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision, progress, consistency):
+def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision, progress, hierarchy):
     """Yield (row0, sums): window-weighted probability sums (C, rows, W) of finished image rows, a view into
     the running buffer that is valid until the next step."""
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
@@ -121,7 +122,7 @@ def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precisio
             for i in range(0, len(xs), batch_size):
                 starts = xs[i:i + batch_size]
                 tiles = torch.stack([strip[:, :, x:x + tile_w] for x in starts])
-                probs = _tile_probs(model, tiles, tta, consistency, precision_context)
+                probs = _tile_probs(model, tiles, tta, hierarchy, precision_context)
                 if sums is None:
                     sums = probs.new_zeros(accumulator_shape(probs.shape[1], (tile_h, tile_w), padded_w))
                 for tile_probs, x in zip(probs, starts):
@@ -136,19 +137,19 @@ def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precisio
 
 
 def predict_image(model, image, tile, overlap=OVERLAP, batch_size=8, tta=False, device=None, precision="fp32",
-                  progress=None, consistency=False):
+                  progress=None, hierarchy=None):
     """Class ids (uint8 H x W) for a uint8 H x W x 3 image of any size; others as below.
 
     ``tile`` is an int or (h, w); up to ``batch_size`` tiles go through the model at once; ``tta`` averages the
     probabilities over horizontal, vertical and both flips; ``precision`` is bf16, fp16 or fp32 (autocast);
     ``device`` defaults to the model's; ``progress(done_tiles, total_tiles)`` is called after every batch;
-    ``consistency`` combines the heads of a hierarchical model (see head_probs). The model is in eval mode
-    meanwhile and restored afterwards."""
+    ``hierarchy`` (the label scheme) combines the heads of a hierarchical model (see head_probs). The model is
+    in eval mode meanwhile and restored afterwards."""
     labels = np.empty(image.shape[:2], dtype=np.uint8)
     # The per-pixel weight divides every class alike, so the argmax of the sums needs no normalised copy;
     # max(0).indices is that argmax (first maximum on ties) and on CPU several times faster than argmax(0).
     for row0, sums in _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision,
-                                       progress, consistency):
+                                       progress, hierarchy):
         labels[row0:row0 + sums.shape[1]] = sums.max(0).indices.to(torch.uint8).cpu().numpy()
     return labels
 

@@ -32,13 +32,13 @@ from config import with_batch
 from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
                          teardown)
 from evaluation import eval_only, evaluate
-from labels import NUM_CLASSES, UserError, run_cli
+from labels import UserError, run_cli, scheme_summary
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, sync_batchnorm
-from runs import (load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted, save_test,
-                  write_config)
-from weights import resolve_class_weights
+from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
+                  save_preempted, save_test, write_config)
+from weights import METHODS, check_images, resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
 # number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group).
@@ -51,19 +51,21 @@ def get_lr_schedule(optimizer, cfg, steps_per_epoch):
 
 
 def make_criterion(cfg, class_weights, device):
-    """The loss module (sums form, see losses.global_loss), its class weights on the device."""
+    """The loss module (sums form, see losses.global_loss) over the run's label scheme, on the device."""
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    scheme = data.run_scheme(cfg)
     if cfg["heads"] == "hierarchical":
-        return HierarchicalLoss(cfg["loss"], weight, head_weights=tuple(cfg["head_weights"]))
-    return build_loss(cfg["loss"], weight)
+        return HierarchicalLoss(cfg["loss"], scheme, weight, head_weights=tuple(cfg["head_weights"])).to(device)
+    return build_loss(cfg["loss"], weight, scheme.ignore)
 
 
 def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
     """The network on the device (channels_last unless --no-channels-last). On several GPUs its BatchNorms
     become SyncBatchNorm the timm way, which keeps timm's fused norm + activation layers (MaxViT, CoAtNet)
     computing the same function; the state dict is unchanged, so a checkpoint loads into the plain model."""
-    model = build_model(cfg["encoder"], NUM_CLASSES, cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], encoder_weights).to(device)
+    groups = data.run_scheme(cfg).groups
+    model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
+                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
@@ -262,7 +264,7 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
               "img_s": (step - step0) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - start,
               "peak_mem_mb": peak_memory_mb(device), "lr": parts.scheduler.get_last_lr()[0], "skipped_steps": skipped}
     if cms is not None:
-        record["val"] = eval_metrics(cms)
+        record["val"] = eval_metrics(cms, data.run_scheme(cfg))
     return record
 
 
@@ -278,7 +280,7 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
-    record = {"test": eval_metrics(cms), "selected_epoch": int(all_reduce(epoch, MAX)),
+    record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, MAX)),
               "select": cfg["select"]}
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms))
@@ -288,14 +290,17 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
 def train(cfg, rank, world, local_rank, local_world, device):
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
-    resume = load_resume(cfg, run_dir, rank)
-    if resume and cfg["batch_auto"]:
-        cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
-    prepare_run_dir(cfg, run_dir, resume, rank)
-    with logged_to(run_dir / "train.log", rank):
-        result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
-        if result is not None and rank == 0 and not cfg["no_report"]:
-            write_report(run_dir)
+    with run_folder(run_dir, rank):
+        # The dataset files' fingerprint joins the config, so --resume refuses a dataset changed under its path.
+        cfg["data_fingerprint"] = data.dataset_fingerprint(cfg, rank, local_rank)
+        resume = load_resume(cfg, run_dir, rank)
+        if resume and cfg["batch_auto"]:
+            cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
+        prepare_run_dir(cfg, run_dir, resume, rank)
+        with logged_to(run_dir / "train.log", rank):
+            result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
+            if result is not None and rank == 0 and not cfg["no_report"]:
+                write_report(run_dir)
     return result
 
 
@@ -310,6 +315,8 @@ def write_report(run_dir):
 
 def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
+    scheme = data.run_scheme(cfg)
+    log(rank, f"label scheme: {scheme_summary(scheme)} ({cfg['classes_source']})")
     # The network comes first: a --pretrained download that cannot happen fails before minutes of preloading.
     network = build_network(cfg, device, world, cfg["pretrained"] and not resume, cfg["weights"])
     split = data.load_split(cfg, local_rank, local_world)
@@ -323,11 +330,16 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     if n_train < cfg["batch_size"]:
         raise UserError(f"--batch-size {cfg['batch_size']}: larger than the {n_train} training images; lower it")
     # The preload counted every row's class pixels (at the working scale) while building.
-    counts = split["train"].pre.counts[:, :NUM_CLASSES].sum(0)
-    class_weights = resolve_class_weights(cfg["class_weights"], counts, cfg["max_ratio"],
+    counts = split["train"].pre.counts[:, :scheme.num_classes].sum(0)
+    class_weights = resolve_class_weights(cfg["class_weights"], counts, scheme, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
+    note = check_images(cfg["class_weights"], cfg) if cfg["class_weights"] not in METHODS else None
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
     parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
-    start_epoch, start_step, best, carried = restore(parts, resume, run_dir, rank) if resume else (0, 0, -1.0, 0.0)
+    # best: (inner mIoU, epoch) of the selected checkpoint, best.pt.
+    start_epoch, start_step, best, carried = (restore(parts, resume, run_dir, rank) if resume
+                                              else (0, 0, (-1.0, None), 0.0))
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
               f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), {lr_line(cfg)[0]}, "
@@ -345,11 +357,11 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
             if record is None:
                 return None
             last = epoch + 1 == cfg["epochs"]
-            selected = record["val"]["miou"] > best if cfg["select"] == "inner" else last
-            best = max(best, record["val"]["miou"]) if "val" in record else best
-            record["best_val_miou"] = best
+            if (record["val"]["miou"] > best[0] if cfg["select"] == "inner" else last):
+                best = (record["val"]["miou"] if "val" in record else best[0], record["epoch"])
+            record["best_val_miou"] = best[0]
             if rank == 0:
-                save_epoch(parts, cfg, record, selected, run_dir)
+                save_epoch(parts, cfg, record, best, run_dir)
                 print_epoch(cfg, record, (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1))
         result = test_selected(parts, split, cfg, rank, world, device, preemption)
     finally:
@@ -393,7 +405,7 @@ def probe_step(cfg, device):
         x = torch.randn(batch, 3, size, size, device=device)
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, NUM_CLASSES, (batch, size, size), device=device)
+        y = torch.randint(0, cfg["num_classes"], (batch, size, size), device=device)
         try:
             train_step(parts, [(x, y)], probe, device)
             if device.type == "cuda":
@@ -437,10 +449,15 @@ def setup(args):
 def run_main(args, job):
     """Runs job(cfg, rank, world, local_rank, local_world, device); a user error ends in one line, exit 2."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    cfg = None
     try:
         cfg, rank, world, local_rank, local_world, device = setup(args)
         job(cfg, rank, world, local_rank, local_world, device)
         return 0
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted_line(cfg), file=sys.stderr, flush=True)
+        return 130
     except UserError as exc:
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2

@@ -1,6 +1,7 @@
 """Class pixel frequencies -> class weights for the losses; the CLI writes them as JSON for train.py.
 
-With n_c the labelled pixels of class c (label 255 ignored) and f_c = n_c / sum(n), the raw weights are
+With n_c the labelled pixels of class c (the label scheme's ignore id left out) and f_c = n_c / sum(n), the raw
+weights are
 
 - ``inverse``                  1 / f_c
 - ``inverse_sqrt``             1 / sqrt(f_c)
@@ -26,32 +27,38 @@ Then, in this order:
 
 So for every method a rarer class never gets a smaller weight than a commoner one.
 
-CLI: ``python weights.py --data DIR|synthetic --method M [--max-ratio 36] [--out FILE.json]``
-prints class, pixels, share and weight, and writes JSON (default runs/class_weights/<dataset>-<method>.json).
+CLI: ``python weights.py --data DIR|synthetic [--classes FILE] --method M [--max-ratio 36] [--fold K ...]
+[--out FILE.json]`` prints class, pixels, share and weight, and writes JSON (default
+runs/class_weights/<dataset>-<method>.json) with the scheme's class names, which train.py checks against its
+own scheme when it reads the file back. It takes train.py's flags with train.py's defaults and counts masks at
+the working scale training sees. With --fold it counts that fold's training images only (the split flags as
+train.py's), which is what a ``--class-weights FILE`` for that fold must hold; without it, every image, test
+folds included.
 """
-import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from files import atomic_write, list_samples, read_mask
-from labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, UserError, run_cli
-
-METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
+from config import METHODS, build_parser, parse_args
+from files import atomic_write, displayed_size, list_samples, read_mask, resize_labels, scaled_shape
+from labels import UserError, run_cli
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
 DEFAULT_MAX_RATIO = 36.0
 _CHUNK = 1 << 24
 
 
-def count_pixels(masks, num_classes=NUM_CLASSES):
-    """Pixels per class (int64, length num_classes) over masks: an (N, H, W) array or an iterable of arrays.
+def count_pixels(masks, scheme):
+    """Pixels per class (int64, one per class id of the label scheme) over masks: an (N, H, W) array or an
+    iterable of arrays.
 
     Vectorised ``np.bincount`` over each mask in chunks of ``_CHUNK`` pixels (bincount widens bytes to
-    int64, so a 100-megapixel mask in one piece would need 800 MB). Label 255 is not counted; labels
-    num_classes..254 raise UserError.
+    int64, so a 100-megapixel mask in one piece would need 800 MB). The scheme's ignore id is not counted; any
+    other value outside its class ids raises UserError.
     """
+    num_classes = scheme.num_classes
     if isinstance(masks, np.ndarray) and masks.ndim < 3:
         masks = [masks]
     totals = np.zeros(256, dtype=np.int64)
@@ -60,15 +67,18 @@ def count_pixels(masks, num_classes=NUM_CLASSES):
         if mask.dtype != np.uint8:
             if mask.size and (mask.min() < 0 or mask.max() > 255):
                 raise UserError(f"mask values {mask.min()}..{mask.max()} do not fit 0-255; masks hold class ids "
-                                f"0-{num_classes - 1} and {IGNORE_INDEX}")
+                                f"0-{num_classes - 1} and {scheme.ignore}")
             mask = mask.astype(np.uint8)
         flat = mask.reshape(-1)
         for start in range(0, flat.size, _CHUNK):
             totals += np.bincount(flat[start:start + _CHUNK], minlength=256)
-    bad = np.flatnonzero(totals[num_classes:IGNORE_INDEX]) + num_classes
+    outside = totals.copy()
+    outside[:num_classes] = outside[scheme.ignore] = 0
+    bad = np.flatnonzero(outside)
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if len(bad) > 8 else "")
-        raise UserError(f"mask labels {shown} are outside 0-{num_classes - 1} and {IGNORE_INDEX}; fix the masks")
+        raise UserError(f"mask labels {shown} are not in the label scheme (class ids 0-{num_classes - 1}, ignore "
+                        f"{scheme.ignore}); fix the masks")
     return totals[:num_classes]
 
 
@@ -101,7 +111,7 @@ def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, 
         raise ValueError(f"pixel counts must not be negative: {counts.tolist()}")
     present = counts > 0
     if not present.any():
-        raise UserError("no labelled pixels to weigh: every mask is empty or ignored (255); check --data")
+        raise UserError("no labelled pixels to weigh: every mask is empty or ignored; check --data")
     weights = _raw_weights(counts[present], method, beta)
     low, high = weights.min(), weights.max()
     if max_ratio is not None and high > low * max_ratio:
@@ -113,83 +123,140 @@ def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, 
     return result
 
 
-def _class_names(num_classes):
-    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else [f"class {c}" for c in range(num_classes)]
-
-
-def save_weights(path, method, counts, weights, max_ratio):
-    """JSON with the method, cap, class names, pixel counts and weights; ``load_weights`` reads it back."""
+def save_weights(path, method, counts, weights, max_ratio, names, images=None):
+    """JSON with the method, cap, class names (of the label scheme), pixel counts, weights and which images were
+    counted (images: the fold's split settings, None for every image); ``load_weights`` reads the weights back."""
     record = {"method": method,
               "max_ratio": None if max_ratio is None or np.isinf(max_ratio) else float(max_ratio),
-              "classes": _class_names(len(weights)),
+              "classes": list(names),
               "counts": [int(n) for n in counts],
-              "weights": [float(w) for w in weights]}
+              "weights": [float(w) for w in weights],
+              "images": images or "all"}
     try:
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"),
+                     fix="pass --out with a writable path")
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror}); pass --out with a writable path") from None
 
 
-def load_weights(path, num_classes=NUM_CLASSES):
-    """Weights (float64, num_classes) from a JSON file written by ``save_weights``."""
+def load_weights(path, scheme):
+    """Weights (float64, one per class of the label scheme) from a JSON file written by ``save_weights``; a file
+    whose class names are not the scheme's (weights of another dataset) is refused."""
     fix = "write it with: python weights.py --data DIR --method METHOD"
     try:
-        weights = np.asarray(json.loads(Path(path).read_text())["weights"], dtype=np.float64)
+        record = json.loads(Path(path).read_text())
+        weights = np.asarray(record["weights"], dtype=np.float64)
     except FileNotFoundError:
         raise UserError(f"{path}: class-weight file not found; {fix}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a class-weight file ({exc!r}); {fix}") from None
+    num_classes = scheme.num_classes
     if weights.shape != (num_classes,) or not np.isfinite(weights).all() or (weights <= 0).any():
         raise UserError(f"{path}: needs {num_classes} finite positive weights, found {weights.tolist()}; {fix}")
+    names = record.get("classes")
+    if names is not None and list(names) != list(scheme.names):
+        c = next((c for c, (a, b) in enumerate(zip(names, scheme.names)) if a != b), None)
+        differ = f"{len(names)} names" if c is None else f"class {c} is {names[c]!r} there, {scheme.names[c]!r} here"
+        raise UserError(f"{path}: weights of other classes than the label scheme's ({differ}); {fix} --classes FILE")
     return weights
 
 
-def resolve_class_weights(spec, counts, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
-    """Weights for ``--class-weights``: a method name (computed from the class pixel ``counts``, see
-    count_pixels, and written as JSON to ``save_to`` when given) or a JSON file path."""
+def resolve_class_weights(spec, counts, scheme, max_ratio=DEFAULT_MAX_RATIO, save_to=None):
+    """Weights for ``--class-weights``: a method name (computed from the class pixel ``counts`` of the label
+    scheme's classes, see count_pixels, and written as JSON to ``save_to`` when given) or a JSON file path."""
     if spec in METHODS:
         weights = compute_weights(counts, spec, max_ratio)
         if save_to is not None:
-            save_weights(save_to, spec, counts, weights, max_ratio)
+            save_weights(save_to, spec, counts, weights, max_ratio, scheme.names)
         return weights
     if spec.endswith(".json") or Path(spec).exists():
-        return load_weights(spec)
+        return load_weights(spec, scheme)
     raise UserError(f"--class-weights {spec}: give a method ({', '.join(METHODS)}) or a .json file")
 
 
-def format_table(counts, weights):
+def format_table(counts, weights, names):
     """One line per class: id, name, pixels, share of labelled pixels in %, weight."""
     share = 100 * np.asarray(counts) / max(int(np.sum(counts)), 1)
-    lines = [f"{'id':>2}  {'class':<14} {'pixels':>13} {'share %':>8} {'weight':>8}"]
-    for c, name in enumerate(_class_names(len(weights))):
-        lines.append(f"{c:>2}  {name:<14} {int(counts[c]):>13,} {share[c]:>8.4f} {weights[c]:>8.4f}")
+    width = max(14, *map(len, names))
+    lines = [f"{'id':>2}  {'class':<{width}} {'pixels':>13} {'share %':>8} {'weight':>8}"]
+    for c, name in enumerate(names):
+        lines.append(f"{c:>2}  {name:<{width}} {int(counts[c]):>13,} {share[c]:>8.4f} {weights[c]:>8.4f}")
     return "\n".join(lines)
 
 
+# The settings that decide a fold's training images; a weights file made for another fold is refused.
+FOLD_KEYS = ("split", "fold", "folds", "seed", "inner_frac", "select")
+
+
+def check_images(path, cfg):
+    """Refuses a --class-weights FILE counted on another fold's training images (its test images may be this
+    run's training images and the reverse); returns a note when it counted every image (test fold included)."""
+    images = json.loads(Path(path).read_text()).get("images")
+    if isinstance(images, dict):
+        other = [f"--{k.replace('_', '-')} {images.get(k)} (this run: {cfg[k]})" for k in FOLD_KEYS
+                 if k in images and images[k] != cfg[k]]
+        if other:
+            raise UserError(f"--class-weights {path}: counted on other training images ({'; '.join(other)}); "
+                            "write it with weights.py --fold and this run's split flags")
+        return None
+    return (f"note: --class-weights {path}: counted on {'every image' if images == 'all' else 'unrecorded images'}, "
+            "the test fold's included; weights.py --fold K counts a fold's training images only")
+
+
+def working_counts(samples, size, work_size, scheme, copies=1):
+    """Pixels per class of the samples' masks at the working scale training sees (preload's counts: resized
+    like files.load_working, padding not counted), times the rows each sample makes (offline copies)."""
+    def masks():
+        for sample in samples:
+            mask = read_mask(sample.mask, scheme, displayed_size(sample.image))
+            yield resize_labels(mask, *scaled_shape(*mask.shape, size, work_size))
+    return count_pixels(masks(), scheme) * copies
+
+
+def _parser():
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0] + " (train.py's flags and defaults say which images)"
+    group = parser.add_argument_group("class weights")
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="how counts become weights")
+    group.add_argument("--out", help="JSON file to write (default runs/class_weights/<dataset>-<method>.json)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="dataset folder (images/ + annotations/) or 'synthetic'")
-    parser.add_argument("--synthetic-count", type=int, default=64, help="images in the synthetic set")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
-    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
-                        help="cap on max/min weight (inf for none)")
-    parser.add_argument("--out", help="JSON file to write (default runs/class_weights/<dataset>-<method>.json)")
-    return run_cli(_write_for_dataset, parser.parse_args(argv))
+    return run_cli(lambda: _write_for_dataset(parse_args(argv, _parser)))
 
 
 def _write_for_dataset(args):
     # Imported here: data pulls in torch, which config.py's --help (it reads METHODS) must not wait for.
-    from data import resolve_data
+    import data
 
-    root = resolve_data(args.data, synthetic_count=args.synthetic_count)
-    counts = count_pixels(read_mask(sample.mask) for sample in list_samples(root))
+    if args.data is not None and not args.data.strip():
+        raise UserError(f"--data {args.data!r}: empty (an unset variable in a job script?); pass a dataset folder "
+                        "or 'synthetic'")
+    cfg = dict(vars(args), data=args.data or "synthetic", run_dir=args.run_dir or "runs/class_weights")
+    root = data.resolve_data(cfg["data"], args.synthetic_count, args.synthetic_size)
+    scheme, source = data.data_scheme(cfg["data"], args.classes_file)
+    copies = 4 if args.offline_aug else 1
+    if "fold" in args.given_flags:
+        samples, images = data.part_samples(cfg, "train"), {key: cfg[key] for key in FOLD_KEYS}
+    else:
+        samples, images = list_samples(root), None
+    counts = working_counts(samples, args.img_size, args.work_size, scheme, copies)
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
     weights = compute_weights(counts, args.method, max_ratio)
-    out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}-{args.method}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(out, args.method, counts, weights, max_ratio)
-    print(format_table(counts, weights))
-    print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")
+    fold = f"-fold{args.fold}" if images else ""
+    out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}{fold}-{args.method}.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
+        raise UserError(f"--out {out}: cannot create {out.parent} ({reason}); pass a path in a writable "
+                        "folder") from None
+    save_weights(out, args.method, counts, weights, max_ratio, scheme.names, images)
+    print(f"label scheme: {source}")
+    print(format_table(counts, weights, scheme.names))
+    which = f"the {len(samples)} training images of fold {args.fold}" if images else f"all {len(samples)} images"
+    print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, counted {which}, wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Scale and colour augmentation and the device-side data path: labels land where the geometry says, 255 survives,
-colours never reach the masks, and every world size, a resumed run and --device-data train on the same batches."""
+"""Scale and colour augmentation and the device-side data path: labels land where the geometry says, the ignore id
+(255 or the scheme's) survives, colours never reach the masks, and every world size, a resumed run and
+--device-data train on the same batches."""
 import signal
 import subprocess
 import sys
@@ -16,11 +17,19 @@ import files
 import preload
 from data import MEAN, STD
 from conftest import ROOT, run_script
-from labels import UserError
-from test_data import shm, write_dataset  # noqa: F401  (fixture)
+from labels import UserError, artefact_scheme, scheme_from_dict
+import test_data
+from test_data import write_dataset
 from test_train import final_test, tiny, train_losses
 
+# The fixture of a private /dev/shm folder per test.
+shm = test_data.shm
 SIZE = 32
+ARTEFACT = artefact_scheme()
+# Crack / no crack with the outside of the object labelled 7: no 255 anywhere.
+CRACKS = scheme_from_dict({"classes": [{"id": 0, "name": "no crack", "colour": "#000000"},
+                                       {"id": 1, "name": "crack", "colour": "#FFFFFF"}],
+                           "ignore": 7, "ignore_colour": "#808080"}, "the crack scheme")
 
 
 def pattern_set(tmp_path, count=3, size=(96, 80)):
@@ -45,7 +54,7 @@ def crops(pre, corners, sides, flips=None):
 
 
 def test_a_zoomed_crop_puts_every_label_where_the_geometry_says(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
         labels, red = pre.mask(0), pre.image(0)[..., 0]
         # Zoom in by 2 (a 16 px window): each source pixel covers 2 x 2 output pixels.
         images, masks = crops(pre, [(30, 40)], [16])
@@ -73,7 +82,7 @@ def assert_like_pillow(image, window):
 
 
 def test_any_scale_resizes_the_image_as_pillow_does(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
         sides = [11, 23, 32, 45, 77]
         images, _ = crops(pre, [(3, 5)] * len(sides), sides)
         for j, (image, side) in enumerate(zip(images, sides)):
@@ -81,7 +90,7 @@ def test_any_scale_resizes_the_image_as_pillow_does(tmp_path, shm):
 
 
 def test_a_window_larger_than_the_image_is_padded_with_255_outside_it(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path, size=(40, 36))), SIZE, work_size=40) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path, size=(40, 36))), SIZE, ARTEFACT, work_size=40) as pre:
         assert pre.shapes[0].tolist() == [36, 40]
         # A 64 px window (scale 0.5) with the image at offset (10, 12): output pixel i shows source 2 i + 1.
         images, masks = crops(pre, [(-10, -12)], [64])
@@ -95,8 +104,31 @@ def test_a_window_larger_than_the_image_is_padded_with_255_outside_it(tmp_path, 
         assert_like_pillow(images[0], np.pad(pre.image(0), ((10, 18), (12, 12), (0, 0))))
 
 
+def test_off_the_image_the_mask_holds_the_schemes_ignore_id_on_the_host_and_the_device(tmp_path, shm):
+    root = write_dataset(tmp_path / "ds", count=2, size=(40, 36))
+    cracks = (np.arange(36)[:, None] + np.arange(40)[None]) % 3 == 0
+    for sample in files.list_samples(root):
+        mask = np.where(cracks, 1, 0).astype(np.uint8)
+        mask[:, 30:] = CRACKS.ignore
+        Image.fromarray(mask).save(sample.mask)
+    with preload.preload(files.list_samples(root), SIZE, CRACKS, work_size=40) as pre:
+        # A 64 px window (scale 0.5) at (-10, -12): output pixel i shows source 2 i + 1 - offset.
+        corners, sides = np.array([(-10, -12), (-10, -12)]), np.array([64, 64])
+        images, masks = crops(pre, corners, sides)
+        source = np.arange(1, 64, 2)
+        ys, xs = source - 10, source - 12
+        inside = ((ys >= 0) & (ys < 36))[:, None] & ((xs >= 0) & (xs < 40))[None, :]
+        expected = np.where(inside, pre.mask(0)[np.clip(ys, 0, 35)][:, np.clip(xs, 0, 39)], CRACKS.ignore)
+        np.testing.assert_array_equal(masks[0], expected)
+        assert set(np.unique(masks).tolist()) == {0, 1, 7}
+        rows = data.rows_on_device(pre, "cpu")
+        on_device = augment.device_crops(rows, np.arange(2), corners, sides, SIZE)
+        np.testing.assert_array_equal(on_device[1].numpy(), masks)
+        np.testing.assert_array_equal(on_device[0].numpy(), images)
+
+
 def test_flips_of_a_scaled_crop_move_image_and_mask_together(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
         plain_images, plain_masks = crops(pre, [(30, 40)] * 3, [16] * 3)
         flips = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 1]], bool)
         images, masks = crops(pre, [(30, 40)] * 3, [16] * 3, flips)
@@ -124,7 +156,7 @@ def epoch(pre, cfg, rank=0, world=1, step0=0, rows=None):
 
 def test_augmented_batches_are_the_same_for_one_and_two_ranks_after_a_resume_and_on_the_device(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=9, size=(90, 50))
-    with preload.preload(files.list_samples(root), SIZE, work_size=90) as pre:
+    with preload.preload(files.list_samples(root), SIZE, ARTEFACT, work_size=90) as pre:
         cfg = crop_cfg()
         one = epoch(pre, cfg)
         assert len(one) == 2 * 2, "2 steps of 2 micro-batches"
@@ -150,7 +182,7 @@ def test_augmented_batches_are_the_same_for_one_and_two_ranks_after_a_resume_and
 
 def test_without_augmentation_the_batches_are_the_plain_crops(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=5, size=(70, 50))
-    with preload.preload(files.list_samples(root), SIZE, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), SIZE, ARTEFACT, work_size=70) as pre:
         cfg = crop_cfg(scale_aug=None, colour_aug=0.0, blur_aug=0.0, seed=3)
         plan = data.epoch_plan(pre, cfg, 1)
         assert (plan.sides == SIZE).all() and plan.photometric is None
@@ -245,7 +277,7 @@ def test_the_draws_are_seeded_within_their_ranges():
 
 def test_rare_crops_centre_scaled_windows_on_damage(tmp_path):
     from test_scale import damage_set
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
     weights = np.ones(16)
     weights[5] = 50.0
     hair = []
@@ -259,17 +291,18 @@ def test_rare_crops_centre_scaled_windows_on_damage(tmp_path):
     assert np.mean(hair) > 0.8
 
 
-def test_scaled_windows_almost_all_outside_the_object_are_drawn_again(tmp_path):
+@pytest.mark.parametrize("scheme", [ARTEFACT, CRACKS], ids=["ignore 255", "ignore 7"])
+def test_scaled_windows_almost_all_outside_the_object_are_drawn_again(tmp_path, scheme):
     root = write_dataset(tmp_path / "ds", count=4, size=(100, 100))
     for sample in files.list_samples(root):
-        mask = np.full((100, 100), 255, np.uint8)
+        mask = np.full((100, 100), scheme.ignore, np.uint8)
         mask[:30, :30] = 0
         Image.fromarray(mask).save(sample.mask)
-    pre = preload.preload(files.list_samples(root), 16, work_size=100, mode="disk")
+    pre = preload.preload(files.list_samples(root), 16, scheme, work_size=100, mode="disk")
     side = 24
 
     def good(top, left):
-        return (augment.window(pre.mask(0), top, left, side, 255) != 255).mean() >= data.MIN_VALID
+        return (augment.window(pre.mask(0), top, left, side, scheme.ignore) != scheme.ignore).mean() >= data.MIN_VALID
 
     once = np.mean([good(top, left) for top in range(100 - side + 1) for left in range(100 - side + 1)])
     drawn = np.mean([good(top, left) for epoch_ in range(40)
@@ -294,7 +327,7 @@ def test_augmentation_flags_out_of_range_are_refused_naming_the_flag(flags, mess
 def test_device_data_needs_the_preloaded_rows(tmp_path):
     root = write_dataset(tmp_path / "ds", count=2)
     with pytest.raises(UserError, match="--device-data: needs the training images preloaded"):
-        data.rows_on_device(preload.preload(files.list_samples(root), 16, mode="disk"), "cpu")
+        data.rows_on_device(preload.preload(files.list_samples(root), 16, ARTEFACT, mode="disk"), "cpu")
 
 
 def test_an_augmented_run_stopped_mid_epoch_resumes_on_device_data_to_the_uninterrupted_result(synthetic_root,

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import prepare
-from labels import UserError
+from files import write_scheme
+from labels import UserError, artefact_scheme
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (40, 32)  # (W, H)
@@ -20,6 +21,7 @@ SIZE = (40, 32)  # (W, H)
 def good_pair(root, name="good"):
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
+    write_scheme(root, artefact_scheme())
     Image.fromarray(np.full((SIZE[1], SIZE[0], 3), 120, np.uint8)).save(root / "images" / f"{name}.png")
     Image.fromarray(np.zeros((SIZE[1], SIZE[0]), np.uint8)).save(root / "annotations" / f"{name}.png")
 
@@ -129,7 +131,8 @@ CASES = [
     ("corrupt png", corrupt_png, "images/good.png", "not a readable image", True),
     ("truncated file", truncated_file, "images/good.png", "truncated", False),
     ("size mismatch", size_mismatch, "annotations/good.png", "20x10 (WxH) but its image is 40x32", True),
-    ("wrong label values", wrong_label_values, "annotations/good.png", "label values 16, 40, 254", False),
+    ("wrong label values", wrong_label_values, "annotations/good.png",
+     "label values 16, 40, 254 are not in the label scheme (class ids 0-15, ignore 255)", False),
     ("rgba mask, non-palette colour", rgba_mask_with_foreign_colour, "annotations/good.png", "#010203", False),
     ("palette mask, index beyond the classes", palette_mask_with_indices_beyond_the_classes,
      "annotations/good.png", "label values 99", False),

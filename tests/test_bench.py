@@ -39,7 +39,7 @@ def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
     assert no_channels_last["channels_last"] is False and no_channels_last["clip"] is None
 
     from model import build_model
-    params = sum(p.numel() for p in build_model("mit_b0", img_size=32).parameters())
+    params = sum(p.numel() for p in build_model("mit_b0", 16, img_size=32).parameters())
     assert abs(main["params_m"] - params / 1e6) < 1e-9
 
     lines = result.stdout.splitlines()

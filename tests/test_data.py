@@ -21,9 +21,11 @@ import prepare
 import preload
 import splits
 from data import MEAN, STD
-from labels import PALETTE, UserError
+from labels import UserError, artefact_scheme
 
 REPO = Path(__file__).resolve().parents[1]
+ARTEFACT = artefact_scheme()
+PALETTE = list(ARTEFACT.colours)
 
 
 def write_dataset(root, count=6, size=(40, 32), materials=("Paper", "Canvas", "Glass"),
@@ -110,7 +112,7 @@ def test_list_samples_pairs_images_and_masks_by_id_and_ignores_other_files(datas
 
 def test_read_image_and_id_mask(dataset):
     sample = files.list_samples(dataset)[0]
-    image, mask = files.read_image(sample.image), files.read_mask(sample.mask, image_size=(32, 40))
+    image, mask = files.read_image(sample.image), files.read_mask(sample.mask, ARTEFACT, (32, 40))
     assert image.shape == (32, 40, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, pixels(sample.image))
     np.testing.assert_array_equal(mask, pixels(sample.mask))
@@ -122,14 +124,14 @@ def test_rgb_mask_in_artefact_colours_becomes_ids_and_background_255(tmp_path):
     rgb = np.array([[colours[v] for v in row] for row in ids.tolist()], dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(np.dstack([rgb, np.full(ids.shape, 255, np.uint8)])).save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgb.png"), ids)
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgba.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgb.png", ARTEFACT), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "rgba.png", ARTEFACT), ids)
 
 
 def test_grey_rgb_mask_is_read_as_ids(tmp_path):
     ids = np.array([[0, 3, 255], [15, 1, 2]], dtype=np.uint8)
     Image.fromarray(np.dstack([ids] * 3)).save(tmp_path / "grey.png")
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "grey.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "grey.png", ARTEFACT), ids)
 
 
 def test_palette_mask_is_read_as_its_indices_not_its_colours(tmp_path):
@@ -138,14 +140,14 @@ def test_palette_mask_is_read_as_its_indices_not_its_colours(tmp_path):
     image.putpalette([200, 10, 10] * 256)
     image.save(tmp_path / "p.png")
     assert mode(tmp_path / "p.png") == "P"
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "p.png"), ids)
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "p.png", ARTEFACT), ids)
 
 
 def test_16_bit_mask_with_valid_ids_is_accepted(tmp_path):
     ids = np.array([[0, 1, 15], [255, 4, 0]], dtype=np.uint16)
     Image.fromarray(ids).save(tmp_path / "wide.png")
     assert mode(tmp_path / "wide.png").startswith("I")
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "wide.png"), ids.astype(np.uint8))
+    np.testing.assert_array_equal(files.read_mask(tmp_path / "wide.png", ARTEFACT), ids.astype(np.uint8))
 
 
 def test_check_cli_summarises_a_valid_dataset(dataset, capsys):
@@ -171,7 +173,7 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
 
 def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16) as pre:
+    with preload.preload(samples, 16, ARTEFACT) as pre:
         assert pre.shapes.tolist() == [[16, 16]] * 6
         assert pre.ids == [s.id for s in samples]
         for i, sample in enumerate(samples):
@@ -184,7 +186,8 @@ def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
 
 def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16, offline_aug=True) as pre, preload.preload(samples, 16, offline_aug=True,
+    with preload.preload(samples, 16, ARTEFACT, offline_aug=True) as pre, \
+            preload.preload(samples, 16, ARTEFACT, offline_aug=True,
                                                                           mode="disk") as disk:
         assert disk.ids == pre.ids
         np.testing.assert_array_equal(disk.counts, pre.counts)
@@ -197,8 +200,8 @@ def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
 def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset, shm):
     train_ids, _, val_ids = splits.split_ids(dataset, "kfold", 0, 3)
     by_id = {s.id: s for s in files.list_samples(dataset)}
-    with preload.preload([by_id[i] for i in train_ids], 16, offline_aug=True) as train, \
-            preload.preload([by_id[i] for i in val_ids], 16) as val:
+    with preload.preload([by_id[i] for i in train_ids], 16, ARTEFACT, offline_aug=True) as train, \
+            preload.preload([by_id[i] for i in val_ids], 16, ARTEFACT) as val:
         assert len(train) == 4 * len(train_ids) and len(val) == len(val_ids)
         assert set(train.ids) == set(train_ids) and set(train.ids).isdisjoint(val.ids)
         for k, sample_id in enumerate(train_ids):
@@ -214,10 +217,11 @@ def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset,
 
 def test_second_process_maps_the_same_bytes_without_building(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16) as pre:
+    with preload.preload(samples, 16, ARTEFACT) as pre:
         child = python(f"""
-import hashlib, files, preload
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16, local_rank=1, local_world=2, timeout=20)
+import labels, hashlib, files, preload
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme(), local_rank=1, local_world=2,
+                      timeout=20)
 print(pre.path, hashlib.sha256(pre.buffer.tobytes()).hexdigest())
 """)
         out, err = child.communicate(timeout=60)
@@ -235,13 +239,14 @@ def test_waiting_rank_gets_the_builders_error(tmp_path, shm):
     waiter = python(f"""
 import files, labels, preload, sys
 try:
-    preload.preload(files.list_samples({str(root)!r}), 16, local_rank=1, local_world=2, timeout=30)
+    preload.preload(files.list_samples({str(root)!r}), 16, labels.artefact_scheme(), local_rank=1, local_world=2,
+                    timeout=30)
 except labels.UserError as exc:
     print(exc)
 """)
     wait_for(lambda: any(shm.glob("artdamage-*.users/*")), waiter)
     with pytest.raises(UserError, match="img01.png.*40") as raised:
-        preload.preload(files.list_samples(root), 16)
+        preload.preload(files.list_samples(root), 16, ARTEFACT)
     out, err = waiter.communicate(timeout=60)
     assert out.strip() == str(raised.value), err
     assert leftovers(shm) == []
@@ -249,7 +254,7 @@ except labels.UserError as exc:
 
 def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
     samples = files.list_samples(dataset)
-    first, second = preload.preload(samples, 16), preload.preload(samples, 16)
+    first, second = preload.preload(samples, 16, ARTEFACT), preload.preload(samples, 16, ARTEFACT)
     assert first.path == second.path
     first.close()
     first.close()
@@ -261,8 +266,8 @@ def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
 
 def test_segment_is_removed_when_the_owning_process_dies_of_an_exception(dataset, shm):
     child = python(f"""
-import files, preload
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
+import labels, files, preload
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
 raise RuntimeError("training crashed")
 """)
     out, err = child.communicate(timeout=60)
@@ -272,8 +277,8 @@ raise RuntimeError("training crashed")
 
 def test_segment_of_a_sigkilled_run_is_reclaimed_by_the_next_run(tmp_path, dataset, shm):
     child = python(f"""
-import files, preload, time
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
+import labels, files, preload, time
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
 print("ready", flush=True)
 time.sleep(600)
 """)
@@ -282,26 +287,26 @@ time.sleep(600)
     child.communicate()
     assert any(name.endswith(".u8") for name in leftovers(shm))
     other = write_dataset(tmp_path / "other", count=2)
-    with preload.preload(files.list_samples(other), 16) as pre:
+    with preload.preload(files.list_samples(other), 16, ARTEFACT) as pre:
         assert leftovers(shm) == sorted([Path(pre.path).name, Path(pre.path).name[:-3] + ".users"])
     assert leftovers(shm) == []
 
 
 def test_a_build_killed_half_way_is_taken_over_by_the_next_run(dataset, shm):
     child = python(f"""
-import files, preload, time
+import labels, files, preload, time
 def stall(*args):
     print("building", flush=True)
     time.sleep(600)
 preload._fill = stall
-preload.preload(files.list_samples({str(dataset)!r}), 16)
+preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
 """)
     assert child.stdout.readline().strip() == "building"
     assert any(name.endswith(".tmp") for name in leftovers(shm))
     child.send_signal(signal.SIGKILL)
     child.communicate()
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16) as pre:
+    with preload.preload(samples, 16, ARTEFACT) as pre:
         np.testing.assert_array_equal(pre.mask(2), resized(samples[2].mask, 16, Image.NEAREST))
         assert not any(name.endswith(".tmp") for name in leftovers(shm))
     assert leftovers(shm) == []
@@ -309,8 +314,8 @@ preload.preload(files.list_samples({str(dataset)!r}), 16)
 
 def test_live_segment_of_another_run_is_never_touched(tmp_path, dataset, shm):
     child = python(f"""
-import files, preload, sys
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16)
+import labels, files, preload, sys
+pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
 print(pre.path, int(pre.buffer.sum()), flush=True)
 sys.stdin.readline()
 print(int(pre.buffer.sum()), flush=True)
@@ -318,7 +323,7 @@ pre.close()
 """, stdin=subprocess.PIPE)
     path, total = child.stdout.readline().split()
     other = write_dataset(tmp_path / "other", count=2)
-    with preload.preload(files.list_samples(other), 16):
+    with preload.preload(files.list_samples(other), 16, ARTEFACT):
         pass
     assert Path(path).exists()
     out, err = child.communicate("go\n", timeout=60)
@@ -328,7 +333,7 @@ pre.close()
 
 
 def test_batches_yield_the_requested_rows_in_order_and_stay_valid(dataset, shm):
-    with preload.preload(files.list_samples(dataset), 16) as pre:
+    with preload.preload(files.list_samples(dataset), 16, ARTEFACT) as pre:
         order = torch.tensor([5, 0, 3, 3, 1])
         got = list(data.batches(pre, order, 2))
         assert [len(images) for images, _ in got] == [2, 2, 1]
@@ -430,10 +435,12 @@ def test_prepare_converts_parquet_shards_into_a_dataset_folder(tmp_path, capsys)
     for sample, row in zip(samples, rows):
         expected = pixels(io.BytesIO(jpeg_bytes(row["image"]))) if row["jpeg"] else row["image"]
         np.testing.assert_array_equal(files.read_image(sample.image), expected)
-        np.testing.assert_array_equal(files.read_mask(sample.mask), row["mask"])
+        np.testing.assert_array_equal(files.read_mask(sample.mask, ARTEFACT), row["mask"])
     metadata = read_csv(tmp_path / "out" / "metadata.csv")
     assert [(m["id"], m["material"], m["width"], m["height"]) for m in metadata] == \
         [(r["id"], r["material"], str(r["image"].shape[1]), str(r["image"].shape[0])) for r in rows]
+    assert files.dataset_scheme(tmp_path / "out") == (ARTEFACT, str(tmp_path / "out" / "classes.json")), \
+        "ingest writes ARTeFACT's label scheme beside the data"
 
 
 def test_prepare_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
@@ -457,7 +464,7 @@ def test_download_failure_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
 
 def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=5, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
         rows = np.array([3, 0, 4, 1, 2, 0])
         corners = data.epoch_crops(pre, 32, 42, 0, 0.5, None)[rows]
         flags = torch.rand(len(rows), 3, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -471,7 +478,7 @@ def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(t
 
 def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=7, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
         rows = np.arange(7)[::-1].copy()
         corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
         flips = np.random.default_rng(3).random((7, 3)) < 0.5

@@ -65,7 +65,7 @@ def test_a_rank_uses_its_gpu_among_those_it_can_see(monkeypatch, visible, local_
 
 def bn_encoder_model(encoder):
     torch.manual_seed(0)
-    return model.build_model(encoder, decoder="unet", img_size=64, norm="bn").eval()
+    return model.build_model(encoder, 16, decoder="unet", img_size=64, norm="bn").eval()
 
 
 @pytest.mark.parametrize("encoder", ["maxvit_tiny", "coatnet_0"])

@@ -5,12 +5,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from labels import COARSE_NAMES, COARSE_OF_FINE
+from labels import artefact_scheme, scheme_from_dict
 from losses import (LOSSES, DiceFocalLoss, DiceLoss, FocalLoss, HierarchicalLoss,
-                    build_loss, hierarchy_targets)
+                    build_loss, hierarchy_targets, label_tables)
 
 IGNORE = 255
+ARTEFACT = artefact_scheme()
+# DESIGN.md's table, written out again here: the coarse id of each ARTeFACT class.
 COARSE_GROUPS = {0: {0}, 1: {1, 2, 4, 7, 9, 13, 14}, 2: {3, 5, 6, 10}, 3: {8, 11, 12, 15}}
+# A mural scheme with the clean class in the middle and another ignore id: nothing may assume 0 and 255.
+MURAL = scheme_from_dict({"classes": [{"id": i, "name": n, "colour": c} for i, (n, c) in enumerate(
+    (("crack", "#FF0000"), ("flaking", "#00FF00"), ("clean", "#000000"), ("loss", "#0000FF"), ("stain", "#FFFF00")))],
+    "clean": 2, "ignore": 9, "groups": [{"name": "structural", "ids": [0, 1, 3]}, {"name": "clean", "ids": [2]},
+                                        {"name": "surface", "ids": [4]}]}, "mural")
+MURAL_GROUPS = {0: {0, 1, 3}, 1: {2}, 2: {4}}
 
 
 def pixels(logits, target):
@@ -202,50 +210,53 @@ def test_build_loss_names():
         build_loss("lovasz")
 
 
-def test_derived_labels_for_every_fine_id():
-    fine = torch.tensor(list(range(16)) + [IGNORE]).view(1, 1, 17)
+@pytest.mark.parametrize("scheme, groups", [(ARTEFACT, COARSE_GROUPS), (MURAL, MURAL_GROUPS)])
+def test_derived_labels_for_every_fine_id(scheme, groups):
+    fine = torch.tensor(list(range(scheme.num_classes)) + [scheme.ignore]).view(1, 1, -1)
     for mask in (fine, fine.to(torch.uint8)):
-        targets = hierarchy_targets(mask)
+        targets = hierarchy_targets(mask, label_tables(scheme))
         assert targets["fine"] is mask
         for position, label in enumerate(fine.flatten().tolist()):
-            coarse = IGNORE if label == IGNORE else next(g for g, ids in COARSE_GROUPS.items() if label in ids)
-            binary = IGNORE if label == IGNORE else int(label != 0)
+            ignored = label == scheme.ignore
+            coarse = scheme.ignore if ignored else next(g for g, ids in groups.items() if label in ids)
+            binary = scheme.ignore if ignored else int(label != scheme.clean)
             assert targets["coarse"][0, 0, position].item() == coarse, label
             assert targets["binary"][0, 0, position].item() == binary, label
-    assert list(COARSE_OF_FINE) == [next(g for g, ids in COARSE_GROUPS.items() if f in ids) for f in range(16)]
-    assert COARSE_NAMES == ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
+    assert ARTEFACT.head_names["coarse"] == ["Clean", "Structural loss", "Surface deposits", "Additions & optical"]
 
 
-def hierarchy_batch(seed=0):
+def hierarchy_batch(scheme=ARTEFACT, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    target = torch.randint(0, 16, (2, 6, 7), generator=generator)
-    target[0, 0, :] = IGNORE
-    outputs = {"fine": torch.randn(2, 16, 6, 7, generator=generator),
-               "coarse": torch.randn(2, 4, 6, 7, generator=generator),
+    target = torch.randint(0, scheme.num_classes, (2, 6, 7), generator=generator)
+    target[0, 0, :] = scheme.ignore
+    outputs = {"fine": torch.randn(2, scheme.num_classes, 6, 7, generator=generator),
+               "coarse": torch.randn(2, len(scheme.groups), 6, 7, generator=generator),
                "binary": torch.randn(2, 2, 6, 7, generator=generator)}
     return outputs, target
 
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("head_weights", [(0.2, 0.3, 0.5), (1.0, 0.0, 2.0)])
-def test_hierarchical_loss_is_weighted_sum_of_single_head_losses(name, head_weights):
-    outputs, target = hierarchy_batch()
-    coarse_of = {f: g for g, ids in COARSE_GROUPS.items() for f in ids} | {IGNORE: IGNORE}
+@pytest.mark.parametrize("scheme, groups", [(ARTEFACT, COARSE_GROUPS), (MURAL, MURAL_GROUPS)])
+def test_hierarchical_loss_is_weighted_sum_of_single_head_losses(name, head_weights, scheme, groups):
+    outputs, target = hierarchy_batch(scheme)
+    ignore = scheme.ignore
+    coarse_of = {f: g for g, ids in groups.items() for f in ids} | {ignore: ignore}
     coarse = target.clone().apply_(lambda v: coarse_of[v])
-    binary = target.clone().apply_(lambda v: IGNORE if v == IGNORE else int(v != 0))
-    class_weights = torch.linspace(0.5, 2.0, 16)
-    expected = (head_weights[0] * build_loss(name)(outputs["binary"], binary)
-                + head_weights[1] * build_loss(name)(outputs["coarse"], coarse)
-                + head_weights[2] * build_loss(name, class_weights)(outputs["fine"], target))
-    loss = HierarchicalLoss(name, class_weights, head_weights)(outputs, target)
+    binary = target.clone().apply_(lambda v: ignore if v == ignore else int(v != scheme.clean))
+    class_weights = torch.linspace(0.5, 2.0, scheme.num_classes)
+    expected = (head_weights[0] * build_loss(name, ignore_index=ignore)(outputs["binary"], binary)
+                + head_weights[1] * build_loss(name, ignore_index=ignore)(outputs["coarse"], coarse)
+                + head_weights[2] * build_loss(name, class_weights, ignore)(outputs["fine"], target))
+    loss = HierarchicalLoss(name, scheme, class_weights, head_weights)(outputs, target)
     torch.testing.assert_close(loss, expected)
 
 
 def test_hierarchical_default_head_weights():
     outputs, target = hierarchy_batch()
-    assert HierarchicalLoss("dice").head_weights == (0.2, 0.3, 0.5)
-    torch.testing.assert_close(HierarchicalLoss("dice")(outputs, target),
-                               HierarchicalLoss("dice", head_weights=(0.2, 0.3, 0.5))(outputs, target))
+    assert HierarchicalLoss("dice", ARTEFACT).head_weights == (0.2, 0.3, 0.5)
+    torch.testing.assert_close(HierarchicalLoss("dice", ARTEFACT)(outputs, target),
+                               HierarchicalLoss("dice", ARTEFACT, head_weights=(0.2, 0.3, 0.5))(outputs, target))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -255,7 +266,7 @@ def test_losses_do_not_synchronise_with_the_host_on_cuda(name):
     outputs = {k: v.cuda().requires_grad_() for k, v in outputs.items()}
     target = target.cuda()
     flat = build_loss(name, torch.linspace(0.5, 2.0, 16)).cuda()
-    hierarchical = HierarchicalLoss(name, torch.linspace(0.5, 2.0, 16)).cuda()
+    hierarchical = HierarchicalLoss(name, ARTEFACT, torch.linspace(0.5, 2.0, 16)).cuda()
     for _ in range(2):
         # First calls build the cached label tables and cuBLAS/allocator state; only steady state is checked.
         flat(outputs["fine"], target).backward()

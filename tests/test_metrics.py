@@ -3,38 +3,51 @@ import numpy as np
 import pytest
 import torch
 
-from labels import CLASS_NAMES, NUM_CLASSES
+from labels import artefact_scheme
 from metrics import confusion, iou_report
 
+ARTEFACT = artefact_scheme()
 
-def test_miou_matches_brute_force_pixel_count():
-    rng = np.random.default_rng(0)
-    target = rng.integers(0, NUM_CLASSES, (3, 17, 19))
-    target[target == 7] = 3                      # class 7 absent from the ground truth
-    target[:, :2] = 255                          # ignored border
-    pred = rng.integers(0, NUM_CLASSES, (3, 17, 19))
-    pred[pred == 9] = 0                          # class 9 never predicted
-    cm = confusion(torch.from_numpy(pred), torch.from_numpy(target), NUM_CLASSES)
-    report = iou_report(cm, CLASS_NAMES)
-    valid = target != 255
-    ious = []
-    for c in range(NUM_CLASSES):
-        inter = np.sum((pred == c) & (target == c) & valid)
+
+def brute_force_report(pred, target, num_classes, ignore, clean):
+    """Per-class IoU, mIoU and damage-vs-clean IoU counted pixel by pixel."""
+    valid = target != ignore
+    iou = {}
+    for c in range(num_classes):
         union = np.sum(((pred == c) | (target == c)) & valid)
-        expected = inter / union if union else None
-        assert report["iou"][CLASS_NAMES[c]] == pytest.approx(expected) if expected is not None \
-            else report["iou"][CLASS_NAMES[c]] is None
-        if union:
-            ious.append(inter / union)
-    assert report["miou"] == pytest.approx(np.mean(ious))
-    assert report["absent"] == [CLASS_NAMES[7]]
-    damage_t, damage_p = (target > 0) & valid, (pred > 0) & valid
-    assert report["binary_iou"] == pytest.approx(np.sum(damage_t & damage_p) / np.sum(damage_t | damage_p))
+        iou[c] = np.sum((pred == c) & (target == c) & valid) / union if union else None
+    damage_t, damage_p = (target != clean) & valid, (pred != clean) & valid
+    binary = np.sum(damage_t & damage_p) / np.sum(damage_t | damage_p)
+    return iou, np.mean([v for v in iou.values() if v is not None]), binary
+
+
+@pytest.mark.parametrize("num_classes, ignore, clean", [(ARTEFACT.num_classes, 255, 0), (5, 7, 3), (2, 255, 0),
+                                                        (2, 2, 1)])
+def test_miou_and_damage_iou_match_brute_force_pixel_counts(num_classes, ignore, clean):
+    rng = np.random.default_rng(num_classes * 10 + clean)
+    target = rng.integers(0, num_classes, (3, 17, 19))
+    absent = 1 if clean != 1 else 0
+    if num_classes > 2:
+        target[target == absent] = clean      # one class absent from the ground truth
+    target[:, :2] = ignore                     # ignored border
+    pred = rng.integers(0, num_classes, (3, 17, 19))
+    names = [f"class {c}" for c in range(num_classes)]
+    cm = confusion(torch.from_numpy(pred), torch.from_numpy(target), num_classes, ignore)
+    report = iou_report(cm, names, clean)
+    iou, miou, binary = brute_force_report(pred, target, num_classes, ignore, clean)
+    for c in range(num_classes):
+        assert report["iou"][names[c]] == (pytest.approx(iou[c]) if iou[c] is not None else None)
+    assert report["miou"] == pytest.approx(miou)
+    assert report["absent"] == ([names[absent]] if num_classes > 2 else [])
+    assert report["binary_iou"] == pytest.approx(binary)
+    if num_classes == 2:
+        assert report["binary_iou"] == pytest.approx(report["iou"][names[1 - clean]]), \
+            "with two classes damage-vs-clean is the damage class"
 
 
 def test_confusion_is_one_matrix_over_the_set_not_a_mean_of_batches():
     target = torch.tensor([[0, 0, 0, 1]]), torch.tensor([[1, 1, 1, 1]])
     pred = torch.tensor([[0, 0, 0, 0]]), torch.tensor([[1, 1, 1, 1]])
-    cm = sum(confusion(p, t, 2) for p, t in zip(pred, target))
+    cm = sum(confusion(p, t, 2, 255) for p, t in zip(pred, target))
     # Class 1: 4 hits out of a union of 5 pixels over the set (a per-batch mean would give (0 + 1) / 2).
     assert iou_report(cm, ["Clean", "Damage"])["iou"]["Damage"] == pytest.approx(4 / 5)

@@ -29,7 +29,7 @@ def run(model, height=SIZE, width=SIZE, batch=1):
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 def test_every_named_encoder_gives_fine_logits_at_input_size(encoder):
-    model = build_model(encoder, img_size=SIZE)
+    model = build_model(encoder, 16, img_size=SIZE)
     assert run(model).shape == (1, 16, SIZE, SIZE)
     if encoder in PYRAMIDS:
         info = model.encoder.feature_info
@@ -39,40 +39,49 @@ def test_every_named_encoder_gives_fine_logits_at_input_size(encoder):
 @pytest.mark.parametrize("decoder", ["unet", "upernet"])
 @pytest.mark.parametrize("encoder", ["mit_b0", "coatnet_0"])  # a 4-level and a 5-level pyramid
 def test_hierarchical_heads_give_three_maps_at_input_size(encoder, decoder):
-    model = build_model(encoder, decoder=decoder, heads="hierarchical", img_size=SIZE)
+    model = build_model(encoder, 16, decoder=decoder, heads="hierarchical", num_groups=4, img_size=SIZE)
     out = run(model, batch=2)
     assert {name: tuple(logits.shape) for name, logits in out.items()} == {
         name: (2, classes, SIZE, SIZE) for name, classes in HEAD_SHAPES.items()}
 
 
+def test_head_sizes_follow_the_label_scheme_and_hierarchical_heads_need_its_groups():
+    model = build_model("mit_b0", 5, heads="hierarchical", num_groups=3, img_size=SIZE)
+    assert {name: tuple(logits.shape[1:2]) for name, logits in run(model).items()} == {
+        "fine": (5,), "coarse": (3,), "binary": (2,)}
+    assert run(build_model("mit_b0", 2, img_size=SIZE)).shape == (1, 2, SIZE, SIZE)
+    with pytest.raises(UserError, match="--heads hierarchical: the label scheme has no coarse groups"):
+        build_model("mit_b0", 5, heads="hierarchical", img_size=SIZE)
+
+
 @pytest.mark.parametrize("encoder", ["mit_b0", "maxvit_tiny"])
 def test_upernet_fine_head_gives_logits_at_input_size(encoder):
-    assert run(build_model(encoder, decoder="upernet", num_classes=7, img_size=SIZE)).shape == (1, 7, SIZE, SIZE)
+    assert run(build_model(encoder, 7, decoder="upernet", img_size=SIZE)).shape == (1, 7, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("decoder", ["unet", "upernet"])
 @pytest.mark.parametrize("height, width", [(96, 96), (160, 160), (96, 160)])
 def test_sizes_with_odd_deep_maps_come_back_at_exact_input_size(decoder, height, width):
     # 96 and 160 give 3x3 and 5x5 maps at stride 32
-    model = build_model("convnext_tiny", decoder=decoder, img_size=96)
+    model = build_model("convnext_tiny", 16, decoder=decoder, img_size=96)
     assert run(model, height, width).shape == (1, 16, height, width)
 
 
 def test_any_timm_model_works_including_nhwc_features_and_built_in_sizes():
-    assert run(build_model("resnet18", img_size=SIZE)).shape == (1, 16, SIZE, SIZE)
+    assert run(build_model("resnet18", 16, img_size=SIZE)).shape == (1, 16, SIZE, SIZE)
     # swin by its timm name: NHWC features, and the crop size is needed at build time
-    swin = build_model("swin_tiny_patch4_window7_224", decoder="upernet", img_size=SIZE)
+    swin = build_model("swin_tiny_patch4_window7_224", 16, decoder="upernet", img_size=SIZE)
     assert run(swin).shape == (1, 16, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("encoder, expected", [("convnext_tiny", 33.1e6), ("mit_b3", 45e6), ("maxvit_tiny", 31e6)])
 def test_unet_parameter_count_is_within_ten_percent_of_the_prototype(encoder, expected):
-    model = build_model(encoder, num_classes=16, img_size=384)
+    model = build_model(encoder, 16, img_size=384)
     assert abs(sum(p.numel() for p in model.parameters()) / expected - 1) <= 0.10
 
 
 def test_mit_b3_encoder_is_segformer_mit_by_parameter_count():
-    model = build_model("mit_b3", img_size=SIZE)
+    model = build_model("mit_b3", 16, img_size=SIZE)
     assert sum(p.numel() for p in model.encoder.parameters()) == 44_072_128
 
 
@@ -88,38 +97,38 @@ def test_default_batches_and_size_check_follow_the_registry():
 
 @pytest.mark.parametrize("size, nearest", [(100, 96), (112, 128), (10, 32)])
 def test_img_size_the_encoder_cannot_take_names_size_and_nearest_valid(size, nearest):
-    for call in (lambda: check_img_size("convnext_tiny", size), lambda: build_model("mit_b0", img_size=size)):
+    for call in (lambda: check_img_size("convnext_tiny", size), lambda: build_model("mit_b0", 16, img_size=size)):
         with pytest.raises(UserError, match=rf"--img-size {size}\b.*\b{nearest}\b"):
             call()
 
 
 def test_inputs_the_built_encoder_cannot_take_are_user_errors_naming_a_valid_size():
     with pytest.raises(UserError, match=r"100x100.*multiples of 32.*96x96"):
-        run(build_model("mit_b0", img_size=SIZE), 100, 100)
+        run(build_model("mit_b0", 16, img_size=SIZE), 100, 100)
     # MaxViT's window is img_size/32, so it takes whole multiples of the crop
-    maxvit = build_model("maxvit_tiny", img_size=SIZE)
+    maxvit = build_model("maxvit_tiny", 16, img_size=SIZE)
     assert run(maxvit, 128, 64).shape == (1, 16, 128, 64)
     with pytest.raises(UserError, match=r"96x96.*multiples of 64.*128x128"):
         run(maxvit, 96, 96)
     with pytest.raises(UserError, match=r"96x96.*--img-size.*64x64"):
-        run(build_model("swin_tiny", img_size=SIZE), 96, 96)
+        run(build_model("swin_tiny", 16, img_size=SIZE), 96, 96)
 
 
 def test_unknown_encoder_and_bad_choices_are_user_errors():
     with pytest.raises(UserError, match=r"--encoder no_such_net.*convnext_tiny.*mit_b3.*coatnet_0"):
-        build_model("no_such_net")
+        build_model("no_such_net", 16)
     with pytest.raises(UserError, match="--encoder no_such_net"):
         default_batch("no_such_net")
     for kwargs, flag in ((dict(decoder="fpn"), "--decoder"), (dict(heads="all"), "--heads"),
                          (dict(norm="ln"), "--norm")):
         with pytest.raises(UserError, match=flag):
-            build_model("mit_b0", img_size=SIZE, **kwargs)
+            build_model("mit_b0", 16, img_size=SIZE, **kwargs)
 
 
 @pytest.mark.parametrize("decoder", ["unet", "upernet"])
 def test_gn_decoder_has_no_batchnorm_and_each_sample_is_independent_of_its_batch(decoder):
     torch.manual_seed(0)
-    model = build_model("convnext_tiny", decoder=decoder, norm="gn", img_size=SIZE).train()
+    model = build_model("convnext_tiny", 16, decoder=decoder, norm="gn", img_size=SIZE).train()
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -127,7 +136,7 @@ def test_gn_decoder_has_no_batchnorm_and_each_sample_is_independent_of_its_batch
 
 
 def test_channels_last_gives_the_same_logits():
-    model = build_model("mit_b0", decoder="upernet", img_size=SIZE).eval()
+    model = build_model("mit_b0", 16, decoder="upernet", img_size=SIZE).eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = model(x)
@@ -137,7 +146,7 @@ def test_channels_last_gives_the_same_logits():
 
 def test_compiles_into_one_graph_with_the_same_logits():
     # swin: the NHWC permute and the three-head dict are traced too
-    model = build_model("swin_tiny", heads="hierarchical", img_size=SIZE).eval()
+    model = build_model("swin_tiny", 16, heads="hierarchical", num_groups=4, img_size=SIZE).eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
@@ -170,7 +179,7 @@ def encoder_features(model, x):
 @pytest.mark.parametrize("layout", ["segformer.pth", "wrapped.pth", "segformer.safetensors", "own_checkpoint.pt"])
 def test_encoder_weights_from_a_file_reproduce_the_encoder(tmp_path, layout):
     torch.manual_seed(1)
-    source = build_model("mit_b0", img_size=SIZE)
+    source = build_model("mit_b0", 16, img_size=SIZE)
     segformer = {segformer_name(k): v.clone() for k, v in source.encoder.state_dict().items()}
     # names as in SegFormer's MixVisionTransformer (smp's mix_transformer.py)
     assert {"patch_embed4.proj.weight", "block1.0.attn.kv.weight", "block4.1.mlp.dwconv.dwconv.weight",
@@ -186,7 +195,7 @@ def test_encoder_weights_from_a_file_reproduce_the_encoder(tmp_path, layout):
     else:
         torch.save(segformer, path)
     torch.manual_seed(2)
-    target = build_model("mit_b0", img_size=SIZE, weights=path if layout == "own_checkpoint.pt" else None)
+    target = build_model("mit_b0", 16, img_size=SIZE, weights=path if layout == "own_checkpoint.pt" else None)
     x = torch.randn(1, 3, SIZE, SIZE)
     if layout != "own_checkpoint.pt":
         assert not torch.equal(encoder_features(target, x)[-1], encoder_features(source, x)[-1])
@@ -198,27 +207,27 @@ def test_encoder_weights_from_a_file_reproduce_the_encoder(tmp_path, layout):
 def test_timm_named_weights_load_as_they_are(tmp_path):
     full = timm.create_model("convnext_tiny")  # the whole classifier, named "stem.0", "stages.0", ...
     torch.save(full.state_dict(), tmp_path / "convnext_tiny.pth")
-    model = build_model("convnext_tiny", img_size=SIZE, weights=tmp_path / "convnext_tiny.pth")
+    model = build_model("convnext_tiny", 16, img_size=SIZE, weights=tmp_path / "convnext_tiny.pth")
     expected = full.state_dict()
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, expected[key.replace("stem_", "stem.").replace("stages_", "stages.")]), key
 
 
 def test_rename_mit_keys_gives_the_timm_names_and_drops_the_classifier():
-    encoder = build_model("mit_b1", img_size=SIZE).encoder
+    encoder = build_model("mit_b1", 16, img_size=SIZE).encoder
     segformer = {segformer_name(k): v for k, v in encoder.state_dict().items()} | {"head.weight": torch.zeros(1)}
     renamed = rename_mit_keys({"state_dict": {"encoder." + k: v for k, v in segformer.items()}})
     assert set(renamed) == set(encoder.state_dict())
 
 
 def test_weights_that_do_not_fit_are_user_errors(tmp_path):
-    model = build_model("mit_b0", img_size=SIZE)
+    model = build_model("mit_b0", 16, img_size=SIZE)
     with pytest.raises(UserError, match=r"--weights .*missing\.pth: no such file"):
         load_encoder_weights(model, tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"--weights .*junk\.pth: cannot be read"):
         load_encoder_weights(model, tmp_path / "junk.pth")
-    wider = build_model("mit_b1", img_size=SIZE).encoder.state_dict()
+    wider = build_model("mit_b1", 16, img_size=SIZE).encoder.state_dict()
     torch.save(wider, tmp_path / "b1.pth")
     with pytest.raises(UserError, match=r"does not fit encoder mit_b0: .*other shapes"):
         load_encoder_weights(model, tmp_path / "b1.pth")
@@ -232,7 +241,7 @@ def test_pretrained_without_network_says_how_to_proceed(monkeypatch, tmp_path, e
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"--pretrained.*network.*--weights FILE.*drop --pretrained"):
-        build_model(encoder, pretrained=True, img_size=SIZE)
+        build_model(encoder, 16, pretrained=True, img_size=SIZE)
 
 
 def plant_in_hub_cache(cache, repo, state):
@@ -252,7 +261,7 @@ def test_pretrained_weights_in_the_local_hub_cache_load_without_network(monkeypa
     plant_in_hub_cache(tmp_path, "timm/resnet10t.c3_in1k", planted)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    encoder = build_model("resnet10t", pretrained=True, img_size=SIZE).encoder.state_dict()
+    encoder = build_model("resnet10t", 16, pretrained=True, img_size=SIZE).encoder.state_dict()
     assert encoder and all(torch.equal(value, planted[key]) for key, value in encoder.items())
     err = capsys.readouterr().err
     assert f"loaded {len(encoder)} pretrained encoder tensors for resnet10t" in err and "resnet10t.c3_in1k" in err
@@ -271,6 +280,6 @@ def test_pretrained_with_the_hub_unreachable_fails_at_once_before_any_preload(sy
 
 def test_weights_of_a_deeper_mit_are_refused_not_half_loaded(tmp_path):
     # mit_b2 has mit_b1's widths and more blocks: every b1 tensor is found, b2's extra blocks would be dropped.
-    torch.save(build_model("mit_b2", img_size=SIZE).encoder.state_dict(), tmp_path / "b2.pth")
+    torch.save(build_model("mit_b2", 16, img_size=SIZE).encoder.state_dict(), tmp_path / "b2.pth")
     with pytest.raises(UserError, match=r"holds \d+ encoder tensors that mit_b1 lacks .*stages_.*larger model"):
-        load_encoder_weights(build_model("mit_b1", img_size=SIZE), tmp_path / "b2.pth")
+        load_encoder_weights(build_model("mit_b1", 16, img_size=SIZE), tmp_path / "b2.pth")

@@ -14,9 +14,12 @@ from PIL import Image
 
 from conftest import ROOT, run_script
 from data import MEAN, STD
-from labels import BACKGROUND_COLOUR, CLASS_NAMES, PALETTE, UserError
+from labels import UserError, artefact_scheme, scheme_from_dict, scheme_to_dict
 from predict import _progress_printer, area_report, main, parse_args, render_overlay, write_mask
 from tiles import predict_image
+
+ARTEFACT = artefact_scheme()
+CLASS_NAMES, PALETTE, BACKGROUND_COLOUR = list(ARTEFACT.names), list(ARTEFACT.colours), ARTEFACT.ignore_colour
 
 # Fine id -> coarse group, written out from the DESIGN.md table.
 GROUP_OF_FINE = [0, 1, 1, 2, 1, 2, 2, 1, 3, 1, 2, 3, 3, 1, 1, 3]
@@ -140,7 +143,7 @@ def test_consistency_weights_fine_classes_by_their_coarse_group_and_damage_proba
     group = torch.tensor(GROUP_OF_FINE)
     joint = out["fine"] * out["coarse"][group] * out["binary"][(group > 0).long()]
     expected = (joint / joint.sum(0)).float()
-    assert_labels_match(predict_image(model, image, 32, consistency=True), expected)
+    assert_labels_match(predict_image(model, image, 32, hierarchy=ARTEFACT), expected)
     assert not torch.equal(expected.argmax(0), out["fine"].argmax(0))
 
 
@@ -173,7 +176,7 @@ def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_c
     for i, class_id in enumerate(present):
         labels[8 * i:8 * i + 8, 10:70] = class_id
     labels[40:, :] = 255
-    write_mask(tmp_path / "m.png", labels)
+    write_mask(tmp_path / "m.png", labels, ARTEFACT)
     mask = Image.open(tmp_path / "m.png")
     assert mask.mode == "P"
     np.testing.assert_array_equal(np.array(mask), labels)
@@ -181,7 +184,7 @@ def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_c
     assert [tuple(palette[k]) for k in range(16)] == [tuple(c) for c in PALETTE]
     assert tuple(palette[255]) == BACKGROUND_COLOUR
 
-    render_overlay(image, labels, area_report(labels)).save(tmp_path / "o.png")
+    render_overlay(image, labels, area_report(labels, ARTEFACT), ARTEFACT).save(tmp_path / "o.png")
     overlay = np.array(Image.open(tmp_path / "o.png").convert("RGB"))
     assert overlay.shape[1] == 80 and overlay.shape[0] > 48
     top, legend = overlay[:48], overlay[48:]
@@ -206,7 +209,7 @@ def test_area_report_counts_object_pixels_and_iou_against_the_mask():
     truth = rng.choice([0, 0, 0, 1, 2, 7, 255], size=(30, 40)).astype(np.uint8)
     labels = rng.choice([0, 0, 1, 2, 9], size=(30, 40)).astype(np.uint8)
     labels[truth == 255] = 255
-    report = area_report(labels, truth)
+    report = area_report(labels, ARTEFACT, truth)
     inside = truth != 255
     assert report["object_pixels"] == inside.sum()
     for entry in report["classes"]:
@@ -229,7 +232,7 @@ def test_area_report_counts_object_pixels_and_iou_against_the_mask():
 
 def test_area_report_without_mask_takes_the_whole_image_as_the_object():
     labels = np.array([[0, 0, 3, 3], [0, 7, 7, 7]], dtype=np.uint8)
-    report = area_report(labels)
+    report = area_report(labels, ARTEFACT)
     assert report["object_pixels"] == 8 and report["damaged_pixels"] == 5 and "miou" not in report
     assert [e["percent"] for e in report["classes"] if e["pixels"]] == [37.5, 25.0, 37.5]
 
@@ -272,13 +275,17 @@ def test_large_image_runs_in_memory_bounded_by_tile_rows_not_image_area():
     assert result["peak_growth_mb"] < whole_image_probabilities_mb / 8
 
 
-def write_checkpoint(folder, heads="fine", decoder="unet"):
-    """A checkpoint dict as train.py writes it, for a tiny randomly initialised model."""
+def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carries_scheme=True):
+    """A checkpoint dict as train.py writes it (carries_scheme=False: as it did before checkpoints carried their
+    label scheme), for a tiny randomly initialised model."""
     from model import build_model
     config = {"encoder": "mit_b0", "decoder": decoder, "heads": heads, "norm": "bn", "img_size": 64,
-              "num_classes": 16}
+              "num_classes": scheme.num_classes}
+    if carries_scheme:
+        config["classes"] = scheme_to_dict(scheme)
     torch.manual_seed(42)
-    model = build_model(config["encoder"], num_classes=16, decoder=decoder, heads=heads, img_size=64, norm="bn")
+    model = build_model(config["encoder"], scheme.num_classes, decoder=decoder, heads=heads, img_size=64, norm="bn",
+                        num_groups=len(scheme.groups) if scheme.groups else None)
     path = folder / "best.pt"
     torch.save({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0, "best_miou": 0.0}, path)
     return path
@@ -371,3 +378,38 @@ def test_cli_user_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys, 
 
     assert "--overlap" in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
                                             "--overlap", "1"])
+
+
+# Clean is id 2 and the outside of the object 9: nothing in the maps may take 0 for clean or 255 for outside.
+MURAL = scheme_from_dict({"classes": [{"id": i, "name": n, "colour": c} for i, (n, c) in enumerate(
+    (("crack", "#FF0000"), ("flaking", "#00C000"), ("clean", "#3C5A14"), ("loss", "#0000FF")))],
+    "clean": 2, "ignore": 9, "ignore_colour": "#808080"}, "mural")
+
+
+def test_maps_reports_and_legends_follow_the_label_scheme(tmp_path):
+    image = random_image(30, 40)
+    labels = np.full((30, 40), 2, np.uint8)
+    labels[:10, :20], labels[20:, 30:] = 0, 3
+    labels[:, :2] = 9
+    report = area_report(labels, MURAL)
+    assert [(e["name"], e["pixels"]) for e in report["classes"]] == [
+        ("crack", 10 * 18), ("flaking", 0), ("clean", 30 * 38 - 180 - 100), ("loss", 100)]
+    assert report["object_pixels"] == 30 * 38 and report["damaged_pixels"] == 280
+    write_mask(tmp_path / "m.png", labels, MURAL)
+    palette = np.array(Image.open(tmp_path / "m.png").getpalette()[:768]).reshape(256, 3)
+    assert [tuple(palette[k]) for k in range(4)] == list(MURAL.colours) and tuple(palette[9]) == (128, 128, 128)
+    overlay = np.asarray(render_overlay(image, labels, report, MURAL))
+    np.testing.assert_array_equal(overlay[15, 10], image[15, 10])            # clean pixels stay as they are
+    np.testing.assert_array_equal(overlay[5, 10], np.rint(0.5 * image[5, 10] + 0.5 * np.array([255, 0, 0])))
+    np.testing.assert_array_equal(overlay[15, 0], np.rint(0.5 * image[15, 0] + 0.5 * np.array([128, 128, 128])))
+    swatches = {tuple(c) for c in overlay[30:].reshape(-1, 3)}
+    assert {(255, 0, 0), (0, 0, 255), (128, 128, 128)} <= swatches and (60, 90, 20) not in swatches
+
+
+def test_a_checkpoint_from_before_schemes_travelled_is_read_as_artefact_with_a_note(tmp_path, capsys):
+    old = write_checkpoint(tmp_path, carries_scheme=False)
+    Image.fromarray(random_image(40, 40)).save(tmp_path / "a.png")
+    assert main([str(a) for a in ["--checkpoint", old, tmp_path / "a.png", "--out", tmp_path / "out"]]) == 0
+    assert f"note: --checkpoint {old} records no label scheme" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert [r["class_name"] for r in rows] == CLASS_NAMES

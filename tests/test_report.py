@@ -12,9 +12,12 @@ from PIL import Image
 
 import predict
 from conftest import ROOT, run_script
-from labels import CLASS_NAMES, PALETTE
+from labels import artefact_scheme, scheme_to_dict
 from predict import area_report, legend_entries, render_overlay
 from report import DPI, FIGSIZE, PANEL_ROW, build_report, class_iou_bars, main, read_records
+
+ARTEFACT = artefact_scheme()
+CLASS_NAMES, PALETTE = list(ARTEFACT.names), list(ARTEFACT.colours)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,7 @@ def test_report_without_confusion_or_checkpoint_says_what_is_missing(run_dir, tm
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run_dir / "metrics.jsonl", bare)
+    shutil.copy(run_dir / "config.json", bare)
     report = build_report([bare]).read_text()
     assert "No `confusion.json`" in report and "No best.pt or last.pt" in report
     assert sorted(p.name for p in bare.glob("*.png")) == ["class_iou.png", "curves.png"]
@@ -77,6 +81,7 @@ def test_report_without_confusion_or_checkpoint_says_what_is_missing(run_dir, tm
 def test_a_select_last_run_says_it_has_no_validation_curve(run_dir, tmp_path):
     last = tmp_path / "last"
     last.mkdir()
+    shutil.copy(run_dir / "config.json", last)
     (last / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val"}) + "\n"
                                                 for r in read_records(run_dir)))
     report = build_report([last]).read_text()
@@ -95,7 +100,7 @@ def test_several_runs_are_drawn_together_into_out(run_dir, tmp_path):
 
 def test_absent_classes_are_marked_not_zero():
     record = {"iou": {name: 0.0 for name in CLASS_NAMES} | {"Clean": 0.9}, "absent": ["Hair", "Stamp"]}
-    bars = class_iou_bars(record)
+    bars = class_iou_bars(record, CLASS_NAMES)
     assert bars[CLASS_NAMES.index("Hair")] is None and bars[CLASS_NAMES.index("Stamp")] is None
     assert bars[0] == 0.9 and bars[CLASS_NAMES.index("Dust")] == 0.0
 
@@ -104,6 +109,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "metrics.jsonl" in err
+    (tmp_path / "config.json").write_text(json.dumps({"classes": scheme_to_dict(ARTEFACT)}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "val": {
         "miou": 0.1, "binary_iou": None, "iou": {}, "absent": []}}) + "\n")
     (tmp_path / "confusion.json").write_text(json.dumps({"fine": [[1, 2], [3, 4]]}))
@@ -116,7 +122,7 @@ def test_legend_has_no_clean_swatch_and_tiny_classes_read_below_a_hundredth_of_a
     labels = np.zeros((200, 600), dtype=np.uint8)
     labels[:100] = 1
     labels[150, 300] = 11
-    texts = [text for _, text in legend_entries(area_report(labels), outside=False)]
+    texts = [text for _, text in legend_entries(area_report(labels, ARTEFACT), False, ARTEFACT)]
     assert texts == ["Material loss 50.00 %", "Stamp <0.01 %"]
     assert not any(text.startswith("Clean") for text in texts)
 
@@ -126,7 +132,7 @@ def test_small_dark_damage_is_outlined_in_full_colour_on_a_dark_image():
     labels = np.zeros((60, 60), dtype=np.uint8)
     labels[10, 10] = 11
     labels[30:40, 30:40] = 14
-    overlay = np.asarray(render_overlay(image, labels, area_report(labels)))[:60].astype(int)
+    overlay = np.asarray(render_overlay(image, labels, area_report(labels, ARTEFACT), ARTEFACT))[:60].astype(int)
     assert tuple(overlay[10, 10]) == PALETTE[11] and tuple(overlay[30, 35]) == PALETTE[14]
     assert np.abs(overlay[10, 10] - image[10, 10]).sum() > 60
     interior = np.rint(0.5 * image[35, 35] + 0.5 * np.array(PALETTE[14]))
@@ -137,10 +143,10 @@ def test_outlines_do_not_depend_on_where_row_chunks_are_cut(monkeypatch):
     rng = np.random.default_rng(42)
     image = rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)
     labels = rng.choice([0, 0, 0, 3, 11, 255], size=(50, 40)).astype(np.uint8)
-    report = area_report(labels, truth=labels)
-    whole = np.asarray(render_overlay(image, labels, report))
+    report = area_report(labels, ARTEFACT, truth=labels)
+    whole = np.asarray(render_overlay(image, labels, report, ARTEFACT))
     monkeypatch.setattr(predict, "ROWS_PER_CHUNK", 7)
-    np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, report)), whole)
+    np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, report, ARTEFACT)), whole)
 
 
 def test_matplotlib_is_imported_only_by_report_py():

@@ -8,7 +8,7 @@ import pytest
 import data
 import files
 import splits
-from labels import UserError
+from labels import UserError, artefact_scheme, scheme_to_dict
 from test_data import read_csv, write_dataset
 
 
@@ -116,7 +116,8 @@ def test_the_default_manifest_goes_beside_the_run_never_into_the_dataset(tmp_pat
     before = sorted(p.name for p in dataset.rglob("*"))
     cfg = {"data": str(dataset), "synthetic_count": 0, "synthetic_size": 0, "split": "kfold", "fold": 0, "folds": 3,
            "seed": 42, "inner_frac": 0.15, "select": "inner", "splits": None, "run_dir": str(tmp_path / "runs" / "a"),
-           "img_size": 32, "work_size": 0, "preload": "none", "offline_aug": False}
+           "img_size": 32, "work_size": 0, "preload": "none", "offline_aug": False,
+           "classes": scheme_to_dict(artefact_scheme())}
     parts = data.load_split(cfg, needed=("train", "val", "test"))
     assert sorted(p.name for p in dataset.rglob("*")) == before
     assert len(list((tmp_path / "runs" / "splits").glob("ds-*-kfold-3-42.json"))) == 1

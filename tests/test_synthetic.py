@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labels import UserError
+from labels import UserError, artefact_scheme, read_scheme
 from synthetic import make_synthetic
 
 
@@ -33,8 +33,16 @@ def full_set(tmp_path_factory):
 def test_same_arguments_give_byte_identical_files_in_different_folders(tmp_path):
     first = make_synthetic(tmp_path / "a", count=6, size=64, seed=3)
     second = make_synthetic(tmp_path / "b", count=6, size=64, seed=3)
-    assert len(digests(first)) == 6 + 6 + 1
+    assert len(digests(first)) == 6 + 6 + 2, "images, masks, metadata.csv and classes.json"
     assert digests(first) == digests(second)
+
+
+def test_the_set_carries_artefacts_label_scheme_and_an_older_set_gets_it(tmp_path):
+    root = make_synthetic(tmp_path / "a", count=3, size=64, seed=3)
+    assert read_scheme(root / "classes.json") == artefact_scheme()
+    (root / "classes.json").unlink()
+    assert make_synthetic(root, count=3, size=64, seed=3) == root
+    assert read_scheme(root / "classes.json") == artefact_scheme()
 
 
 def test_another_seed_gives_other_images(tmp_path):

@@ -18,8 +18,11 @@ import files
 import preload
 import train
 from checkpoint import save_checkpoint
-from labels import CLASS_NAMES
+from labels import artefact_scheme, scheme_from_dict, scheme_to_dict
 from metrics import eval_metrics
+
+ARTEFACT = artefact_scheme()
+CLASS_NAMES = list(ARTEFACT.names)
 
 
 def tiny(data_root, run_dir, *extra):
@@ -226,8 +229,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}, "config": {}})
 
     def dies_mid_write(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
@@ -242,7 +244,7 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
                                                  "--batch-size", "4", "--lr", "0.1"]),
                                1, torch.device("cpu"))
     samples = files.list_samples(synthetic_root)[:4]
-    pre = preload.preload(samples, 64)
+    pre = preload.preload(samples, 64, ARTEFACT)
     parts = train.build_training(dict(cfg, epochs=1), train.build_network(cfg, torch.device("cpu"), 1), 1,
                                  torch.device("cpu"), 250)
     images, masks = next(iter(data.batches(pre, torch.arange(4), 4, pin=False)))
@@ -250,8 +252,8 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
     for _ in range(250):
         train.train_step(parts, batch, cfg, torch.device("cpu"))
     cms = train.evaluate(parts.raw_model, data.Part(samples, pre, {}), cfg, torch.device("cpu"))
-    assert eval_metrics(cms)["pixel_acc"] > 0.9
-    assert eval_metrics(cms)["miou"] > 0.6
+    assert eval_metrics(cms, ARTEFACT)["pixel_acc"] > 0.9
+    assert eval_metrics(cms, ARTEFACT)["miou"] > 0.6
     pre.close()
 
 
@@ -291,10 +293,13 @@ def test_dry_run_prints_the_resolved_config():
     assert result.returncode == 0 and cfg["batch_size"] == 48 and cfg["lr"] == pytest.approx(5e-4)
 
 
-def fold_run(folder, fold, miou, **config):
+def fold_run(folder, fold, miou, scheme=ARTEFACT, carries_scheme=True, **config):
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"encoder": "mit_b0", "select": "inner", "fold": fold, **config}))
-    scores = {"miou": miou, "binary_iou": 0.6, "iou": {c: miou for c in CLASS_NAMES},
+    config = {"encoder": "mit_b0", "select": "inner", "fold": fold, **config}
+    if carries_scheme:
+        config["classes"] = scheme_to_dict(scheme)
+    (folder / "config.json").write_text(json.dumps(config))
+    scores = {"miou": miou, "binary_iou": 0.6, "iou": {c: miou for c in scheme.names},
               "by_material": {"Paper": {"miou": miou, "binary_iou": 0.5}}
               | ({"Glass": {"miou": 0.9, "binary_iou": 0.8}} if fold == 0 else {})}
     lines = [{"epoch": 1, "train_loss": 1.0, "val": dict(scores, miou=0.99)},
@@ -325,6 +330,32 @@ def test_summary_refuses_folds_of_different_protocols_and_unfinished_folds(tmp_p
     (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
     result = run_script("train.py", "--summary", tmp_path / "a", tmp_path / "c")
     assert result.returncode == 2 and "no test record" in result.stderr
+
+
+def test_summary_rows_are_the_folds_classes_and_folds_of_another_scheme_are_refused(tmp_path):
+    mural = scheme_from_dict({"classes": [{"id": 0, "name": "clean", "colour": "#000000"},
+                                          {"id": 1, "name": "crack", "colour": "#FF0000"},
+                                          {"id": 2, "name": "stain", "colour": "#00FF00"}]}, "mural")
+    fold_run(tmp_path / "m0", 0, 0.2, scheme=mural)
+    fold_run(tmp_path / "m1", 1, 0.4, scheme=mural)
+    result = run_script("train.py", "--summary", tmp_path / "m0", tmp_path / "m1")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" |")[0] for line in result.stdout.splitlines() if line.startswith("| iou/")]
+    assert rows == ["| iou/clean", "| iou/crack", "| iou/stain"]
+    renamed = scheme_from_dict(dict(scheme_to_dict(mural), classes=[
+        {"id": 0, "name": "clean", "colour": "#000000"}, {"id": 1, "name": "crack", "colour": "#FF0000"},
+        {"id": 2, "name": "loss", "colour": "#00FF00"}]), "renamed")
+    fold_run(tmp_path / "r", 2, 0.3, scheme=renamed)
+    result = run_script("train.py", "--summary", tmp_path / "m0", tmp_path / "r")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert f"{tmp_path / 'r' / 'config.json'}: another label scheme than" in result.stderr
+    assert "class 2 'loss' vs 'stain'" in result.stderr
+    # Runs from before configs carried a scheme were ARTeFACT's: they summarise with ARTeFACT runs, with a note.
+    fold_run(tmp_path / "old", 1, 0.3, carries_scheme=False)
+    fold_run(tmp_path / "new", 0, 0.2)
+    result = run_script("train.py", "--summary", tmp_path / "new", tmp_path / "old")
+    assert result.returncode == 0, result.stderr
+    assert "records no label scheme" in result.stderr and "| iou/Burn marks |" in result.stdout
 
 
 def test_progress_lines_split_data_from_step_time_and_reach_the_run_log(synthetic_root, tmp_path):

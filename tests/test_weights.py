@@ -10,10 +10,15 @@ from PIL import Image
 
 import weights
 from conftest import ROOT, run_script
-from labels import CLASS_NAMES, UserError
+from labels import UserError, artefact_scheme, scheme_from_dict
 from weights import (DEFAULT_MAX_RATIO, METHODS, compute_weights, count_pixels, load_weights, resolve_class_weights,
                      save_weights)
 
+ARTEFACT = artefact_scheme()
+CLASS_NAMES = list(ARTEFACT.names)
+# Binary crack / no-crack masks whose outside-the-object pixels are 7, not 255.
+BINARY = scheme_from_dict({"classes": [{"id": 0, "name": "no crack", "colour": "#000000"},
+                                       {"id": 1, "name": "crack", "colour": "#FFFFFF"}], "ignore": 7}, "binary")
 # ARTEFACT.md: 417 images thumbnailed to at most 512 px, ids 0..15 in order.
 ARTEFACT_COUNTS = np.array([69_751_540, 2_922_531, 3_877_364, 23_110, 171_255, 5_407, 238_265, 661_706, 74_397,
                             475_478, 804_722, 38_810, 93_514, 18_484, 1_124, 560_273])
@@ -124,70 +129,87 @@ def test_count_pixels_matches_a_per_class_count_for_lists_stacks_and_generators(
     masks = random_masks()
     expected = brute_force_counts(masks)
     for given in (masks, np.stack(masks), (m for m in masks)):
-        counts = count_pixels(given)
+        counts = count_pixels(given, ARTEFACT)
         assert counts.dtype == np.int64 and counts.shape == (16,)
         np.testing.assert_array_equal(counts, expected)
-    np.testing.assert_array_equal(count_pixels(masks[0]), brute_force_counts(masks[:1]))
+    np.testing.assert_array_equal(count_pixels(masks[0], ARTEFACT), brute_force_counts(masks[:1]))
 
 
 def test_count_pixels_does_not_depend_on_the_chunk_size(monkeypatch):
     masks = random_masks()
     monkeypatch.setattr(weights, "_CHUNK", 7)
-    np.testing.assert_array_equal(count_pixels(masks), brute_force_counts(masks))
+    np.testing.assert_array_equal(count_pixels(masks, ARTEFACT), brute_force_counts(masks))
 
 
-def test_count_pixels_ignores_255():
+def test_count_pixels_leaves_out_the_ignore_id_of_the_scheme():
     masks = random_masks()
     more_background = [np.pad(m, 3, constant_values=255) for m in masks]
-    np.testing.assert_array_equal(count_pixels(more_background), count_pixels(masks))
-    assert count_pixels([np.full((4, 4), 255, np.uint8)]).sum() == 0
+    np.testing.assert_array_equal(count_pixels(more_background, ARTEFACT), count_pixels(masks, ARTEFACT))
+    assert count_pixels([np.full((4, 4), 255, np.uint8)], ARTEFACT).sum() == 0
 
 
-@pytest.mark.parametrize("bad", [16, 100, 254])
-def test_count_pixels_rejects_labels_between_15_and_255(bad):
-    masks = random_masks()
-    masks[1][0, 0] = bad
-    with pytest.raises(UserError, match=str(bad)):
-        count_pixels(masks)
+    binary = [np.array([[0, 1, 7], [7, 1, 1]], np.uint8)]
+    np.testing.assert_array_equal(count_pixels(binary, BINARY), [1, 3])
+
+
+@pytest.mark.parametrize("scheme, bad", [(ARTEFACT, 16), (ARTEFACT, 100), (ARTEFACT, 254), (BINARY, 2),
+                                         (BINARY, 255)])
+def test_count_pixels_rejects_labels_outside_the_scheme(scheme, bad):
+    masks = [np.array([[0, 1, scheme.ignore]], np.uint8), np.array([[1, 0, bad]], np.uint8)]
+    with pytest.raises(UserError, match=f"labels {bad} are not in the label scheme"):
+        count_pixels(masks, scheme)
 
 
 def test_count_pixels_rejects_values_that_do_not_fit_a_byte():
     with pytest.raises(UserError, match="0-255"):
-        count_pixels([np.array([[0, 300]], dtype=np.int64)])
-    np.testing.assert_array_equal(count_pixels([np.array([[0, 3, 255]], dtype=np.int64)]),
+        count_pixels([np.array([[0, 300]], dtype=np.int64)], ARTEFACT)
+    np.testing.assert_array_equal(count_pixels([np.array([[0, 3, 255]], dtype=np.int64)], ARTEFACT),
                                   brute_force_counts([np.array([[0, 3, 255]])]))
 
 
 def test_json_round_trip(tmp_path):
     weights = compute_weights(ARTEFACT_COUNTS, "median_frequency")
     path = tmp_path / "w.json"
-    save_weights(path, "median_frequency", ARTEFACT_COUNTS, weights, 36.0)
-    np.testing.assert_array_equal(load_weights(path), weights)
+    save_weights(path, "median_frequency", ARTEFACT_COUNTS, weights, 36.0, ARTEFACT.names)
+    np.testing.assert_array_equal(load_weights(path, ARTEFACT), weights)
     record = json.loads(path.read_text())
     assert record["method"] == "median_frequency" and record["max_ratio"] == 36.0
     assert record["classes"] == CLASS_NAMES and record["counts"] == ARTEFACT_COUNTS.tolist()
-    np.testing.assert_array_equal(resolve_class_weights(str(path), counts=None), weights)
+    np.testing.assert_array_equal(resolve_class_weights(str(path), None, ARTEFACT), weights)
+
+
+def test_weights_of_another_label_scheme_are_refused_naming_the_class(tmp_path):
+    path = tmp_path / "binary.json"
+    save_weights(path, "inverse", [90, 10], compute_weights([90, 10], "inverse"), 36.0, BINARY.names)
+    np.testing.assert_array_equal(load_weights(path, BINARY), compute_weights([90, 10], "inverse"))
+    other = scheme_from_dict({"classes": [{"id": 0, "name": "no crack", "colour": "#000000"},
+                                          {"id": 1, "name": "loss", "colour": "#FFFFFF"}]}, "other")
+    with pytest.raises(UserError, match="binary.json: weights of other classes .*class 1 is 'crack' there, 'loss'"):
+        load_weights(path, other)
+    with pytest.raises(UserError, match="needs 16 finite positive weights"):
+        load_weights(path, ARTEFACT)
 
 
 def test_load_weights_names_the_file_when_it_is_unusable(tmp_path):
     with pytest.raises(UserError, match="missing.json"):
-        load_weights(tmp_path / "missing.json")
+        load_weights(tmp_path / "missing.json", ARTEFACT)
     short = tmp_path / "short.json"
     short.write_text(json.dumps({"weights": [1.0] * 15}))
     with pytest.raises(UserError, match="short.json"):
-        load_weights(short)
+        load_weights(short, ARTEFACT)
     garbled = tmp_path / "garbled.json"
     garbled.write_text("{")
     with pytest.raises(UserError, match="garbled.json"):
-        load_weights(garbled)
+        load_weights(garbled, ARTEFACT)
 
 
 def test_class_weights_flag_takes_a_method_or_a_file():
     masks = random_masks()
-    np.testing.assert_array_equal(resolve_class_weights("inverse", count_pixels(np.stack(masks))),
+    counts = count_pixels(np.stack(masks), ARTEFACT)
+    np.testing.assert_array_equal(resolve_class_weights("inverse", counts, ARTEFACT),
                                   compute_weights(brute_force_counts(masks), "inverse"))
     with pytest.raises(UserError, match="--class-weights"):
-        resolve_class_weights("balanced", masks)
+        resolve_class_weights("balanced", masks, ARTEFACT)
 
 
 def write_folder(root, masks):
@@ -225,7 +247,8 @@ def test_cli_prints_the_table_and_writes_json_beside_the_runs_not_into_the_data(
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     assert record["max_ratio"] is None
-    np.testing.assert_allclose(load_weights(out), compute_weights(expected_counts, "inverse", max_ratio=None))
+    np.testing.assert_allclose(load_weights(out, ARTEFACT),
+                               compute_weights(expected_counts, "inverse", max_ratio=None))
 
 
 def test_cli_reports_user_errors_in_one_line_with_exit_2(tmp_path):

@@ -51,7 +51,7 @@ def tiny_cfg(*flags):
 
 def global_batch(data_root, cfg):
     samples = files.list_samples(data_root)[:4]
-    pre = preload.preload(samples, 64, mode="disk")
+    pre = preload.preload(samples, 64, data.run_scheme(cfg), mode="disk")
     images, masks = next(iter(data.batches(pre, list(range(4)), 4, pin=False)))
     return data.to_device_batch(images, masks, "cpu", torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]),
                                 channels_last=cfg["channels_last"])
@@ -64,7 +64,7 @@ def gradients(cfg, micro, world, rank):
     torch.manual_seed(0)
     network = train.build_network(cfg, torch.device("cpu"), world).double()
     micro = [(x.double(), y) for x, y in micro]
-    weights = torch.linspace(0.5, 2.0, 16).numpy()
+    weights = torch.linspace(0.5, 2.0, cfg["num_classes"]).numpy()
     parts = train.build_training(cfg, network, world, torch.device("cpu"), 10, weights)
     loss = train.accumulate_gradients(parts, micro, cfg, torch.device("cpu"))
     return float(loss), {n: p.grad.clone() for n, p in parts.raw_model.named_parameters() if p.grad is not None}
