@@ -343,18 +343,42 @@ def _read_error(path, exc):
     return UserError(f"{path}: not a readable image ({reason}); re-export or remove it")
 
 
-def image_strips(path, orient=True):
-    """Consecutive strips of rows, uint8 (n, W, 3) or, for an image with transparency data, (n, W, 4) with its
-    alpha last, of the image as displayed (orient=False: as stored). PNGs are decoded a strip at a time;
-    other files are decoded whole by Pillow first (strips.upright_strips). Any decoding problem is a UserError
-    naming the file."""
+def pil_strips(path, orient=True, rows=None):
+    """PIL images of consecutive strips of rows rows of the image at path as displayed (orient=False: as stored):
+    PNGs are decoded a strip at a time, other files whole by Pillow first (strips.upright_strips). Any decoding
+    problem is a UserError naming the file."""
     try:
         with open(path, "rb") as f, Image.open(f) as image:
-            alpha = image.has_transparency_data and not image.mode.startswith("I")
-            for strip in upright_strips(path, image, orient):
-                yield np.asarray(strip.convert("RGBA")) if alpha else rgb_array(strip, path)
+            yield from upright_strips(path, image, orient, rows)
     except Exception as exc:
         raise _read_error(path, exc) from None
+
+
+def image_strips(path, orient=True):
+    """Consecutive strips of rows, uint8 (n, W, 3) or, for an image with transparency data, (n, W, 4) with its
+    alpha last, of the image as displayed (pil_strips)."""
+    alpha = image_header(path).alpha
+    for strip in pil_strips(path, orient):
+        yield np.asarray(strip.convert("RGBA")) if alpha else rgb_array(strip, path)
+
+
+def mask_strips(path, scheme, image_size, rows):
+    """read_mask's class ids a strip of rows rows at a time: single-channel and palette PNG masks are decoded in
+    strips, other masks read whole and cut."""
+    try:
+        with Image.open(path) as image:
+            mode, (width, height) = image.mode, image.size
+    except Exception as exc:
+        raise _read_error(path, exc) from None
+    if mode not in ("L", "P"):
+        mask = read_mask(path, scheme, image_size)
+        yield from (mask[row:row + rows] for row in range(0, len(mask), rows))
+        return
+    if tuple(image_size) != (height, width):
+        raise UserError(f"{path}: mask is {width}x{height} (WxH) but its image is {image_size[1]}x{image_size[0]} as "
+                        "displayed (after its EXIF orientation); masks must match their image size")
+    for strip in pil_strips(path, orient=False, rows=rows):
+        yield _check_labels(path, np.asarray(strip, dtype=np.uint8), scheme)
 
 
 def scaled_copies(path, shape, reduce_by=None, on_alpha=None):

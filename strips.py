@@ -213,15 +213,16 @@ def _source_box(orientation, width, height, r0, r1):
     return width - r1, 0, width - r0, height
 
 
-def upright_strips(path, image, orient=True):
-    """PIL images of consecutive row strips of an opened image as displayed (orient: its EXIF orientation
-    applied, as ImageOps.exif_transpose does; else as stored). A PNG png_layout accepts, stored upright, is
+def upright_strips(path, image, orient=True, rows=None):
+    """PIL images of consecutive strips of rows rows (default strip_rows) of an opened image as displayed
+    (orient: its EXIF orientation applied, as ImageOps.exif_transpose does; else as stored). A PNG png_layout
+    accepts, stored upright, is
     decoded a strip at a time; anything else is decoded whole by Pillow and cut into strips (each strip cut
     from the stored image and turned upright on its own)."""
     orientation = image.getexif().get(EXIF_ORIENTATION, 1) if orient else 1
     orientation = orientation if orientation in UPRIGHT else 1
     width, height = image.size
-    rows = strip_rows(width if orientation < 5 else height)
+    rows = rows or strip_rows(width if orientation < 5 else height)
     if image.format == "PNG" and orientation == 1 and png_layout(path):
         yield from png_strips(path, rows, image)
         return

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from PIL import Image
 from conftest import ROOT, run_script
 from data import MEAN, STD
 from labels import UserError, artefact_scheme, scheme_from_dict, scheme_to_dict
-from predict import _progress_printer, area_report, main, parse_args, render_overlay, write_mask
+from areas import area_report
+from overlay import render_overlay
+from predict import _progress_printer, main, parse_args, write_mask
 from tiles import predict_image
 
 ARTEFACT = artefact_scheme()
@@ -186,8 +189,8 @@ def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_c
 
     render_overlay(image, labels, area_report(labels, ARTEFACT), ARTEFACT).save(tmp_path / "o.png")
     overlay = np.array(Image.open(tmp_path / "o.png").convert("RGB"))
-    assert overlay.shape[1] == 80 and overlay.shape[0] > 48
-    top, legend = overlay[:48], overlay[48:]
+    assert overlay.shape[1] >= 80 and overlay.shape[0] > 48
+    top, legend = overlay[:48, :80], overlay[48:]
     colours = np.array(PALETTE + [BACKGROUND_COLOUR] * 240, dtype=np.float64)
     padded = np.pad(labels, 1, mode="edge")
     border = ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels) | (padded[1:-1, :-2] != labels)
@@ -275,19 +278,32 @@ def test_large_image_runs_in_memory_bounded_by_tile_rows_not_image_area():
     assert result["peak_growth_mb"] < whole_image_probabilities_mb / 8
 
 
-def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carries_scheme=True):
-    """A checkpoint dict as train.py writes it (carries_scheme=False: as it did before checkpoints carried their
-    label scheme), for a tiny randomly initialised model."""
+def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carries_scheme=True, work_size=None,
+                     varied=False, name="best.pt"):
+    """A checkpoint dict as train.py writes it (with an optimizer state as large as AdamW's, carries_scheme=False:
+    as it did before checkpoints carried their label scheme), for a tiny randomly initialised model; varied
+    scales its classifier up so that its labels change with the picture (random weights alone predict one
+    class everywhere)."""
     from model import build_model
     config = {"encoder": "mit_b0", "decoder": decoder, "heads": heads, "norm": "bn", "img_size": 64,
               "num_classes": scheme.num_classes}
+    if work_size is not None:
+        config["work_size"] = work_size
     if carries_scheme:
         config["classes"] = scheme_to_dict(scheme)
     torch.manual_seed(42)
     model = build_model(config["encoder"], scheme.num_classes, decoder=decoder, heads=heads, img_size=64, norm="bn",
                         num_groups=len(scheme.groups) if scheme.groups else None)
-    path = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0, "best_miou": 0.0}, path)
+    if varied:
+        with torch.no_grad():
+            model.heads.fine.bias.zero_()
+            model.heads.fine.weight.mul_(50)
+    state = model.state_dict()
+    moments = {k: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for k, v in state.items()
+               if v.is_floating_point()}
+    path = folder / name
+    torch.save({"model": state, "optimizer": {"state": moments}, "config": config, "epoch": 3, "step": 12,
+                "best_miou": 0.25}, path)
     return path
 
 
@@ -296,46 +312,36 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("run"))
 
 
-def test_cli_writes_mask_overlay_and_reports_for_every_image(tmp_path, checkpoint):
-    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+def test_cli_writes_maps_reports_areas_and_a_page_for_every_image(tmp_path, checkpoint):
+    images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
-    masks.mkdir()
     Image.fromarray(random_image(97, 131)).save(images / "fresco.png")
     Image.fromarray(random_image(50, 70, seed=1)).save(images / "film.jpg")
-    truths = {"fresco": np.zeros((97, 131), np.uint8), "film": np.full((50, 70), 4, np.uint8)}
-    truths["fresco"][:10] = 255
-    truths["fresco"][40:60, 30:90] = 2
-    for stem, truth in truths.items():
-        Image.fromarray(truth).save(masks / f"{stem}.png")
-
-    done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--masks", masks,
-                      "--overlap", "0.5", "--tile-batch", "3", "--threads", "1")
+    done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--overlap", "0.5",
+                      "--tile-batch", "3", "--threads", "1")
     assert done.returncode == 0, done.stderr
     # The folder's progress: one plain line per image with the ETA of the rest (SLURM logs have no \r).
     assert [line.split(",")[0] for line in done.stderr.splitlines() if line.startswith("image ")] == \
         ["image 1/2 film.jpg", "image 2/2 fresco.png"]
     assert "\r" not in done.stderr
-
-    rows = list(csv.DictReader(open(out / "report.csv")))
-    assert len(rows) == 2 * 16
-    for stem, truth in truths.items():
-        image = np.array(Image.open(next(images.glob(stem + ".*"))))
-        mask = Image.open(out / f"{stem}_mask.png")
+    rows = list(csv.DictReader(open(out / "areas.csv", encoding="utf-8")))
+    assert [row["file"] for row in rows] == ["film.jpg", "fresco.png"]
+    for row in rows:
+        image = np.array(Image.open(images / row["file"]))
+        mask = Image.open(out / f"{Path(row['file']).stem}_mask.png")
         labels = np.array(mask)
-        assert mask.mode == "P" and labels.shape == truth.shape
-        assert ((labels == 255) == (truth == 255)).all() and labels[truth != 255].max() < 16
-        overlay = Image.open(out / f"{stem}_overlay.png")
-        assert overlay.width == image.shape[1] and overlay.height > image.shape[0]
-        report = json.loads((out / f"{stem}_report.json").read_text())
-        assert (report["width"], report["height"]) == (truth.shape[1], truth.shape[0])
-        assert report["object_pixels"] == (truth != 255).sum()
-        assert [e["pixels"] for e in report["classes"]] == [((labels == k)).sum() for k in range(16)]
-        assert report["miou"] is not None and 0 <= report["miou"] <= 1
-        mine = [r for r in rows if r["image"].startswith(stem + ".")]
-        assert [int(r["class_id"]) for r in mine] == list(range(16))
-        assert [r["class_name"] for r in mine] == CLASS_NAMES
-        assert sum(int(r["pixels"]) for r in mine) == (truth != 255).sum()
-        assert sum(float(r["percent"]) for r in mine) == pytest.approx(100, abs=0.01)
+        assert mask.mode == "P" and labels.shape == image.shape[:2] and labels.max() < 16
+        assert (int(row["width"]), int(row["height"])) == (image.shape[1], image.shape[0])
+        assert int(row["object_pixels"]) == labels.size and row["object_source"] == "whole image"
+        assert [int(row[f"{name} px"]) for name in CLASS_NAMES] == [int((labels == k).sum()) for k in range(16)]
+        assert sum(float(row[f"{name} %"]) for name in CLASS_NAMES) == pytest.approx(100, abs=0.01)
+        assert int(row["damage_px"]) == int((labels > 0).sum())
+        assert float(row["damage_%"]) == pytest.approx(100 * (labels > 0).mean(), abs=1e-4)
+        report = json.loads((out / f"{Path(row['file']).stem}_report.json").read_text())
+        assert report["damaged_pixels"] == int(row["damage_px"]) and "miou" not in report
+        overlay = Image.open(out / report["outputs"]["overlay"])
+        assert overlay.width >= image.shape[1] and overlay.height > image.shape[0]
+    assert (out / "index.html").is_file() and not (out / "scores.csv").exists()
 
 
 def test_cli_consistency_with_a_hierarchical_upernet_checkpoint(tmp_path, capsys):
@@ -378,6 +384,14 @@ def test_cli_user_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys, 
 
     assert "--overlap" in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
                                             "--overlap", "1"])
+    for flag in ("--object", "--truth"):
+        assert flag in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
+                                         flag, tmp_path / "nowhere"])
+
+
+def test_masks_which_meant_two_things_is_refused_naming_object_and_truth(tmp_path, capsys, checkpoint):
+    err = error_of(capsys, ["--checkpoint", checkpoint, tmp_path, "--out", tmp_path / "o", "--masks", tmp_path])
+    assert "--object DIR" in err and "--truth DIR" in err
 
 
 # Clean is id 2 and the outside of the object 9: nothing in the maps may take 0 for clean or 255 for outside.
@@ -411,5 +425,5 @@ def test_a_checkpoint_from_before_schemes_travelled_is_read_as_artefact_with_a_n
     Image.fromarray(random_image(40, 40)).save(tmp_path / "a.png")
     assert main([str(a) for a in ["--checkpoint", old, tmp_path / "a.png", "--out", tmp_path / "out"]]) == 0
     assert f"note: --checkpoint {old} records no label scheme" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
-    assert [r["class_name"] for r in rows] == CLASS_NAMES
+    header = next(csv.reader(open(tmp_path / "out" / "areas.csv", encoding="utf-8")))
+    assert [column[:-3] for column in header if column.endswith(" px")] == CLASS_NAMES
