@@ -106,11 +106,13 @@ PORTABLE_KEYS = MODEL_KEYS + ("work_size",)
 def portable_model(checkpoint, path, normalisation):
     """The small file prediction needs: the weights model_from_checkpoint takes (the EMA weights where a run
     kept them), the config keys that rebuild the network at its scale, the label scheme and the input
-    normalisation ({"mean", "std"}); no optimizer state. load_checkpoint and model_from_checkpoint read it as
+    normalisation ((mean, std) per channel); no optimizer state. load_checkpoint and model_from_checkpoint read it as
     they read a checkpoint."""
     config = {key: checkpoint["config"][key] for key in PORTABLE_KEYS if key in checkpoint["config"]}
     scheme = checkpoint_scheme(checkpoint, path)
-    config.update(classes=scheme_to_dict(scheme), num_classes=scheme.num_classes, normalisation=normalisation)
+    mean, std = normalisation
+    config.update(classes=scheme_to_dict(scheme), num_classes=scheme.num_classes,
+                  normalisation={"mean": list(mean), "std": list(std)})
     return {"format": MODEL_FORMAT, "model": model_from_checkpoint(checkpoint, path).state_dict(), "config": config,
             "trained": {"checkpoint": str(path), "epoch": checkpoint.get("epoch"),
                         "best_miou": checkpoint.get("best_miou")}}

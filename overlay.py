@@ -91,14 +91,31 @@ def legend_entries(report, outside, scheme):
     return entries
 
 
+def text_runs(text):
+    """(part, raised) pieces of a legend text: Pillow's built-in font has no "²", so "mm²" is drawn as "mm" and
+    a raised, smaller "2"."""
+    return [(part, raised) for piece in text.split("²") for part, raised in ((piece, False), ("2", True))][:-1]
+
+
+def _text_length(font, small, text):
+    return sum((small if raised else font).getlength(part) for part, raised in text_runs(text))
+
+
+def _draw_text(draw, x, y, text, font, small):
+    for part, raised in text_runs(text):
+        # Both fonts hang from the same top line, so the smaller "2" sits raised.
+        draw.text((x, y), part, fill=(0, 0, 0), font=small if raised else font)
+        x += (small if raised else font).getlength(part)
+
+
 def legend(width, report, outside, scheme):
     """The legend strip for an overlay ``width`` px wide (wider where one entry needs more); its font is 1/100
     of the width (at least 12 px)."""
     entries = legend_entries(report, outside, scheme)
     size = max(12, width // 100)
-    font = ImageFont.load_default(size=size)
+    font, small = ImageFont.load_default(size=size), ImageFont.load_default(size=max(8, size * 2 // 3))
     pad, line = size // 2, size + size // 2
-    widths = [(size + pad if colour is not None else 0) + int(font.getlength(text)) + 2 * pad
+    widths = [(size + pad if colour is not None else 0) + int(_text_length(font, small, text)) + 2 * pad
               for colour, text in entries]
     width = max(width, pad + max(widths))
     placed, x, y = [], pad, pad
@@ -114,7 +131,7 @@ def legend(width, report, outside, scheme):
             draw.rectangle((x, y, x + size - 1, y + size - 1), fill=tuple(int(v) for v in colour),
                            outline=(128, 128, 128))
             x += size + pad
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+        _draw_text(draw, x, y, text, font, small)
     return strip
 
 

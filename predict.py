@@ -275,7 +275,7 @@ def _setup(args):
 def export(args):
     """--export FILE: the portable model of --checkpoint, and how much smaller it is."""
     source = Path(args.checkpoint)
-    size = save_model(load_checkpoint(source), source, args.export, {"mean": MEAN, "std": STD})
+    size = save_model(load_checkpoint(source), source, args.export, (MEAN, STD))
     print(f"wrote {args.export}: {size / 2**20:.1f} MiB ({source.name}: {source.stat().st_size / 2**20:.1f} MiB; "
           "the optimizer state and training progress are left out)")
 

@@ -319,7 +319,7 @@ def train(cfg, rank, world, local_rank, local_world, device):
         if result is not None and rank == 0:
             # The selected model, small, for predict.py and for handing over (README "Damage maps").
             save_model(load_checkpoint(run_dir / "best.pt"), run_dir / "best.pt", run_dir / "model.pt",
-                       {"mean": data.MEAN, "std": data.STD})
+                       (data.MEAN, data.STD))
         if result is not None and rank == 0 and not cfg["no_report"]:
             write_report(run_dir)
     return result

@@ -427,3 +427,121 @@ def test_a_checkpoint_from_before_schemes_travelled_is_read_as_artefact_with_a_n
     assert f"note: --checkpoint {old} records no label scheme" in capsys.readouterr().err
     header = next(csv.reader(open(tmp_path / "out" / "areas.csv", encoding="utf-8")))
     assert [column[:-3] for column in header if column.endswith(" px")] == CLASS_NAMES
+
+
+def test_areas_are_in_mm2_from_the_files_resolution_or_the_flag_and_say_where_the_scale_came_from(tmp_path, checkpoint):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(random_image(40, 50)).save(tmp_path / "in" / "scan.png", dpi=(300, 300))
+    Image.fromarray(random_image(30, 20, seed=1)).save(tmp_path / "in" / "cm.tif",
+                                                       tiffinfo={282: 40.0, 283: 40.0, 296: 3})
+    Image.fromarray(random_image(30, 20, seed=2)).save(tmp_path / "in" / "camera.jpg", dpi=(72, 72))
+    Image.fromarray(random_image(30, 20, seed=3)).save(tmp_path / "in" / "bare.png")
+    assert main([str(a) for a in ["--checkpoint", checkpoint, tmp_path / "in", "--out", tmp_path / "a"]]) == 0
+    rows = {row["file"]: row for row in csv.DictReader(open(tmp_path / "a" / "areas.csv", encoding="utf-8"))}
+    # 300 dpi: a pixel is 25.4/300 mm wide; 40 per cm (ResolutionUnit 3): 0.25 mm.
+    for name, pixel_mm in (("scan.png", 25.4 / 300), ("cm.tif", 0.25)):
+        row = rows[name]
+        assert "file resolution" in row["scale_source"]
+        assert float(row["damage_mm2"]) == pytest.approx(int(row["damage_px"]) * pixel_mm ** 2, rel=1e-3)
+        for class_name in CLASS_NAMES:
+            assert float(row[f"{class_name} mm2"]) == pytest.approx(int(row[f"{class_name} px"]) * pixel_mm ** 2,
+                                                                    rel=1e-3, abs=1e-3)
+    assert rows["camera.jpg"]["damage_mm2"] == "" and "72 dpi is a software default" in rows["camera.jpg"]["scale_source"]
+    assert rows["bare.png"]["damage_mm2"] == "" and "states no resolution" in rows["bare.png"]["scale_source"]
+    report = json.loads((tmp_path / "a" / "scan_report.json").read_text())
+    assert report["scale"]["px_per_mm"] == pytest.approx([300 / 25.4] * 2, rel=1e-4)
+
+    assert main([str(a) for a in ["--checkpoint", checkpoint, tmp_path / "in", "--out", tmp_path / "b",
+                                  "--px-per-mm", "4"]]) == 0
+    for row in csv.DictReader(open(tmp_path / "b" / "areas.csv", encoding="utf-8")):
+        assert row["scale_source"] == "--px-per-mm 4" and row["px_per_mm"] == "4.0 x 4.0"
+        assert float(row["damage_mm2"]) == pytest.approx(int(row["damage_px"]) / 16, abs=1e-3)
+
+
+def test_a_folder_names_what_it_skips_and_reads_every_format_pillow_reads(tmp_path, capsys, checkpoint):
+    photos = tmp_path / "photos"
+    (photos / "old").mkdir(parents=True)
+    Image.fromarray(random_image(20, 30)).save(photos / "a.bmp")
+    Image.fromarray(random_image(20, 30, seed=1)).save(photos / "b.webp", lossless=True)
+    (photos / "notes.txt").write_text("condition notes")
+    assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos / "maps"]]) == 0
+    assert "note: skipped notes.txt (not an image format Pillow reads), old/ (a folder: pass it on its own to read " \
+           "it)" in capsys.readouterr().err
+    assert [row["file"] for row in csv.DictReader(open(photos / "maps" / "areas.csv"))] == ["a.bmp", "b.webp"]
+    assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos / "maps"]]) == 0
+    assert "note: skipped maps/ (the --out folder), notes.txt" in capsys.readouterr().err
+
+
+def test_out_in_the_images_folder_never_reads_back_its_outputs_or_replaces_a_users_file(tmp_path, capsys, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(random_image(20, 30)).save(photos / "a.png")
+    Image.fromarray(random_image(20, 30, seed=1)).save(photos / "b.png")
+    for _ in range(2):
+        assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos]]) == 0
+    assert [row["file"] for row in csv.DictReader(open(photos / "areas.csv"))] == ["a.png", "b.png"]
+    outputs = [p for p in photos.iterdir() if not p.name.startswith(".") and p.name not in ("a.png", "b.png")]
+    assert f"skipped {len(outputs)} files predict.py wrote there earlier" in capsys.readouterr().err
+
+    # A user's own a_mask.png (say, a hand-drawn mask) beside a.png is an image, and never overwritten.
+    user = tmp_path / "mine"
+    user.mkdir()
+    Image.fromarray(random_image(20, 30)).save(user / "a.png")
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(user / "a_mask.png")
+    before = (user / "a_mask.png").read_bytes()
+    err = error_of(capsys, ["--checkpoint", checkpoint, user, "--out", user])
+    assert f"{user / 'a_mask.png'} exists and was not written by predict.py" in err
+    assert (user / "a_mask.png").read_bytes() == before and not (user / "areas.csv").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 160 KiB tmpfs (needs root to mount), unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_predict_on_a_full_disk_ends_in_one_line_naming_the_out_folder(tmp_path, small_disk, checkpoint):
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.fromarray(random_image(150, 200, seed=i)).save(tmp_path / "in" / f"p{i}.png")
+    done = run_script("predict.py", "--checkpoint", checkpoint, tmp_path / "in", "--out", small_disk, "--threads", "1")
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --out {small_disk}: disk full writing ") and "Traceback" not in done.stderr
+    finished = [row["file"] for row in csv.DictReader(open(small_disk / "areas.csv"))]
+    assert 0 < len(finished) < 6, "the disk holds the first maps and runs out before the last"
+    for name in finished:
+        Image.open(small_disk / f"{Path(name).stem}_mask.png").load()
+    assert not list(small_disk.glob(".*.tmp*")), "no half-written file is left behind"
+
+
+def test_the_portable_model_is_small_predicts_the_same_maps_and_carries_the_ema_weights(tmp_path, checkpoint):
+    model_file = tmp_path / "model.pt"
+    done = run_script("predict.py", "--checkpoint", checkpoint, "--export", model_file)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {model_file}" in done.stdout
+    portable = torch.load(model_file, weights_only=True)
+    assert set(portable) == {"format", "model", "config", "trained"} and portable["format"] == "artdamage-model"
+    assert portable["config"]["classes"] == scheme_to_dict(ARTEFACT)
+    assert portable["config"]["normalisation"] == {"mean": list(MEAN), "std": list(STD)}
+    assert model_file.stat().st_size < checkpoint.stat().st_size / 2
+    Image.fromarray(random_image(70, 90)).save(tmp_path / "a.png")
+    masks = []
+    for source in (checkpoint, model_file):
+        assert main([str(a) for a in ["--checkpoint", source, tmp_path / "a.png", "--out", tmp_path / source.stem]]) == 0
+        masks.append(np.asarray(Image.open(tmp_path / source.stem / "a_mask.png")))
+    np.testing.assert_array_equal(*masks)
+
+    # A run that kept a weight average predicts with it, and so does its model.pt.
+    saved = torch.load(checkpoint, weights_only=True)
+    averaged = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in saved["model"].items()}
+    torch.save({**saved, "ema": averaged}, tmp_path / "ema.pt")
+    assert run_script("predict.py", "--checkpoint", tmp_path / "ema.pt", "--export", tmp_path / "m2.pt").returncode == 0
+    weights = torch.load(tmp_path / "m2.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[k], averaged[k]) for k in averaged)
