@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from labels import (ARTEFACT_SOURCE, UserError, artefact_scheme, hex_colour, note, read_scheme, scheme_summary,
                     scheme_to_dict)
-from strips import EXIF_ORIENTATION, nearest_positions, strip_reducer, strip_resizer, upright_strips
+from strips import exif_orientation, nearest_positions, strip_reducer, strip_resizer, upright_strips
 
 # ARTeFACT's largest images are ~244 MP (its dataset card raises the limit likewise); Pillow warns above
 # this and refuses above twice this, which still guards against decompression bombs.
@@ -248,7 +248,7 @@ def displayed_size(path):
     try:
         with Image.open(path) as image:
             width, height = image.size
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = exif_orientation(image) in (5, 6, 7, 8)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; check the dataset folder") from None
     except PermissionError:
@@ -320,7 +320,7 @@ def image_header(path):
     try:
         with Image.open(path) as image:
             width, height = image.size
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = exif_orientation(image) in (5, 6, 7, 8)
             alpha = image.has_transparency_data and not image.mode.startswith("I")
             dpi = image.info.get("dpi")
     except Exception as exc:

@@ -92,7 +92,6 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
 
 from areas import (areas_fields, areas_row, label_counts, measured, pixel_scale, scores_fields, scores_row)
 from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint, save_model

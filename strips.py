@@ -213,13 +213,28 @@ def _source_box(orientation, width, height, r0, r1):
     return width - r1, 0, width - r0, height
 
 
+def exif_orientation(image):
+    """The EXIF orientation (1-8; 1 = upright) of an opened image, from its header alone: Pillow's getexif()
+    decodes a whole PNG to look for an eXIf chunk after the pixels, so a PNG's chunks are scanned instead."""
+    if image.format != "PNG":
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    position = image.fp.tell()
+    data = next(_chunks(image.fp, b"eXIf"), None)
+    image.fp.seek(position)
+    if data is None:
+        return 1
+    exif = Image.Exif()
+    exif.load(data)
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
 def upright_strips(path, image, orient=True, rows=None):
     """PIL images of consecutive strips of rows rows (default strip_rows) of an opened image as displayed
     (orient: its EXIF orientation applied, as ImageOps.exif_transpose does; else as stored). A PNG png_layout
     accepts, stored upright, is
     decoded a strip at a time; anything else is decoded whole by Pillow and cut into strips (each strip cut
     from the stored image and turned upright on its own)."""
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1) if orient else 1
+    orientation = exif_orientation(image) if orient else 1
     orientation = orientation if orientation in UPRIGHT else 1
     width, height = image.size
     rows = rows or strip_rows(width if orientation < 5 else height)
