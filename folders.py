@@ -11,6 +11,8 @@ from files import atomic_write
 from labels import UserError
 
 MANIFEST = ".predict-outputs.json"
+# What to do when --out fills up or cannot be written (files.write_error's line ends with it).
+WRITE_FIX = "make room there or pass another --out (the maps of the images before it are complete, in areas.csv)"
 SHOWN_SKIPPED = 8
 
 
@@ -40,7 +42,8 @@ def claim(out, names):
     """Adds names to out's manifest (written before the files themselves, so a crash leaves none unlisted)."""
     files = claimed(out) | set(names)
     atomic_write(Path(out) / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"written_by": "predict.py",
-                                                                              "files": sorted(files)}) + "\n"))
+                                                                              "files": sorted(files)}) + "\n"),
+                 fix=WRITE_FIX)
 
 
 def run_outputs(truth):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from files import read_jsonl
 from labels import GROUP_COLUMNS, UserError, config_scheme, same_scheme
 
 
@@ -76,15 +77,15 @@ def confusion_record(cms):
 # Config keys that may differ between the runs one summary table averages: the fold and how a run was launched.
 OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                     "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
-                    "full_res", "data_flag", "splits", "threads", "classes_file", "classes_source"}
+                    "full_res", "data_flag", "splits", "threads", "classes_file", "classes_source", "given_flags",
+                    "data_fingerprint"}
 
 
 def _test_record(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"--summary: {path} not found; is {run_dir} a finished run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tests = [r for r in records if "test" in r]
+    tests = [r for r in read_jsonl(path) if isinstance(r, dict) and "test" in r]
     if not tests:
         raise UserError(f"--summary: {path} has no test record; the fold has not finished (rerun it with --resume)")
     return tests[-1]
@@ -92,12 +93,22 @@ def _test_record(run_dir):
 
 def _same_protocol(run_dirs):
     """(the common config of the runs, their label scheme); refuses runs that differ in anything but the fold."""
-    configs = []
+    configs, seen = [], {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "config.json"
+        if Path(run_dir).resolve() in seen:
+            raise UserError(f"--summary: {run_dir} is given twice (also as {seen[Path(run_dir).resolve()]}); a fold "
+                            "counts once")
+        seen[Path(run_dir).resolve()] = run_dir
         if not path.is_file():
             raise UserError(f"--summary: {path} not found; is {run_dir} a run directory of train.py?")
-        configs.append(json.loads(path.read_text()))
+        try:
+            configs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--summary: {path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore the "
+                            "run's config.json") from None
+        if not isinstance(configs[-1], dict):
+            raise UserError(f"--summary: {path}: not a train.py config (a JSON object of flags)")
     wheres = [str(Path(d) / "config.json") for d in run_dirs]
     scheme = same_scheme([config_scheme(c, w) for c, w in zip(configs, wheres)], wheres,
                          "a table averages folds of one protocol only")

@@ -87,7 +87,6 @@ if __name__ == "__main__" and run_cli(parse_args):
     sys.exit(2)
 
 import contextlib
-import errno
 import math
 
 import numpy as np
@@ -97,13 +96,13 @@ from areas import (areas_fields, areas_row, label_counts, measured, pixel_scale,
 from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint, save_model
 from config import auto_precision
 from data import MEAN, STD
-from files import atomic_write, image_header, scaled_copies, scaled_shape
+from files import atomic_write, image_header, scaled_copies, scaled_shape, write_error
 from gallery import card_pictures, write_page
 from labels import colour_table
 from metrics import confusion
 from model import check_img_size
 from objects import alpha_on_disk, find_mask, object_and_truth, object_source
-from folders import claim, claim_outputs, list_images, outputs_of
+from folders import WRITE_FIX, claim, claim_outputs, list_images, outputs_of
 from overlay import render_overlay
 from strips import nearest_positions, strip_rows, write_png
 from tiles import label_strips, predict_image, tile_count
@@ -113,12 +112,6 @@ OVERLAY_MAX_PIXELS = 25_000_000
 # Overlays above this size are saved as JPEG (photographs compress ten times better), smaller ones as PNG.
 PNG_OVERLAY_PIXELS = 4_000_000
 PROGRESS_MIN_TILES = 32
-# OSErrors of a write the user can fix: a full disk, a read-only or forbidden folder.
-WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
-
-
 def write_mask(path, labels, scheme):
     """Indexed PNG whose pixel values are class ids and whose palette holds the label scheme's colours."""
     with open(path, "wb") as f:
@@ -206,7 +199,8 @@ def map_image(model, path, args):
         pairs = object_and_truth(source, scheme, size, strip_rows(header.width), alpha_strips)
         strips = _map_strips(labels, size, pairs, shown.shape[:2], scheme, tally)
         mask_path = out / f"{path.stem}_mask.png"
-        atomic_write(mask_path, lambda tmp: _write_strips(tmp, header.width, header.height, strips, scheme))
+        atomic_write(mask_path, lambda tmp: _write_strips(tmp, header.width, header.height, strips, scheme),
+                     fix=WRITE_FIX)
     report = {"file": path.name, "image": str(path), "width": header.width, "height": header.height,
               "object_source": object_source(source, alpha, scheme),
               "truth": str(source["truth"]) if source["truth"] else None,
@@ -230,7 +224,8 @@ def predict_file(model, path, args):
     overlay_path = out / f"{path.stem}_overlay{overlay_ext}"
     overlay = render_overlay(shown, shown_labels, report, scheme)
     atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="PNG" if overlay_ext == ".png" else "JPEG",
-                                                         **({} if overlay_ext == ".png" else {"quality": 90})))
+                                                         **({} if overlay_ext == ".png" else {"quality": 90})),
+                 fix=WRITE_FIX)
     report["outputs"] = {"mask": mask_path.name, "overlay": overlay_path.name, "overlay_reduced_by": factor,
                          "report": f"{path.stem}_report.json"}
     report["settings"] = {"checkpoint": str(args.checkpoint), "tile": args.tile, "work_size": args.work_size,
@@ -238,7 +233,7 @@ def predict_file(model, path, args):
                           "consistency": args.consistency, "px_per_mm": args.px_per_mm}
     pictures = card_pictures(out, path.stem, shown, shown_labels, scheme)
     text = json.dumps(report, indent=2) + "\n"
-    atomic_write(out / report["outputs"]["report"], lambda tmp: tmp.write_text(text))
+    atomic_write(out / report["outputs"]["report"], lambda tmp: tmp.write_text(text), fix=WRITE_FIX)
     line = f"{path.name}: {report['damaged_percent']:.2f} % of the object damaged"
     if report["damaged_mm2"] is not None:
         line += f" ({report['damaged_mm2']:.1f} mm²)"
@@ -249,13 +244,8 @@ def predict_file(model, path, args):
 
 
 def _write_error(out, exc):
-    """The one line for an OSError met writing into --out, or None for any other error."""
-    what = WRITE_ERRNOS.get(getattr(exc, "errno", None))
-    if what is None:
-        return None
-    name = Path(exc.filename).name if getattr(exc, "filename", None) else "its files"
-    return UserError(f"--out {out}: {what} writing {name}; free space or pass another --out (the maps of the "
-                     "images before it are complete, listed in areas.csv)")
+    """The one line for an OSError met writing into --out (a CSV row, the page), or None for any other error."""
+    return write_error(exc.filename or Path(out) / "its files", exc, fix=WRITE_FIX)
 
 
 def _setup(args):

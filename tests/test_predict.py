@@ -513,7 +513,8 @@ def test_predict_on_a_full_disk_ends_in_one_line_naming_the_out_folder(tmp_path,
     done = run_script("predict.py", "--checkpoint", checkpoint, tmp_path / "in", "--out", small_disk, "--threads", "1")
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --out {small_disk}: disk full writing ") and "Traceback" not in done.stderr
+    assert last.startswith(f"error: {small_disk}: disk full writing ") and "Traceback" not in done.stderr
+    assert last.endswith("pass another --out (the maps of the images before it are complete, in areas.csv)")
     finished = [row["file"] for row in csv.DictReader(open(small_disk / "areas.csv"))]
     assert 0 < len(finished) < 6, "the disk holds the first maps and runs out before the last"
     for name in finished:

@@ -122,6 +122,14 @@ def test_five_class_dataset_check_train_eval_predict_report_name_its_own_classes
     scored = next(csv.reader(open(out / "scores.csv")))
     assert [column[:-4] for column in scored if column.endswith(" IoU")] == MURAL_NAMES
     palette = Image.open(out / "wall_01_mask.png").getpalette()
+    # train.py leaves the small model.pt beside best.pt; it maps as best.pt does.
+    from_model = run_script("predict.py", "--checkpoint", run / "model.pt", root / "images" / "wall_01.png", "--out",
+                            tmp_path / "from_model")
+    assert from_model.returncode == 0, from_model.stderr
+    ours, scored = (np.asarray(Image.open(folder / "wall_01_mask.png")) for folder in (tmp_path / "from_model", out))
+    inside = scored != scheme_from_dict(MURAL, "x").ignore  # the --truth run left its ignore id outside
+    assert inside.mean() > 0.5
+    np.testing.assert_array_equal(ours[inside], scored[inside])
     assert [tuple(palette[3 * k:3 * k + 3]) for k in range(5)] == list(scheme_from_dict(MURAL, "x").colours)
 
     report = (run / "report.md").read_text()

@@ -229,8 +229,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}, "config": {}})
 
     def dies_mid_write(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
