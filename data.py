@@ -14,7 +14,7 @@ from distributed import barrier
 from files import dataset_scheme, list_samples, read_metadata
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import preload
-from splits import default_manifest_path, split_ids
+from splits import default_manifest_path, group_names, split_ids
 from synthetic import make_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +45,18 @@ def data_scheme(data, classes=None, fallback=None):
 def run_scheme(cfg):
     """The label scheme a run config carries (cfg["classes"], written by config.resolve_config)."""
     return scheme_from_dict(cfg["classes"], f"{cfg.get('run_dir', 'the run')} config (classes)")
+
+
+def held_out(cfg):
+    """The group a leave-one-group-out fold tests on, e.g. "material=Tesserae" (None for kfold and single
+    splits), from the dataset's metadata in the split manifest's order; a --fold past the groups is one line."""
+    if cfg["split"] not in GROUP_COLUMNS:
+        return None
+    names = group_names(resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"]), cfg["split"])
+    if not 0 <= cfg["fold"] < len(names):
+        raise UserError(f"--fold {cfg['fold']}: --split {cfg['split']} has folds 0..{len(names) - 1} "
+                        f"({', '.join(names)})")
+    return f"{cfg['split']}={names[cfg['fold']]}"
 
 
 # One part of a fold: its samples, their preloaded pixels, and each sample's metadata group per column.

@@ -353,3 +353,23 @@ def load_encoder_weights(model, path):
     if any(_MIT_KEY.match(key) for key in state):
         state = rename_mit_keys(state)
     _load_encoder_state(model, state, f"--weights {path}")
+
+
+@torch.no_grad()
+def model_cost(model, img_size, channels_last=True):
+    """(parameters, GFLOPs of one forward pass over one img_size crop) of a network, counted once by torch's
+    FlopCounterMode in eval mode, which changes no BatchNorm statistic and draws no random number. A training
+    step costs about 3x the forward (see bench.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    x = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    try:
+        model.eval()
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9

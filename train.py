@@ -31,13 +31,13 @@ from checkpoint import load_checkpoint
 from config import with_batch
 from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
                          teardown)
-from evaluation import eval_only, evaluate
+from evaluation import eval_only, evaluate, test_full_res
 from labels import UserError, run_cli, scheme_summary
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, sync_batchnorm
-from runs import (load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted, save_test,
-                  write_config)
+from runs import (load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted,
+                  save_run_summary, save_test, write_config)
 from weights import resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
@@ -296,14 +296,17 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
         parts.raw_model.load_state_dict(selected["model"])
     broadcast_module(parts.raw_model)
     epoch = torch.tensor(selected["epoch"] if selected else 0)
-    cms = evaluate(parts.raw_model, split["test"], cfg, device, rank, world, preemption)
+    cms = evaluate(parts.raw_model, split["test"], cfg, device, rank, world, preemption, per_image=True)
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
+    per_image = cms.pop("per_image")
     record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, MAX)),
               "select": cfg["select"]}
     if rank == 0:
-        save_test(run_dir, record, confusion_record(cms))
+        save_test(run_dir, record, confusion_record(cms), [s.id for s in split["test"].samples], per_image)
+    if cfg["full_res"]:
+        test_full_res(parts.raw_model, split["test"], cfg, rank, world, device, record["selected_epoch"])
     return record
 
 
@@ -355,7 +358,8 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
               f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), {lr_line(cfg)[0]}, "
-              f"{cfg['precision']}, {n_train // cfg['batch_size']} steps/epoch, select {cfg['select']}")
+              f"{cfg['precision']}, {n_train // cfg['batch_size']} steps/epoch, select {cfg['select']}"
+              + (f", test fold {cfg['held_out']}" if cfg.get("held_out") else ""))
     # Run state the epochs share: consecutive skipped steps, and the weights that pick rare-damage crops.
     preemption, run_state, run_start = Preemption(), {"consecutive": 0, "class_weights": class_weights}, time.time()
     try:
@@ -372,10 +376,13 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
             if rank == 0:
                 save_epoch(parts, cfg, record, selected, run_dir)
                 print_epoch(cfg, record, (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1))
+        test_start = time.time()
         result = test_selected(parts, split, cfg, rank, world, device, preemption)
     finally:
         preemption.close()
     if result is not None:
+        if rank == 0:
+            save_run_summary(run_dir, parts.raw_model, cfg, world, time.time() - test_start)
         log(rank, f"test mIoU {result['test']['miou']:.4f} damage IoU {result['test'].get('binary_iou') or 0:.4f} "
                   f"(epoch {result['selected_epoch']}, --select {cfg['select']}); run folder {run_dir}")
     return result
