@@ -5,13 +5,12 @@ scheduler and scaler states, epoch, step, best metric and the full run config, t
 (config["classes"]). It is read with ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
 import errno
-import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
-from files import atomic_write
+from files import atomic_write, free_bytes, write_error
 from labels import UserError, config_scheme, scheme_difference, scheme_from_dict
 from model import build_model, strip_wrapper_prefixes
 
@@ -33,16 +32,84 @@ def save_checkpoint(path, state):
     """Written atomically (temporary file + rename): a kill mid-write or a full disk leaves the previous
     checkpoint intact; a full disk is a UserError naming the folder and the space needed."""
     path = Path(path)
+    needed = _tensor_bytes(state)
+    fix = f"free space and rerun with --resume (the previous {path.name}, if any, is intact)"
+
+    def write(tmp):
+        # Through a file of our own: it is closed (its space freed) whatever torch.save raises, and the OS error
+        # of a failed write reaches us as the cause of torch's RuntimeError ("unexpected pos", no errno).
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
     try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as exc:
-        # torch.save reports a failed write as RuntimeError wrapping the OS error.
-        if not (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)):
+        atomic_write(path, write, needed, fix)
+    except RuntimeError as exc:
+        cause = _os_error(exc)
+        error = write_error(path, cause, needed, fix) if cause else None
+        if error is None and free_bytes(path.parent) < needed * 1.05 + 2**20:
+            # No OS error to read (a torch build that writes on its own): too little room for the file means full.
+            error = write_error(path, OSError(errno.ENOSPC, "No space left on device"), needed, fix)
+        if error is None:
             raise
-        free = shutil.disk_usage(path.parent).free
-        raise UserError(f"{path.parent}: disk full writing {path.name} (needs about "
-                        f"{_tensor_bytes(state) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free); free space and "
-                        f"rerun with --resume (the previous {path.name}, if any, is intact)") from None
+        raise error from None
+
+
+def _os_error(exc):
+    """The first OSError with an errno among exc's causes and contexts, or None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _whole(minimum):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _fraction(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+
+
+# What each config key that builds the model or drives evaluation must hold. A checkpoint edited by hand (or
+# written by something else) is refused naming the key, rather than failing deep inside with a TypeError or
+# evaluating at a nonsensical size; keys an older checkpoint lacks are left to their defaults.
+CONFIG_RULES = {
+    "encoder": (lambda v: isinstance(v, str) and v != "", "an encoder name"),
+    "decoder": (lambda v: v in ("unet", "upernet"), "unet or upernet"),
+    "heads": (lambda v: v in ("fine", "hierarchical"), "fine or hierarchical"),
+    "norm": (lambda v: v in ("bn", "gn"), "bn or gn"),
+    "img_size": (_whole(1), "a positive whole number of pixels"),
+    "work_size": (_whole(0), "0 or a whole number of pixels"),
+    "num_classes": (_whole(2), "a whole number of at least 2"),
+    "micro_batch": (lambda v: v is None or _whole(1)(v), "a positive whole number"),
+    "precision": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "bf16, fp16 or fp32"),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "split": (lambda v: v in ("single", "kfold", "material", "content"), "single, kfold, material or content"),
+    "fold": (_whole(0), "0 or more"),
+    "folds": (_whole(2), "at least 2"),
+    "seed": (_whole(0), "0 or more"),
+    "inner_frac": (_fraction, "between 0 and 1"),
+    "select": (lambda v: v in ("inner", "last"), "inner or last"),
+    "synthetic_count": (_whole(2), "at least 2"),
+    "synthetic_size": (_whole(32), "at least 32"),
+    "data": (lambda v: isinstance(v, str) and v != "", "a dataset folder or 'synthetic'"),
+}
+
+
+def check_config(config, path, flag="--checkpoint"):
+    """Refuses config values of the wrong type or range, naming the key."""
+    for key, (ok, need) in CONFIG_RULES.items():
+        if key in config and not ok(config[key]):
+            raise UserError(f"{flag} {path}: its config has {key} = {config[key]!r}, which must be {need}; the file "
+                            "was edited or not written by train.py: pass an unmodified best.pt or last.pt")
+
+
+def check_finite(model_state, path, flag="--checkpoint"):
+    """Refuses weights holding NaN or inf: a model that diverged predicts nothing meaningful."""
+    for name, tensor in model_state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{flag} {path}: its weights are not finite (NaN or inf in {name}); the run had diverged "
+                            "when it was written: pass an earlier checkpoint, or retrain with a lower --lr")
 
 
 def load_checkpoint(path, flag="--checkpoint"):
@@ -66,6 +133,8 @@ def load_checkpoint(path, flag="--checkpoint"):
     if not isinstance(config, dict) or "encoder" not in config or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"{flag} {path}: not a train.py checkpoint (expected a dict with 'model' and a "
                         "'config' naming the encoder); pass a best.pt or last.pt written by train.py")
+    check_config(config, path, flag)
+    check_finite(checkpoint["model"], path, flag)
     return checkpoint
 
 
@@ -98,10 +167,11 @@ def model_from_checkpoint(checkpoint, path, img_size=None):
 
 
 def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
-    """Everything --resume needs: states of model, optimizer, scheduler and scaler, progress, config."""
+    """Everything --resume needs: states of model, optimizer, scheduler and scaler, progress, config, and the
+    selection so far, best = (inner mIoU, epoch) of best.pt (-1.0, None before any)."""
     return {"model": parts.raw_model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": epoch,
-            "step": step, "epoch_loss_sum": loss_sum, "best_miou": best, "config": cfg}
+            "step": step, "epoch_loss_sum": loss_sum, "best_miou": best[0], "best_epoch": best[1], "config": cfg}
 
 
 # Config keys a resumed run may change: how it is launched, logged and checked, not what it trains or evaluates
@@ -110,11 +180,11 @@ def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
 RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                      "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
                      "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
-                     "skip_nonfinite", "max_skipped"}
+                     "skip_nonfinite", "max_skipped", "given_flags"}
 # Derived from other keys that are compared themselves (lr from --lr and the batch); the label scheme is
 # compared as a scheme (labels.scheme_difference), whichever file it was read from.
 RESUME_DERIVED = {"lr", "classes", "num_classes", "classes_file", "classes_source"}
-FLAG_OF_KEY = {"base_lr": "--lr"}
+FLAG_OF_KEY = {"base_lr": "--lr", "data_fingerprint": "the files of --data"}
 
 
 def _shown(value):
@@ -159,9 +229,11 @@ def check_scheme(trained, scheme, source, lead):
 
 
 def restore_training(parts, checkpoint):
-    """Loads model, optimizer, scheduler and scaler states; returns (epoch, step, best, epoch loss sum)."""
+    """Loads model, optimizer, scheduler and scaler states; returns (epoch, step, (best mIoU, its epoch), epoch
+    loss sum)."""
     parts.raw_model.load_state_dict(checkpoint["model"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     parts.scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["epoch"], checkpoint["step"], checkpoint["best_miou"], checkpoint.get("epoch_loss_sum", 0.0)
+    return (checkpoint["epoch"], checkpoint["step"], (checkpoint["best_miou"], checkpoint.get("best_epoch")),
+            checkpoint.get("epoch_loss_sum", 0.0))

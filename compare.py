@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from files import read_jsonl
 from labels import GROUP_COLUMNS, HelpFormatter, UserError, config_scheme, note, run_cli, same_scheme
 from metrics import SELECTION, mean_iou, protocol, read_config
 from runs import per_image_path, read_per_image
@@ -50,7 +51,7 @@ def _records(run_dir):
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"compare: {path} not found; is {run_dir} a run folder of train.py?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _eval_file(path, run_dir):

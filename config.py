@@ -7,7 +7,10 @@ from pathlib import Path
 
 from encoders import ENCODERS
 from labels import HelpFormatter, UserError, scheme_to_dict
-from weights import METHODS
+
+# --class-weights methods (weights.py holds their formulas and imports the names from here, as losses' names
+# live in --loss's choices).
+METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 
 # torch and timm are imported inside the functions that need them: `--help` and flag mistakes answer in a
 # fraction of a second instead of waiting seconds for them.
@@ -139,8 +142,20 @@ def lr_line(cfg):
     return line, None
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+def parse_args(argv=None, make_parser=build_parser):
+    """The flags; given_flags lists those on the command line, so --eval-only can refuse an explicit --fold
+    that is not the checkpoint's while the checkpoint's own values fill in the rest."""
+    args = make_parser().parse_args(argv)
+    args.given_flags = given_flags(argv, make_parser)
+    return args
+
+
+def given_flags(argv=None, make_parser=build_parser):
+    """Sorted names (dests) of the flags on the command line: a parse in which no flag has a default."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(parser.parse_args(argv)))
 
 
 def _batch_sizes(args, world_size):
@@ -235,18 +250,16 @@ def resolve_config(args, world_size, device):
 
     _check_numbers(args)
     cfg = vars(args).copy()
+    if args.data is not None and not args.data.strip():
+        raise UserError(f"--data {args.data!r}: empty (an unset variable in a job script?); pass a dataset folder or "
+                        "'synthetic'")
     cfg.update(data=args.data or "synthetic", data_flag=args.data)
     if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
         raise UserError(f"--data {args.data}: folder not found; run `python prepare.py ingest` or use --data synthetic")
     if args.encoder not in ENCODERS and not _timm_knows(args.encoder):
         raise UserError(f"--encoder {args.encoder}: unknown; use one of {', '.join(ENCODERS)} or a timm model name")
     check_img_size(args.encoder, args.img_size)
-    try:
-        cfg["head_weights"] = [float(w) for w in args.head_weights.split(",")]
-    except ValueError:
-        cfg["head_weights"] = []
-    if len(cfg["head_weights"]) != 3:
-        raise UserError(f"--head-weights {args.head_weights}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
+    cfg["head_weights"] = _head_weights(args.head_weights)
     # Evaluation trains nothing: its tiles go through the model --micro-batch (or the checkpoint's) at a time.
     batch, per_rank, micro = (None, None, args.micro_batch) if args.eval_only else _batch_sizes(args, world_size)
     if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
@@ -282,6 +295,19 @@ def label_scheme(data, classes_file, heads):
         raise UserError(f"--heads hierarchical: the label scheme of {source} has no coarse groups; add \"groups\" "
                         "to it (README 'Your own dataset') or use --heads fine")
     return {"classes": scheme_to_dict(scheme), "num_classes": scheme.num_classes, "classes_source": source}
+def _head_weights(text):
+    """--head-weights as three loss weights, each finite and 0 or more, not all 0 (a negative weight would
+    maximise its head's loss; all zero trains nothing)."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3:
+        raise UserError(f"--head-weights {text}: give three numbers binary,coarse,fine e.g. 0.2,0.3,0.5")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights):
+        raise UserError(f"--head-weights {text}: each weight must be 0 or more and at least one above 0 (a negative "
+                        "one trains by ascending that head's loss), e.g. 0.2,0.3,0.5")
+    return weights
 
 
 def _timm_knows(name):

@@ -1,7 +1,15 @@
 """The training-time data path: dataset folder -> split -> node-shared preload -> batches on the device.
 
 Flips, rot90 and normalisation run on the uint8 batch on the device; nothing per-pixel runs in Python.
+A library without a command line (ARTeFACT is ingested by prepare.py).
 """
+if __name__ == "__main__":
+    # Older instructions said `python data.py prepare`; running it must not look like success.
+    import sys
+    print("error: data.py has no command line; ingest ARTeFACT with `python prepare.py ingest --download` (or "
+          "--parquet DIR) and check it with `python prepare.py check DIR`", file=sys.stderr)
+    sys.exit(2)
+
 import collections
 import queue
 import threading
@@ -10,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distributed import barrier
-from files import dataset_scheme, list_samples, read_metadata
+from distributed import barrier, broadcast
+from files import dataset_scheme, fingerprint, list_samples, read_metadata, write_error
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import preload
 from splits import default_manifest_path, group_names, split_ids
@@ -26,7 +34,14 @@ def resolve_data(data, synthetic_count=64, synthetic_size=192):
     """--data value -> dataset folder; "synthetic" is generated once under data/synthetic-COUNT-SIZE/."""
     if data == "synthetic":
         root = SYNTHETIC_DIR / f"synthetic-{synthetic_count}-{synthetic_size}"
-        return Path(make_synthetic(root, count=synthetic_count, size=synthetic_size, seed=42))
+        try:
+            return Path(make_synthetic(root, count=synthetic_count, size=synthetic_size, seed=42))
+        except OSError as exc:
+            error = write_error(root, exc, fix="--data synthetic generates its images once under "
+                                f"{SYNTHETIC_DIR}: make it writable, or run once from a writable checkout")
+            if error is None:
+                raise
+            raise error from None
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"--data {data}: folder not found; pass a dataset folder (images/ + annotations/), "
@@ -57,6 +72,18 @@ def held_out(cfg):
         raise UserError(f"--fold {cfg['fold']}: --split {cfg['split']} has folds 0..{len(names) - 1} "
                         f"({', '.join(names)})")
     return f"{cfg['split']}={names[cfg['fold']]}"
+
+
+def dataset_fingerprint(cfg, rank=0, local_rank=0):
+    """files.fingerprint of cfg's dataset folder, the same on every rank (rank 0's: node-local copies of a
+    synthetic set differ in their modification times); local rank 0 generates a synthetic set first."""
+    if local_rank == 0:
+        root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
+    barrier()
+    if local_rank != 0:
+        root = resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"])
+    digest = torch.tensor(list(bytes.fromhex(fingerprint(root) if rank == 0 else "0" * 16)), dtype=torch.int64)
+    return bytes(broadcast(digest).tolist()).hex()
 
 
 # One part of a fold: its samples, their preloaded pixels, and each sample's metadata group per column.

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from labels import UserError
 
 SUM, MAX, MIN = dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN
-# The device collectives of the default group run on (set by setup_distributed).
-_comm = {"device": torch.device("cpu")}
+# The device collectives of the default group run on, and --dist-timeout, which every group takes (set by
+# setup_distributed): torch gives a group created without a timeout its own default of 30 minutes.
+_comm = {"device": torch.device("cpu"), "timeout": None}
 
 
 def _ranks_from_env(env):
@@ -74,10 +75,16 @@ def setup_distributed(timeout_s, backend="auto"):
             raise UserError(f"NCCL cannot run {local_world} ranks on {torch.cuda.device_count()} GPU(s) of one node "
                             "(it refuses two ranks on one GPU); start at most one rank per GPU, or pass "
                             "--dist-backend cuda:gloo to test several ranks on one GPU")
-        _comm["device"] = comm_device(backend, device)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+        _comm["device"], _comm["timeout"] = comm_device(backend, device), datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=_comm["timeout"],
                                 device_id=device if backend == "nccl" else None)
     return rank, world, local_rank, local_world, device
+
+
+def new_group(backend):
+    """A group of every rank on another backend, failing a stuck collective after --dist-timeout like the default
+    group."""
+    return dist.new_group(backend=backend, timeout=_comm["timeout"])
 
 
 def world_size():
@@ -141,7 +148,7 @@ class Preemption:
         self._pending = None
         self._group = None
         if dist.is_initialized() and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")
+            self._group = new_group("gloo")
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, *_):

@@ -142,6 +142,15 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     if missing:
         raise UserError(f"--checkpoint {path}: its config lacks {', '.join(missing)}; pass a checkpoint written by "
                         "this version of train.py")
+    # An explicit flag the checkpoint contradicts is refused: scored anyway, another fold's test part could hold
+    # images this model was trained on.
+    given = set(cfg.get("given_flags", ()))
+    contradicted = [f"--{key.replace('_', '-')} {cfg[key]} (trained with {trained[key]})" for key in EVAL_KEYS
+                    if key in given and cfg[key] != trained[key]]
+    if contradicted:
+        raise UserError(f"--checkpoint {path}: {'; '.join(contradicted)}; --eval-only scores the split, fold and "
+                        "model the checkpoint was trained for (another fold's test images may be in its training "
+                        "set): drop those flags, or pass that fold's own checkpoint")
     cfg.update({key: trained[key] for key in EVAL_KEYS}, data=cfg["data_flag"] or trained["data"],
                splits=cfg["splits"] or trained.get("splits"), run_dir=trained.get("run_dir", cfg["run_dir"]),
                micro_batch=cfg["micro_batch"] or trained.get("micro_batch") or TILE_BATCH)
@@ -190,5 +199,6 @@ def write_evaluation(path, record, cms, part):
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
         write_per_image(per_image_path(path), [s.id for s in part.samples], per_image)
         print(f"wrote {path} and {per_image_path(path).name}", file=sys.stderr, flush=True)
-    except OSError as exc:
-        print(f"note: could not save {path} ({exc.strerror}); the scores are above", file=sys.stderr, flush=True)
+    except (OSError, UserError) as exc:
+        print(f"note: could not save {path} ({getattr(exc, 'strerror', None) or exc}); the scores are above",
+              file=sys.stderr, flush=True)

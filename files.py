@@ -1,14 +1,20 @@
-"""A dataset folder on disk: image/mask pairs, its label scheme, reading images, id masks and metadata, atomic
-writes.
+"""A dataset folder on disk: image/mask pairs, its label scheme, reading images, id masks and metadata; writes
+that cannot corrupt.
 
 Layout: images/ID.{png,jpg,jpeg,tif,tiff} + annotations/ID.png with matching ids, optional metadata.csv
 (id, material, content, ...), optional classes.json (the label scheme; ARTeFACT's when absent, with a note).
-Every problem a user can cause is a UserError naming the file.
+Every problem a user can cause is a UserError naming the file; every write that meets a full disk, a read-only
+file system or a denied permission says so in one line naming the folder.
 """
 import collections
+import contextlib
 import csv
+import errno
+import hashlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +34,53 @@ Sample = collections.namedtuple("Sample", "id image mask")
 SCHEME_FILE = "classes.json"
 
 
-def atomic_write(path, write):
-    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact.
+# OSErrors a user fixes (space, mounts, permissions), as the words of their one line; any other errno is a bug.
+WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def size_text(nbytes):
+    """A size for a person: GiB from 1 GiB up, then MiB, KiB below 1 MiB (a 40 MB preload must not read
+    "0.00 GiB")."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+
+
+def free_bytes(folder):
+    """Bytes free to this user in folder's file system (the nearest existing folder above it)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def write_error(path, exc, needed=None, fix=None):
+    """The one-line UserError for an OSError met writing path (full disk with the space needed and free,
+    read-only file system, permission denied), naming the folder; None for any other error."""
+    what = WRITE_ERRORS.get(getattr(exc, "errno", None))
+    if what is None:
+        return None
+    path = Path(path)
+    if exc.errno in FULL:
+        space = f"needs {size_text(needed)}, " if needed else ""
+        return UserError(f"{path.parent}: {what} writing {path.name} ({space}{size_text(free_bytes(path.parent))} "
+                         f"free); {fix or 'free space and run again'}")
+    return UserError(f"{path.parent}: {what} writing {path.name}; "
+                     f"{fix or 'make the folder writable or pass another one'}")
+
+
+def _unlink_quietly(path):
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path, write, needed=None, fix=None):
+    """write(temporary path) then rename over path, so a kill mid-write leaves the previous file intact; a full
+    disk, read-only file system or denied permission is a UserError (see write_error; needed: bytes the
+    file needs, for the message).
 
     The temporary name carries this process's id (see remove_stale_temporaries); whatever stands there is
     removed first, so a planted symlink is never written through, and rename replaces a link at path itself.
@@ -40,9 +91,65 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        error = write_error(path, exc, needed, fix)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def append_line(path, line, fix=None):
+    """Appends one line whole: a single os.write on an O_APPEND descriptor, then fsync. A write the disk cut
+    short is truncated back, so a full disk never leaves half a line (a kill mid-write still could: read_jsonl
+    drops a torn last line)."""
+    payload = (line.rstrip("\n") + "\n").encode()
+    fd = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.fstat(fd).st_size
+        try:
+            if os.write(fd, payload) != len(payload):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    except OSError as exc:
+        error = write_error(path, exc, len(payload), fix)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A torn last line (a write cut short by a kill or an older full-disk
+    failure) is dropped with a note on stderr; a broken line before it is a UserError naming its number."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore it or start a "
+                        "fresh run folder") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise UserError(f"{path}: line {number} is not JSON; restore the file or remove that line") from None
+            print(f"note: {path}: dropped its torn last line {number} ({len(line)} characters, a write cut short)",
+                  file=sys.stderr, flush=True)
+    return records
 
 
 def remove_stale_temporaries(folder):
@@ -67,10 +174,18 @@ def _stems(folder):
     return files, others
 
 
+# prepare.py writes this file before its first image and removes it after metadata.csv: while it is there, the
+# folder holds a partial dataset, which list_samples (every reader: checks, training, weights) refuses.
+INGEST_MARKER = ".ingest-incomplete"
+
+
 def list_samples(root):
     """Sorted image/mask pairs of a dataset folder; any unpaired or unusable file is a UserError."""
     root = Path(root)
     image_dir, mask_dir = root / "images", root / "annotations"
+    if (root / INGEST_MARKER).exists():
+        raise UserError(f"{root}: an ingest into it did not finish ({INGEST_MARKER} is there); rerun `python "
+                        f"prepare.py ingest --overwrite --out {root}` with the same shards")
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found; a dataset needs images/ and annotations/ "
@@ -220,18 +335,41 @@ def write_scheme(root, scheme):
 
 
 def read_metadata(root):
-    """metadata.csv as {id: row dict}; {} when the file does not exist."""
+    """metadata.csv as {id: row dict}; {} when the file does not exist. An Excel export (UTF-8 byte-order mark,
+    CRLF line ends) reads like any other; an id on two rows with different values is a UserError naming both."""
     path = Path(root) / "metadata.csv"
     if not path.is_file():
         return {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: unreadable metadata ({exc}); fix or delete it") from None
-    if rows and "id" not in rows[0]:
+    if rows and "id" not in rows[0][1]:
         raise UserError(f"{path}: no 'id' column; the first line must name the columns (id, material, content)")
-    return {row["id"]: row for row in rows}
+    by_id, line_of = {}, {}
+    for line, row in rows:
+        earlier = by_id.get(row["id"])
+        if earlier is not None and earlier != row:
+            column = next(c for c in row if earlier.get(c) != row.get(c))
+            raise UserError(f"{path}: id {row['id']} is on lines {line_of[row['id']]} and {line} with different "
+                            f"{column} ({earlier.get(column)!r} vs {row.get(column)!r}); keep one row per image")
+        by_id[row["id"]], line_of[row["id"]] = row, line
+    return by_id
+
+
+def fingerprint(root):
+    """A digest of the dataset folder's files (names, sizes, modification times of images/, annotations/ and
+    metadata.csv): it changes when an image or mask is replaced, edited, added or removed under the same path,
+    without reading gigabytes of pixels (the preload's cache key rests on the same facts)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "images").iterdir(), *(root / "annotations").iterdir(), root / "metadata.csv"]):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_metadata(path, rows):

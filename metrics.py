@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from files import read_jsonl
 from labels import GROUP_COLUMNS, UserError, config_scheme, same_scheme
 
 
@@ -92,7 +93,7 @@ def confusion_record(cms):
 OPERATIONAL_KEYS = {"fold", "held_out", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every",
                     "dist_timeout", "dist_backend", "world_size", "per_rank_batch", "micro_batch", "accum_steps",
                     "preload", "eval_only", "full_res", "data_flag", "splits", "threads", "classes_file",
-                    "classes_source", "no_report"}
+                    "classes_source", "no_report", "given_flags", "data_fingerprint"}
 
 
 def protocol(config):
@@ -107,9 +108,13 @@ def read_config(run_dir, tool):
     if not path.is_file():
         raise UserError(f"{tool}: {path} not found; is {run_dir} a run directory of train.py?")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{tool}: {path}: unreadable; expected the JSON config train.py writes") from None
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{tool}: {path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore the run's "
+                        "config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{tool}: {path}: not a train.py config (a JSON object of flags)")
+    return config
 
 
 def run_names(run_dirs):
@@ -128,16 +133,20 @@ def _test_record(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"--summary: {path} not found; is {run_dir} a finished run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tests = [r for r in records if "test" in r]
+    tests = [r for r in read_jsonl(path) if isinstance(r, dict) and "test" in r]
     if not tests:
         raise UserError(f"--summary: {path} has no test record; the fold has not finished (rerun it with --resume)")
     return tests[-1]
 
 
 def same_protocol(run_dirs, tool, fix="a table averages folds of one protocol only"):
-    """(the configs of the runs, their label scheme); refuses runs that differ in anything but the fold and how
-    they were launched, naming the first key that differs."""
+    """(the configs of the runs, their label scheme); refuses a folder given twice and runs that differ in anything
+    but the fold and how they were launched, naming the first key that differs."""
+    seen = {}
+    for run_dir in run_dirs:
+        other = seen.setdefault(Path(run_dir).resolve(), run_dir)
+        if other is not run_dir:
+            raise UserError(f"{tool}: {run_dir} is given twice (also as {other}); a fold counts once")
     configs = [read_config(d, tool) for d in run_dirs]
     wheres = [str(Path(d) / "config.json") for d in run_dirs]
     scheme = same_scheme([config_scheme(c, w) for c, w in zip(configs, wheres)], wheres, fix)

@@ -10,6 +10,7 @@ are never touched.
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from files import displayed_size, load_working, working_shape
+from files import displayed_size, free_bytes, load_working, size_text, working_shape, write_error
 from labels import UserError, progress, scheme_to_dict
 
 # Offline augmentation rows per sample: the prototype's "3x" means three copies (hflip, vflip, rot90)
@@ -256,12 +257,18 @@ class Preloaded(_Rows):
         self.shapes, self.nbytes = self.layout.shapes, self.layout.nbytes
         self.files = _key_files(self.directory, self.key)
         self.path, self._owner, self._closed = self.files["data"], os.getpid(), False
-        with _Lock(self.directory):
-            _reclaim(self.directory, self.key)
-            self._register()
+        try:
+            with _Lock(self.directory):
+                _reclaim(self.directory, self.key)
+                self._register()
+        except OSError as exc:
+            raise _shm_error(self.directory, exc) from None
         atexit.register(self.close)
         try:
             self._map(samples, local_rank, local_world, timeout)
+        except OSError as exc:
+            self.close()
+            raise _shm_error(self.directory, exc, self.nbytes) from None
         except BaseException:
             self.close()
             raise
@@ -319,10 +326,9 @@ class Preloaded(_Rows):
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG):
                     raise
-                free = os.statvfs(self.directory)
-                raise UserError(f"{self.directory}: preload needs {self.nbytes / 2**30:.2f} GiB, "
-                                f"{free.f_bavail * free.f_frsize / 2**30:.2f} GiB free; use --preload none, "
-                                "a smaller --work-size, or a larger /dev/shm") from None
+                raise UserError(f"{self.directory}: preload needs {size_text(self.nbytes)}, "
+                                f"{size_text(free_bytes(self.directory))} free; use --preload none, a smaller "
+                                "--work-size, or a larger /dev/shm") from None
             buffer = np.memmap(tmp, np.uint8, "r+")
             _fill(samples, self.size, self.work_size, buffer, self.layout, self.copies, self.scheme)
             buffer.flush()
@@ -331,7 +337,9 @@ class Preloaded(_Rows):
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, UserError):
-                self.files["failed"].write_text(str(exc))
+                # Waiting ranks read the builder's error from here; a full folder leaves them their timeout.
+                with contextlib.suppress(OSError):
+                    self.files["failed"].write_text(str(exc))
             raise
         finally:
             os.close(fd)
@@ -350,6 +358,15 @@ class Preloaded(_Rows):
             del _registered[self.path]
             (self.files["users"] / _me()).unlink(missing_ok=True)
             _reclaim(self.directory, None)
+
+
+def _shm_error(directory, exc, needed=None):
+    """The one line for a shared-memory folder that is read-only, full or denied; other errors are bugs."""
+    fix = f"use --preload none, or point ARTDAMAGE_SHM_DIR at a writable tmpfs folder (now {directory})"
+    error = write_error(Path(exc.filename) if exc.filename else directory / "artdamage.lock", exc, needed, fix)
+    if error is None:
+        raise exc
+    return error
 
 
 def _cache_key(samples, size, work_size, offline_aug, scheme):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import (EXIF_ORIENTATION, SCHEME_FILE, atomic_write, dataset_scheme, list_samples, open_image, read_mask,
-                   read_metadata, rgb_array, write_metadata, write_scheme)
+from files import (EXIF_ORIENTATION, INGEST_MARKER, SCHEME_FILE, atomic_write, dataset_scheme, list_samples,
+                   open_image, read_mask, read_metadata, rgb_array, write_error, write_metadata, write_scheme)
 from labels import UserError, artefact_scheme, progress, run_cli, scheme_summary
 
 HF_DATASET = "danielaivanova/damaged-media"
@@ -75,21 +75,40 @@ def _png_bytes(payload, where, is_mask):
 
 
 def _empty_output(out, overwrite):
-    """out/images and out/annotations, refusing to mix a new dataset into an old one unless overwrite."""
+    """out/images and out/annotations, refusing to mix a new dataset into an old one unless overwrite. The
+    ingest marker (files.INGEST_MARKER) goes in before anything is removed or written, so until the ingest has
+    finished every reader refuses the folder. Sub-folders are not part of a dataset and are left in place."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; pass a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out}: not empty; pass a new folder, or --overwrite to replace its dataset")
-        for sub in ("images", "annotations"):
-            for path in (out / sub).glob("*") if (out / sub).is_dir() else ():
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: not empty; pass a new folder, or --overwrite to replace its dataset")
+    _make_folder(out)
+    atomic_write(out / INGEST_MARKER, lambda tmp: tmp.write_text("prepare.py ingest started here and has not "
+                                                                 "finished; rerun it with --overwrite\n"), fix=FIX)
+    for sub in ("images", "annotations"):
+        for path in sorted((out / sub).iterdir()) if (out / sub).is_dir() else ():
+            if path.is_dir() and not path.is_symlink():
+                print(f"note: {path}: a folder, not part of the dataset; left in place", file=sys.stderr)
+            else:
                 path.unlink()
-        (out / "metadata.csv").unlink(missing_ok=True)
-        (out / SCHEME_FILE).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    (out / "metadata.csv").unlink(missing_ok=True)
+    (out / SCHEME_FILE).unlink(missing_ok=True)
+    _make_folder(out / "images")
+    _make_folder(out / "annotations")
     return out
+
+
+# What a full disk or a read-only --out during ingest asks of the user.
+FIX = "free space (or pass another --out) and rerun prepare.py ingest with --overwrite"
+
+
+def _make_folder(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc, fix=FIX) or UserError(f"--out {folder}: cannot create the folder "
+                                                             f"({exc.strerror}); pass a writable folder") from None
 
 
 def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
@@ -105,9 +124,10 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("prepare needs pyarrow to read parquet: pip install pyarrow") from None
+    shards = _parquet_files(parquet)
     out = _empty_output(out, overwrite)
     rows, seen = [], set()
-    for file in _parquet_files(parquet):
+    for file in shards:
         try:
             shard = pq.ParquetFile(file)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...; any of them means an unusable file
@@ -129,8 +149,9 @@ def prepare(parquet, out, download=False, batch_rows=4, overwrite=False):
                 written += sum((out / sub / f"{rows[-1][0]}.png").stat().st_size for sub in ("images", "annotations"))
                 show(len(rows) - before, f", {written / 2**20:.1f} MB written")
         print(f"{file.name}: {len(rows) - before} images", flush=True)
-    atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows))
+    atomic_write(out / "metadata.csv", lambda tmp: write_metadata(tmp, rows), fix=FIX)
     write_scheme(out, artefact_scheme())
+    (out / INGEST_MARKER).unlink()
     return out
 
 
@@ -157,8 +178,9 @@ def _prepare_row(where, record, out):
         raise UserError(f"{where}: undecodable image bytes ({str(exc)[:120]}); download the shard again") from None
     if size != mask_size:
         raise UserError(f"{where}: annotation is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
-    atomic_write(out / "images" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(image))
-    atomic_write(out / "annotations" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(annotation))
+    atomic_write(out / "images" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(image), len(image), FIX)
+    atomic_write(out / "annotations" / f"{sample_id}.png", lambda tmp: tmp.write_bytes(annotation), len(annotation),
+                 FIX)
     return sample_id, record.get("material") or "", record.get("content") or "", size[0], size[1]
 
 

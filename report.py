@@ -13,8 +13,23 @@ in train.py --summary. Runs of different configurations are refused (compare.py 
 colours are the runs' label scheme (their config.json; one scheme for all runs).
 """
 import argparse
-import json
 import sys
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
+    parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
+    parser.add_argument("--images", type=int, default=4, help="test images in the truth/prediction panels")
+    parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag mistakes answer before torch and matplotlib load (seconds on a cold node).
+    build_parser().parse_args()
+
+import json
 import warnings
 from pathlib import Path
 
@@ -24,7 +39,7 @@ from PIL import Image
 
 import data
 from checkpoint import check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
-from files import read_image, read_mask
+from files import read_image, read_jsonl, read_mask
 from labels import UserError, colour_table, run_cli
 from metrics import iou_report, run_names, same_protocol
 from predict import write_mask
@@ -53,7 +68,7 @@ def read_records(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; pass run folders written by train.py")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)
     if not records:
         raise UserError(f"{path}: empty; the run has not finished an epoch")
     return records
@@ -427,12 +442,7 @@ def build_report(run_dirs, out=None, images=4, seed=42):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", help="run folders of train.py (several: e.g. the folds of a CV run)")
-    parser.add_argument("--out", help="folder for the PNGs and report.md (default: the first run folder)")
-    parser.add_argument("--images", type=int, default=4, help="test images in the truth/prediction panels")
-    parser.add_argument("--seed", type=int, default=42, help="seed that picks the panel images")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     def job():
         if args.images < 1:

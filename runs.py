@@ -1,23 +1,35 @@
 """The run folder: config.json, metrics.jsonl, last.pt / best.pt, confusion.json, confusion_per_image.npz,
 run.json, class_weights.json.
 
-A folder that holds checkpoints is never overwritten: only --resume continues it. metrics.jsonl holds one
-record per epoch ({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the
-selected checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices and
+A folder belongs to one train.py at a time (an exclusive lock held for the run's life) and one that holds
+checkpoints is never overwritten: only --resume continues it. metrics.jsonl holds one record per epoch
+({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the selected
+checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices and
 confusion_per_image.npz each test image's own; run.json what the run cost (parameters, GFLOPs, devices, time).
+
+The selection has one source of truth, best.pt itself (its own epoch and inner mIoU): it is written before
+last.pt and metrics.jsonl's records claim it, and --resume takes the selection from the file on disk.
 """
 import contextlib
+import fcntl
 import json
+import os
+import shutil
+import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import load_resumable, restore_training, save_checkpoint, training_state
-from files import atomic_write, remove_stale_temporaries
+from checkpoint import (load_checkpoint, load_resumable, restore_training, resume_changes, save_checkpoint,
+                        training_state)
+from distributed import MAX, all_reduce
+from files import append_line, atomic_write, read_jsonl, remove_stale_temporaries, write_error
 from labels import UserError
 from model import model_cost
+
+LOCK = ".lock"
 
 
 def log(rank, *parts):
@@ -33,12 +45,25 @@ class _Tee:
 
     def write(self, text):
         self.stream.write(text)
-        self.log_file.write(text)
+        self.log_only(text)
         return len(text)
+
+    def log_only(self, text):
+        self._to_log(lambda: self.log_file.write(text))
 
     def flush(self):
         self.stream.flush()
-        self.log_file.flush()
+        self._to_log(self.log_file.flush)
+
+    def _to_log(self, action):
+        # A full disk must not end a run that is still checkpointing: the console keeps every line.
+        if self.log_file is None:
+            return
+        try:
+            action()
+        except OSError as exc:
+            name, self.log_file = self.log_file.name, None
+            self.stream.write(f"note: {name}: {exc.strerror}; logging to the console only\n")
 
     def isatty(self):
         return self.stream.isatty()
@@ -51,28 +76,140 @@ def logged_to(path, rank):
     if rank != 0:
         yield
         return
-    with open(path, "a", buffering=1) as log_file:
-        streams = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(sys.stdout, log_file), _Tee(sys.stderr, log_file)
+    try:
+        log_file = open(path, "a", buffering=1)
+    except OSError as exc:
+        raise write_error(path, exc) or exc from None
+    with log_file:
+        streams, tee = (sys.stdout, sys.stderr), _Tee(sys.stdout, log_file)
+        sys.stdout, sys.stderr = tee, _Tee(sys.stderr, log_file)
         try:
             yield
         except UserError as exc:
-            log_file.write(f"error: {exc}\n")
+            tee.log_only(f"error: {exc}\n")
             raise
         finally:
             sys.stdout, sys.stderr = streams
 
 
+def _lock(run_dir):
+    """A descriptor holding an exclusive flock on run_dir/.lock, the holder's pid and host written in it. The kernel
+    drops the lock when its holder dies, however it dies, so a killed run's lock never blocks the next one."""
+    path = run_dir / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_error(path, exc, fix="a run writes its checkpoints there: make it writable or pass another "
+                                         "--run-dir") or exc from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise UserError(f"--run-dir {run_dir}: in use by another train.py ({holder}); wait for it to finish, or "
+                        "pass another --run-dir") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+def _has_checkpoint(run_dir):
+    return any((run_dir / name).is_file() for name in ("last.pt", "best.pt"))
+
+
+@contextlib.contextmanager
+def run_folder(run_dir, rank):
+    """The run folder for the run's life: created if needed and locked by rank 0 (every rank refuses together
+    when it is another process's). A folder this run created is removed again if the run fails before its
+    first checkpoint, so a failed start leaves no stub behind."""
+    fd, created, refusal = None, False, None
+    if rank == 0:
+        try:
+            created = not run_dir.exists()
+            make_folder(run_dir, "--run-dir")
+            fd = _lock(run_dir)
+        except UserError as exc:
+            refusal = exc
+    if int(all_reduce(torch.tensor(int(refusal is not None)), MAX)):
+        raise refusal or UserError(f"--run-dir {run_dir}: rank 0 could not take it (its error says why)")
+    try:
+        yield
+    except BaseException:
+        if created and not _has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def make_folder(folder, flag):
+    """mkdir -p, or one line naming the flag and why not (a file in the way, read-only, full)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror}); pass a writable folder") from None
+
+
 def load_resume(cfg, run_dir, rank):
-    """The checkpoint to resume from, or None to start afresh."""
-    path = Path(cfg["checkpoint"] or run_dir / "last.pt")
+    """The checkpoint to resume from (last.pt, else best.pt), or None to start afresh; its best_miou and
+    best_epoch are replaced by the selection verified on disk (see _verified_selection)."""
     if not cfg["resume"]:
         return None
-    if not cfg["checkpoint"] and not path.is_file():
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    source = Path(cfg["checkpoint"]) if cfg["checkpoint"] else last if last.is_file() else best
+    if not source.is_file() and not cfg["checkpoint"]:
+        _refuse_orphaned_records(run_dir)
         # A job pre-empted before its first epoch ended is requeued with --resume too: it starts afresh.
-        log(rank, f"--resume: no {path} yet; starting from scratch")
+        log(rank, f"--resume: no {last} yet; starting from scratch")
         return None
-    return load_resumable(path, cfg)
+    resume = load_resumable(source, cfg)
+    if source == best and not cfg["checkpoint"]:
+        # best.pt is a whole training state too: the epochs after it are trained again, nothing is deleted.
+        log(rank, f"--resume: {last} is missing; continuing from {best} (epoch {resume['epoch']}), so the epochs "
+                  "after it are trained again")
+    resume["best_miou"], resume["best_epoch"] = _verified_selection(resume, source, run_dir, cfg)
+    return resume
+
+
+def _refuse_orphaned_records(run_dir):
+    """A folder whose records outlived its checkpoints holds another run's history, never restarted over."""
+    path = run_dir / "metrics.jsonl"
+    records = read_jsonl(path) if path.is_file() else []
+    if any(r.get("epoch", 2) > 1 for r in records):
+        raise UserError(f"--resume: {run_dir} has no last.pt or best.pt, but {path.name} records "
+                        f"{sum('epoch' in r for r in records)} epochs of a run; restore its checkpoints, or pass a "
+                        "fresh --run-dir (nothing was changed)")
+
+
+def _verified_selection(resume, source, run_dir, cfg):
+    """(inner mIoU, epoch) of the selection, read from best.pt itself. best.pt is written before last.pt, so it
+    may be ahead of the checkpoint resumed (a kill between the two writes): that epoch is trained again, ties,
+    and the file stays. A best.pt that is missing while the checkpoint claims one, belongs to another run, or
+    disagrees otherwise is refused rather than trusted."""
+    path = run_dir / "best.pt"
+    claimed_miou, claimed_epoch = resume["best_miou"], resume.get("best_epoch")
+    if Path(source).resolve() == path.resolve():
+        return resume["best_miou"], resume["epoch"]
+    # Checkpoints written before best_epoch existed claim a selection by a best score above the initial -1.
+    claims = claimed_epoch is not None or ("best_epoch" not in resume and claimed_miou > -1)
+    if not path.is_file():
+        if claims:
+            raise UserError(f"--resume: {source} selected epoch {claimed_epoch or '?'} (inner mIoU "
+                            f"{claimed_miou:.4f}) but {path} is missing; restore it, or start a fresh --run-dir")
+        return claimed_miou, claimed_epoch
+    selected = load_checkpoint(path)
+    changes = resume_changes(selected["config"], cfg)
+    if changes:
+        raise UserError(f"--resume: {path} is another run's ({'; '.join(changes)}); restore this run's best.pt, or "
+                        "start a fresh --run-dir")
+    agrees = selected["epoch"] == claimed_epoch or (claimed_epoch is None and selected["best_miou"] == claimed_miou)
+    if not (agrees or selected["epoch"] > resume["epoch"]):
+        raise UserError(f"--resume: {path} holds epoch {selected['epoch']} but {source} selected epoch "
+                        f"{claimed_epoch or '?'} (inner mIoU {claimed_miou:.4f}); pass --checkpoint {path} to "
+                        "continue from the epoch best.pt holds, or start a fresh --run-dir")
+    return selected["best_miou"], selected["epoch"]
 
 
 def prepare_run_dir(cfg, run_dir, resume, rank):
@@ -82,14 +219,18 @@ def prepare_run_dir(cfg, run_dir, resume, rank):
         raise UserError(f"--run-dir {run_dir}: holds {' and '.join(earlier)} of an earlier run; pass --resume to "
                         "continue it, or a fresh --run-dir to start another")
     if rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}); pass a writable folder") from None
         remove_stale_temporaries(run_dir)
         if resume is None:
-            (run_dir / "metrics.jsonl").write_text("")
+            atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(""))
         write_config(cfg, run_dir)
+
+
+def interrupted_line(cfg):
+    """What a Ctrl-C leaves behind, in one line instead of a KeyboardInterrupt traceback."""
+    last = Path(cfg["run_dir"]) / "last.pt" if cfg and not cfg["eval_only"] else None
+    if last is not None and last.is_file():
+        return f"interrupted; finished epochs are in {last}, rerun with --resume to continue"
+    return "interrupted" + ("; no epoch had finished, nothing was saved" if last is not None else "")
 
 
 def write_config(cfg, run_dir):
@@ -99,30 +240,31 @@ def write_config(cfg, run_dir):
 
 def restore(parts, resume, run_dir, rank):
     """Loads the resumed states; keeps the metrics records of the epochs the checkpoint holds (a kill between a
-    record and its checkpoint must not leave a duplicate behind) and drops a test record, which is redone."""
+    record and its checkpoint must not leave a duplicate behind, a torn last line is dropped) and drops a test
+    record, which is redone. Returns (epoch, step, (best mIoU, best epoch), epoch loss sum)."""
     progress = restore_training(parts, resume)
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0 and metrics_path.is_file():
-        lines = metrics_path.read_text().splitlines(keepends=True)
-        metrics_path.write_text("".join(line for line in lines
-                                        if json.loads(line).get("epoch", resume["epoch"] + 1) <= resume["epoch"]
-                                        and "test" not in json.loads(line)))
+        kept = [r for r in read_jsonl(metrics_path) if r.get("epoch", resume["epoch"] + 1) <= resume["epoch"]
+                and "test" not in r]
+        atomic_write(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
     log(rank, f"resumed {run_dir} at epoch {resume['epoch'] + 1} step {resume['step']}")
     return progress
 
 
 def append_record(run_dir, record):
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(Path(run_dir) / "metrics.jsonl", json.dumps(record),
+                fix="free space and rerun with --resume (the finished epochs are in last.pt)")
 
 
-def save_epoch(parts, cfg, record, selected, run_dir):
-    """Rank 0: the epoch's metrics record and last.pt; best.pt too when this epoch is the one selected."""
+def save_epoch(parts, cfg, record, best, run_dir):
+    """Rank 0: the epoch's metrics record, best.pt when best = (mIoU, epoch) selects this epoch, then last.pt.
+    best.pt comes first, so last.pt never claims a selection that is not on disk yet."""
     append_record(run_dir, record)
-    state = training_state(parts, cfg, record["epoch"], 0, record["best_val_miou"])
-    save_checkpoint(run_dir / "last.pt", state)
-    if selected:
+    state = training_state(parts, cfg, record["epoch"], 0, best)
+    if best[1] == record["epoch"]:
         save_checkpoint(run_dir / "best.pt", state)
+    save_checkpoint(run_dir / "last.pt", state)
 
 
 def save_preempted(parts, cfg, run_dir, epoch, step, best, partial_loss, rank):
@@ -179,7 +321,7 @@ def save_run_summary(run_dir, model, cfg, world, test_seconds):
     (model.model_cost), the devices (world ranks, one device each), and the seconds of its epochs (training and
     inner validation, from metrics.jsonl, so a resumed run counts every epoch once) and of its test evaluation;
     start-up, preloading and work lost to a pre-emption are not counted. GPU-hours are devices x those seconds."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
     train_seconds = sum(r["epoch_time_s"] for r in records if "epoch" in r)
     wall = train_seconds + test_seconds
     params, gflops = model_cost(model, cfg["img_size"], cfg["channels_last"])

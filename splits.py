@@ -5,7 +5,9 @@ Model selection uses the inner validation set only; the test fold is scored once
 made over source images, never over augmented copies (offline copies are added after the split, to
 training only). A JSON manifest keeps the folds, so every job of a cross-validation agrees, together with
 everything they depend on (ids, the grouping column's values, scheme, folds, seed, fractions): when any of
-it changes the manifest is refused, never silently reused.
+it changes the manifest is refused, never silently reused. Its fold lists follow from those inputs (a run's
+config records them, and results are compared by them), so a list edited by hand is refused too: custom folds
+are not supported.
 """
 import hashlib
 import json
@@ -110,6 +112,36 @@ def _difference(stored, fresh):
     return None
 
 
+MANIFEST_KEYS = ("scheme", "ids", "test", "inner")
+
+
+def _read_manifest(path):
+    """The stored manifest; a file that is not one (another JSON file, say) is refused naming it, never called a
+    manifest to delete."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if not isinstance(stored, dict) or not all(key in stored for key in MANIFEST_KEYS) or not all(
+            isinstance(stored[key], list) for key in MANIFEST_KEYS[1:]):
+        raise UserError(f"{path}: not a split manifest (train.py writes JSON with {', '.join(MANIFEST_KEYS)}); pass "
+                        "--splits a manifest, or a path that does not exist yet to write one there")
+    return stored
+
+
+def _edited(stored, fresh):
+    """A few words on the first fold list of the stored manifest that differs from what its inputs give."""
+    for part in ("test", "inner"):
+        for fold, (old, new) in enumerate(zip(stored[part], fresh[part])):
+            if old != new:
+                extra, missing = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+                change = (f"{extra[0]} added" if extra else f"{missing[0]} removed" if missing else "reordered")
+                return f"fold {fold} {part} list: {change}"
+        if len(stored[part]) != len(fresh[part]):
+            return f"{len(stored[part])} {part} lists for {len(fresh[part])} folds"
+    return None
+
+
 def split_ids(root, scheme="kfold", fold=0, folds=3, seed=42, val_frac=0.2, inner_frac=0.15, manifest_path=None):
     """(train_ids, inner_ids, test_ids) of one fold, from the manifest at manifest_path (written if absent).
 
@@ -119,14 +151,19 @@ def split_ids(root, scheme="kfold", fold=0, folds=3, seed=42, val_frac=0.2, inne
     fresh = make_manifest(root, scheme, folds, seed, val_frac, inner_frac)
     path = Path(manifest_path) if manifest_path else None
     if path is not None and path.is_file():
+        stored = _read_manifest(path)
         try:
-            stored = json.loads(path.read_text())
             changed = _difference(stored, fresh)
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (AttributeError, TypeError):
             raise UserError(f"{path}: unreadable split manifest; delete it to re-split") from None
         if changed:
             raise UserError(f"{path}: split manifest no longer matches the dataset ({changed}); delete it (or pass "
                             "another --splits) to re-split; earlier runs' folds will change")
+        edited = _edited(stored, fresh)
+        if edited:
+            raise UserError(f"{path}: its fold lists were edited ({edited}); folds follow from the scheme, seed and "
+                            "fractions it records, so an edit would be silently ignored: undo it, or delete the "
+                            "file to re-split (custom folds are not supported)")
     elif path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

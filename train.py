@@ -36,9 +36,9 @@ from labels import UserError, run_cli, scheme_summary
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, eval_metrics, summary
 from model import autocast, build_model, sync_batchnorm
-from runs import (load_resume, log, logged_to, prepare_run_dir, restore, save_epoch, save_preempted,
-                  save_run_summary, save_test, write_config)
-from weights import resolve_class_weights
+from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
+                  save_preempted, save_run_summary, save_test, write_config)
+from weights import METHODS, check_images, resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
 # number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group).
@@ -313,14 +313,17 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
 def train(cfg, rank, world, local_rank, local_world, device):
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
-    resume = load_resume(cfg, run_dir, rank)
-    if resume and cfg["batch_auto"]:
-        cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
-    prepare_run_dir(cfg, run_dir, resume, rank)
-    with logged_to(run_dir / "train.log", rank):
-        result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
-        if result is not None and rank == 0 and not cfg["no_report"]:
-            write_report(run_dir)
+    with run_folder(run_dir, rank):
+        # The dataset files' fingerprint joins the config, so --resume refuses a dataset changed under its path.
+        cfg["data_fingerprint"] = data.dataset_fingerprint(cfg, rank, local_rank)
+        resume = load_resume(cfg, run_dir, rank)
+        if resume and cfg["batch_auto"]:
+            cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
+        prepare_run_dir(cfg, run_dir, resume, rank)
+        with logged_to(run_dir / "train.log", rank):
+            result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
+            if result is not None and rank == 0 and not cfg["no_report"]:
+                write_report(run_dir)
     return result
 
 
@@ -353,8 +356,13 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     counts = split["train"].pre.counts[:, :scheme.num_classes].sum(0)
     class_weights = resolve_class_weights(cfg["class_weights"], counts, scheme, cfg["max_ratio"],
                                           run_dir / "class_weights.json" if rank == 0 else None)
+    note = check_images(cfg["class_weights"], cfg) if cfg["class_weights"] not in METHODS else None
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
     parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
-    start_epoch, start_step, best, carried = restore(parts, resume, run_dir, rank) if resume else (0, 0, -1.0, 0.0)
+    # best: (inner mIoU, epoch) of the selected checkpoint, best.pt.
+    start_epoch, start_step, best, carried = (restore(parts, resume, run_dir, rank) if resume
+                                              else (0, 0, (-1.0, None), 0.0))
     log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
               f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
               f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), {lr_line(cfg)[0]}, "
@@ -370,11 +378,11 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
             if record is None:
                 return None
             last = epoch + 1 == cfg["epochs"]
-            selected = record["val"]["miou"] > best if cfg["select"] == "inner" else last
-            best = max(best, record["val"]["miou"]) if "val" in record else best
-            record["best_val_miou"] = best
+            if (record["val"]["miou"] > best[0] if cfg["select"] == "inner" else last):
+                best = (record["val"]["miou"] if "val" in record else best[0], record["epoch"])
+            record["best_val_miou"] = best[0]
             if rank == 0:
-                save_epoch(parts, cfg, record, selected, run_dir)
+                save_epoch(parts, cfg, record, best, run_dir)
                 print_epoch(cfg, record, (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1))
         test_start = time.time()
         result = test_selected(parts, split, cfg, rank, world, device, preemption)
@@ -465,10 +473,15 @@ def setup(args):
 def run_main(args, job):
     """Runs job(cfg, rank, world, local_rank, local_world, device); a user error ends in one line, exit 2."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    cfg = None
     try:
         cfg, rank, world, local_rank, local_world, device = setup(args)
         job(cfg, rank, world, local_rank, local_world, device)
         return 0
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted_line(cfg), file=sys.stderr, flush=True)
+        return 130
     except UserError as exc:
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2

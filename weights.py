@@ -27,21 +27,24 @@ Then, in this order:
 
 So for every method a rarer class never gets a smaller weight than a commoner one.
 
-CLI: ``python weights.py --data DIR|synthetic [--classes FILE] --method M [--max-ratio 36] [--out FILE.json]``
-prints class, pixels, share and weight, and writes JSON (default runs/class_weights/<dataset>-<method>.json)
-with the scheme's class names, which train.py checks against its own scheme when it reads the file back.
+CLI: ``python weights.py --data DIR|synthetic [--classes FILE] --method M [--max-ratio 36] [--fold K ...]
+[--out FILE.json]`` prints class, pixels, share and weight, and writes JSON (default
+runs/class_weights/<dataset>-<method>.json) with the scheme's class names, which train.py checks against its
+own scheme when it reads the file back. It takes train.py's flags with train.py's defaults and counts masks at
+the working scale training sees. With --fold it counts that fold's training images only (the split flags as
+train.py's), which is what a ``--class-weights FILE`` for that fold must hold; without it, every image, test
+folds included.
 """
-import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from files import atomic_write, list_samples, read_mask
+from config import METHODS, build_parser, parse_args
+from files import atomic_write, displayed_size, list_samples, read_mask, resize_labels, scaled_shape
 from labels import UserError, run_cli
-
-METHODS = ("inverse", "inverse_sqrt", "inverse_sqrt_log_scaled", "median_frequency", "effective_number", "none")
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
 DEFAULT_MAX_RATIO = 36.0
 _CHUNK = 1 << 24
@@ -120,16 +123,18 @@ def compute_weights(counts, method=DEFAULT_METHOD, max_ratio=DEFAULT_MAX_RATIO, 
     return result
 
 
-def save_weights(path, method, counts, weights, max_ratio, names):
-    """JSON with the method, cap, class names (of the label scheme), pixel counts and weights; ``load_weights``
-    reads it back."""
+def save_weights(path, method, counts, weights, max_ratio, names, images=None):
+    """JSON with the method, cap, class names (of the label scheme), pixel counts, weights and which images were
+    counted (images: the fold's split settings, None for every image); ``load_weights`` reads the weights back."""
     record = {"method": method,
               "max_ratio": None if max_ratio is None or np.isinf(max_ratio) else float(max_ratio),
               "classes": list(names),
               "counts": [int(n) for n in counts],
-              "weights": [float(w) for w in weights]}
+              "weights": [float(w) for w in weights],
+              "images": images or "all"}
     try:
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"),
+                     fix="pass --out with a writable path")
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror}); pass --out with a writable path") from None
 
@@ -179,35 +184,79 @@ def format_table(counts, weights, names):
     return "\n".join(lines)
 
 
+# The settings that decide a fold's training images; a weights file made for another fold is refused.
+FOLD_KEYS = ("split", "fold", "folds", "seed", "inner_frac", "select")
+
+
+def check_images(path, cfg):
+    """Refuses a --class-weights FILE counted on another fold's training images (its test images may be this
+    run's training images and the reverse); returns a note when it counted every image (test fold included)."""
+    images = json.loads(Path(path).read_text()).get("images")
+    if isinstance(images, dict):
+        other = [f"--{k.replace('_', '-')} {images.get(k)} (this run: {cfg[k]})" for k in FOLD_KEYS
+                 if k in images and images[k] != cfg[k]]
+        if other:
+            raise UserError(f"--class-weights {path}: counted on other training images ({'; '.join(other)}); "
+                            "write it with weights.py --fold and this run's split flags")
+        return None
+    return (f"note: --class-weights {path}: counted on {'every image' if images == 'all' else 'unrecorded images'}, "
+            "the test fold's included; weights.py --fold K counts a fold's training images only")
+
+
+def working_counts(samples, size, work_size, scheme, copies=1):
+    """Pixels per class of the samples' masks at the working scale training sees (preload's counts: resized
+    like files.load_working, padding not counted), times the rows each sample makes (offline copies)."""
+    def masks():
+        for sample in samples:
+            mask = read_mask(sample.mask, scheme, displayed_size(sample.image))
+            yield resize_labels(mask, *scaled_shape(*mask.shape, size, work_size))
+    return count_pixels(masks(), scheme) * copies
+
+
+def _parser():
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0] + " (train.py's flags and defaults say which images)"
+    group = parser.add_argument_group("class weights")
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="how counts become weights")
+    group.add_argument("--out", help="JSON file to write (default runs/class_weights/<dataset>-<method>.json)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="dataset folder (images/ + annotations/) or 'synthetic'")
-    parser.add_argument("--classes", dest="classes_file", metavar="FILE", help="label scheme JSON (default: "
-                        "DATA/classes.json, else ARTeFACT's, with a note)")
-    parser.add_argument("--synthetic-count", type=int, default=64, help="images in the synthetic set")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
-    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
-                        help="cap on max/min weight (inf for none)")
-    parser.add_argument("--out", help="JSON file to write (default runs/class_weights/<dataset>-<method>.json)")
-    return run_cli(_write_for_dataset, parser.parse_args(argv))
+    return run_cli(lambda: _write_for_dataset(parse_args(argv, _parser)))
 
 
 def _write_for_dataset(args):
     # Imported here: data pulls in torch, which config.py's --help (it reads METHODS) must not wait for.
-    from data import data_scheme, resolve_data
+    import data
 
-    root = resolve_data(args.data, synthetic_count=args.synthetic_count)
-    samples = list_samples(root)
-    scheme, source = data_scheme(args.data, args.classes_file)
-    counts = count_pixels((read_mask(sample.mask, scheme) for sample in samples), scheme)
+    if args.data is not None and not args.data.strip():
+        raise UserError(f"--data {args.data!r}: empty (an unset variable in a job script?); pass a dataset folder "
+                        "or 'synthetic'")
+    cfg = dict(vars(args), data=args.data or "synthetic", run_dir=args.run_dir or "runs/class_weights")
+    root = data.resolve_data(cfg["data"], args.synthetic_count, args.synthetic_size)
+    scheme, source = data.data_scheme(cfg["data"], args.classes_file)
+    copies = 4 if args.offline_aug else 1
+    if "fold" in args.given_flags:
+        samples, images = data.part_samples(cfg, "train"), {key: cfg[key] for key in FOLD_KEYS}
+    else:
+        samples, images = list_samples(root), None
+    counts = working_counts(samples, args.img_size, args.work_size, scheme, copies)
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
     weights = compute_weights(counts, args.method, max_ratio)
-    out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}-{args.method}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(out, args.method, counts, weights, max_ratio, scheme.names)
+    fold = f"-fold{args.fold}" if images else ""
+    out = Path(args.out) if args.out else Path("runs") / "class_weights" / f"{Path(root).name}{fold}-{args.method}.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
+        raise UserError(f"--out {out}: cannot create {out.parent} ({reason}); pass a path in a writable "
+                        "folder") from None
+    save_weights(out, args.method, counts, weights, max_ratio, scheme.names, images)
     print(f"label scheme: {source}")
     print(format_table(counts, weights, scheme.names))
-    print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, wrote {out}")
+    which = f"the {len(samples)} training images of fold {args.fold}" if images else f"all {len(samples)} images"
+    print(f"method {args.method}, max/min {weights.max() / weights.min():.2f}, counted {which}, wrote {out}")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,19 @@ def run_script(*args, env=None, timeout=300, cwd=None):
     full_env = dict(os.environ, PYTHONHASHSEED="0", **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+# The flags of one tiny run (2 epochs of mit_b0 at 64 px on the session's synthetic set, ~20 s on 2 cores).
+def tiny_flags(data_root, run_dir, *extra):
+    return ["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4", "--epochs", "2",
+            "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", "--no-report", *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(synthetic_root, tmp_path_factory):
+    """The folder of one finished tiny run (uninterrupted): the reference resumed and faulted runs must equal.
+    Tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    done = run_script("train.py", *tiny_flags(synthetic_root, run_dir))
+    assert done.returncode == 0, done.stderr
+    return run_dir
