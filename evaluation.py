@@ -1,8 +1,8 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
 once, per head and per metadata group, and on request per image (what compare.py's bootstrap resamples). Images are
-predicted whole at the working scale the model trained at, with predict.py's tiles, and scored there (or,
---full-res, at their own resolution). `train.py --eval-only` runs eval_only (the checkpoint's test fold by default,
-with the checkpoint's label scheme)."""
+predicted whole at the working scale the model trained at, with predict.py's tiles (averaged over flips with
+--eval-tta flip, as predict.py --tta), and scored there (or, --full-res, at their own resolution).
+`train.py --eval-only` runs eval_only (the checkpoint's test fold by default, with the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -80,6 +80,11 @@ def _reduced(cms, groups, device):
     return out
 
 
+def tta_of(cfg):
+    """Whether to average over flips: --eval-tta flip; a config from before the flag means none."""
+    return cfg.get("eval_tta", "none") == "flip"
+
+
 @torch.no_grad()
 def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None, per_image=False):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
@@ -97,7 +102,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None, per_ima
         if k < polls and preemption.poll():
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
-                               device=device, precision=cfg["precision"])
+                               tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, part.pre.mask(row), scheme)
         if show:
             show(k + 1)
@@ -113,9 +118,16 @@ def evaluate_full_res(model, part, rank, world, cfg, device, per_image=False):
         image = read_image(part.samples[row].image)
         mask = read_mask(part.samples[row].mask, scheme, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
-                                  device=device, precision=cfg["precision"])
+                                  tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, mask, scheme)
     return _reduced(cms, groups, device)
+
+
+def scores(cms, cfg):
+    """The metrics record of evaluate's matrices, with how they were predicted: "tta" (--eval-tta) and
+    "weights" ("ema" when the weight average was scored, else "model")."""
+    weights = "ema" if cfg["ema"] else "model"
+    return {**eval_metrics(cms, data.run_scheme(cfg)), "tta": cfg["eval_tta"], "weights": weights}
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
@@ -158,6 +170,8 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     if rank == 0:
         print(f"label scheme: {scheme_summary(data.run_scheme(cfg))} ({cfg['classes_source']})", file=sys.stderr,
               flush=True)
+    # model_from_checkpoint takes the EMA weights where the run kept them; the record says which were scored.
+    cfg["ema"] = "ema" in checkpoint
     model = model_from_checkpoint(checkpoint, path).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -171,12 +185,12 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         cms = evaluate(model, part, cfg, device, rank, world, per_image=True)
     record = {"checkpoint": str(path), "full_res": cfg["full_res"], "select": trained.get("select"),
               "epoch": checkpoint.get("epoch"), "held_out": trained.get("held_out"),
-              cfg["eval_split"]: eval_metrics(cms, data.run_scheme(cfg))}
+              cfg["eval_split"]: scores(cms, cfg)}
     if rank == 0:
         print(json.dumps(record, indent=1), flush=True)
         # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
-        write_evaluation(Path(path).parent / f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}.json",
-                         record, cms, part)
+        write_evaluation(Path(path).parent / (f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}"
+                                              f"{'-tta' if cfg['eval_tta'] != 'none' else ''}.json"), record, cms, part)
     return record
 
 
@@ -185,7 +199,7 @@ def test_full_res(model, part, cfg, rank, world, device, epoch):
     the test is done, saved as --eval-only --full-res saves it (RUN_DIR/eval-test-fullres.json)."""
     cms = evaluate_full_res(model, part, rank, world, cfg, device, per_image=True)
     record = {"checkpoint": str(Path(cfg["run_dir"]) / "best.pt"), "full_res": True, "select": cfg["select"],
-              "epoch": epoch, "held_out": cfg.get("held_out"), "test": eval_metrics(cms, data.run_scheme(cfg))}
+              "epoch": epoch, "held_out": cfg.get("held_out"), "test": scores(cms, cfg)}
     if rank == 0:
         write_evaluation(Path(cfg["run_dir"]) / "eval-test-fullres.json", record, cms, part)
     return record

@@ -93,7 +93,8 @@ def confusion_record(cms):
 OPERATIONAL_KEYS = {"fold", "held_out", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every",
                     "dist_timeout", "dist_backend", "world_size", "per_rank_batch", "micro_batch", "accum_steps",
                     "preload", "eval_only", "full_res", "data_flag", "splits", "threads", "classes_file",
-                    "classes_source", "no_report", "given_flags", "data_fingerprint"}
+                    "classes_source", "no_report", "given_flags", "data_fingerprint",
+                    "tensorboard"}
 
 
 def protocol(config):

@@ -62,8 +62,10 @@ def _first_line(err):
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _create_encoder(encoder, spec, img_size, pretrained):
+def _create_encoder(encoder, spec, img_size, pretrained, drop_path=0.0):
     kwargs = dict(spec["kwargs"], features_only=True)
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     if pretrained:
         # Fetched (or found in the cache) before timm builds, so an offline node fails at once, in one line.
         source = timm.models.get_pretrained_cfg(spec["timm"])
@@ -84,6 +86,9 @@ def _create_encoder(encoder, spec, img_size, pretrained):
         else:
             built = timm.create_model(spec["timm"], **kwargs)
     except Exception as err:
+        if drop_path and "drop_path_rate" in str(err):
+            raise UserError(f"--drop-path {drop_path}: timm's {spec['timm']} has no stochastic depth "
+                            "(drop_path_rate); use --drop-path 0 for this encoder") from err
         if pretrained:
             raise UserError(f"--pretrained: the ImageNet weights for {encoder} do not load ({_first_line(err)}); "
                             "pass --weights FILE or drop --pretrained") from err
@@ -208,10 +213,11 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=False, img_size=384,
-                norm="bn", weights=None, num_groups=None):
+                norm="bn", weights=None, num_groups=None, drop_path=0.0):
     """A fine head of num_classes outputs; with heads="hierarchical" also a coarse head of num_groups (the label
     scheme's groups) and a binary clean/damage head. Weights given as a local file take precedence over
-    --pretrained (nothing is downloaded then)."""
+    --pretrained (nothing is downloaded then). drop_path is the encoder's stochastic depth rate (timm's
+    drop_path_rate), active in training mode only."""
     spec = _spec(encoder)
     check_img_size(encoder, img_size)
     for flag, value, choices in (("--decoder", decoder, ("unet", "upernet")),
@@ -223,7 +229,7 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
                         "classes.json or use --heads fine")
     from_hub = pretrained and weights is None
     mit = encoder in ENCODERS and encoder.startswith("mit_b")
-    features = _create_encoder(encoder, spec, img_size, from_hub and not mit)
+    features = _create_encoder(encoder, spec, img_size, from_hub and not mit, drop_path)
     channels, reductions = features.feature_info.channels(), features.feature_info.reduction()
     if decoder == "unet":
         body = UNetDecoder(channels, reductions, norm)
@@ -354,22 +360,3 @@ def load_encoder_weights(model, path):
         state = rename_mit_keys(state)
     _load_encoder_state(model, state, f"--weights {path}")
 
-
-@torch.no_grad()
-def model_cost(model, img_size, channels_last=True):
-    """(parameters, GFLOPs of one forward pass over one img_size crop) of a network, counted once by torch's
-    FlopCounterMode in eval mode, which changes no BatchNorm statistic and draws no random number. A training
-    step costs about 3x the forward (see bench.py)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    x = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9
