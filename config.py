@@ -2,6 +2,7 @@
 and what follows from the flags: global, per-rank and micro-batch sizes, the scaled LR, the precision."""
 import argparse
 import math
+import re
 from pathlib import Path
 
 from encoders import ENCODERS
@@ -134,7 +135,9 @@ def _evaluation_flags(e):
     e.add_argument("--eval-tta", default="none", choices=["none", "flip"], help="test-time augmentation of every "
                    "evaluation (inner validation, test, --eval-only): flip averages the probabilities of the image "
                    "and its horizontal, vertical and double flips, as predict.py --tta (4x the inference)")
-    e.add_argument("--full-res", action="store_true", help="with --eval-only: tiled at the images' own resolution")
+    e.add_argument("--full-res", action="store_true", help="score at the images' own resolution: with --eval-only "
+                   "instead of the working scale; in training, the selected checkpoint also, after its test "
+                   "(RUN_DIR/eval-test-fullres.json; slow on large images)")
     e.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="print mean ± std of the test "
                    "metrics over finished folds and exit (default: off)")
 
@@ -301,16 +304,20 @@ def resolve_config(args, world_size, device):
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
     if args.eval_only and not (args.checkpoint or args.run_dir):
         raise UserError("--eval-only: give --checkpoint PATH (e.g. runs/NAME/best.pt)")
-    if args.full_res and not args.eval_only:
-        raise UserError("--full-res: only with --eval-only (tiled full-resolution evaluation is slow)")
     precision = auto_precision(device) if args.precision == "auto" else args.precision
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16: needs a GPU; use bf16 or fp32 on CPU")
+    # A leave-one-group-out fold is named by the group it tests on (--eval-only takes the checkpoint's).
+    from data import held_out
+    group = None if args.eval_only else held_out(cfg)
+    name = f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}"
+    if group:
+        name += "-" + re.sub(r"[^\w.-]", "_", group.split("=", 1)[1])
     cfg.update(batch_size=batch, per_rank_batch=per_rank, micro_batch=micro,
                accum_steps=per_rank // micro if per_rank else None, lr=args.lr * batch / BASE_BATCH if batch else None,
                base_lr=args.lr, batch_auto=args.batch_size == "auto", precision=precision, world_size=world_size,
-               channels_last=not args.no_channels_last, device=device.type,
-               run_dir=args.run_dir or f"runs/{args.encoder}-{args.decoder}-{args.split}{args.fold}")
+               channels_last=not args.no_channels_last, device=device.type, held_out=group,
+               run_dir=args.run_dir or name)
     # --eval-only takes the label scheme with the checkpoint (evaluation.eval_only).
     if not args.eval_only:
         cfg.update(label_scheme(cfg["data"], args.classes_file, args.heads))

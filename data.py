@@ -25,7 +25,7 @@ from distributed import barrier, broadcast
 from files import dataset_scheme, fingerprint, list_samples, read_metadata, size_text, write_error
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import Preloaded, preload
-from splits import default_manifest_path, split_ids
+from splits import default_manifest_path, group_names, split_ids
 from synthetic import make_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +63,18 @@ def data_scheme(data, classes=None, fallback=None):
 def run_scheme(cfg):
     """The label scheme a run config carries (cfg["classes"], written by config.resolve_config)."""
     return scheme_from_dict(cfg["classes"], f"{cfg.get('run_dir', 'the run')} config (classes)")
+
+
+def held_out(cfg):
+    """The group a leave-one-group-out fold tests on, e.g. "material=Tesserae" (None for kfold and single
+    splits), from the dataset's metadata in the split manifest's order; a --fold past the groups is one line."""
+    if cfg["split"] not in GROUP_COLUMNS:
+        return None
+    names = group_names(resolve_data(cfg["data"], cfg["synthetic_count"], cfg["synthetic_size"]), cfg["split"])
+    if not 0 <= cfg["fold"] < len(names):
+        raise UserError(f"--fold {cfg['fold']}: --split {cfg['split']} has folds 0..{len(names) - 1} "
+                        f"({', '.join(names)})")
+    return f"{cfg['split']}={names[cfg['fold']]}"
 
 
 def dataset_fingerprint(cfg, rank=0, local_rank=0):

@@ -1,9 +1,9 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
-once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
-with predict.py's tiles and padding (the preload's padding cut off first; averaged over flips with --eval-tta
-flip, as predict.py --tta), and scored there (or, --full-res, at their own resolution, the labels taken back to
-it as predict.py takes them). `train.py --eval-only` runs eval_only (the checkpoint's test fold by default, with
-the checkpoint's label scheme)."""
+once, per head and per metadata group, and on request per image (what compare.py's bootstrap resamples). Images are
+predicted whole at the working scale the model trained at, with predict.py's tiles and padding (the preload's
+padding cut off first; averaged over flips with --eval-tta flip, as predict.py --tta), and scored there (or,
+--full-res, at their own resolution, the labels taken back to it as predict.py takes them). `train.py
+--eval-only` runs eval_only (the checkpoint's test fold by default, with the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -18,6 +18,7 @@ from files import atomic_write, displayed_size, mask_strips, scaled_shape
 from labels import UserError, progress, scheme_summary, scheme_to_dict
 from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
+from runs import per_image_path, write_per_image
 from strips import strip_rows
 from tiles import label_strips, predict_image
 
@@ -41,12 +42,15 @@ def _group_ids(part):
     return out
 
 
-def _empty(cfg, part, scheme):
-    names = scheme.head_names
+def _empty(cfg, part, scheme, per_image):
+    names, size = scheme.head_names, scheme.num_classes
     heads = list(names) if cfg["heads"] == "hierarchical" else ["fine"]
     cms = {h: torch.zeros(len(names[h]), len(names[h]), dtype=torch.long) for h in heads}
     for column, values in part.groups.items():
-        cms[f"by_{column}"] = torch.zeros(len(set(values)), scheme.num_classes, scheme.num_classes, dtype=torch.long)
+        cms[f"by_{column}"] = torch.zeros(len(set(values)), size, size, dtype=torch.long)
+    if per_image:
+        # One fine matrix per image of the part; each rank fills its own images, the sum over ranks all of them.
+        cms["per_image"] = torch.zeros(len(part.samples), size, size, dtype=torch.long)
     return cms
 
 
@@ -65,6 +69,8 @@ def _count(cms, groups, row, labels, mask, scheme):
             cms[head] += confusion(grouped_pred[head], grouped_truth[head], len(cms[head]), scheme.ignore)
     for column, (_, ids) in groups.items():
         cms[f"by_{column}"][ids[row]] += cm
+    if "per_image" in cms:
+        cms["per_image"][row] += cm  # a full-res image arrives a strip at a time
 
 
 def _reduced(cms, groups, device):
@@ -89,14 +95,15 @@ def working_image(part, row, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
+def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None, per_image=False):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
     of a part at the working scale: each image is predicted whole with predict.py's overlapping blended tiles
-    and scored pixel by pixel; summed over ranks. With a preemption flag it is polled after each image all
-    ranks share; None means a SIGTERM came first."""
+    and scored pixel by pixel; summed over ranks. per_image adds "per_image": (images, C, C), each image's fine
+    matrix in part.samples order. With a preemption flag it is polled after each image all ranks share; None
+    means a SIGTERM came first."""
     polls = _common_count(len(part.pre), world) if preemption else 0
     scheme = part.pre.scheme
-    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme, per_image)
     shard = data.eval_shard(len(part.pre), rank, world).tolist()
     # Lines only for a long evaluation (an ARTeFACT test fold); a short one is reported by its epoch line.
     show = progress("evaluation: images", len(shard)) if len(shard) >= PROGRESS_MIN_IMAGES else None
@@ -120,11 +127,12 @@ def full_res_labels(model, part, row, cfg, device):
 
 
 @torch.no_grad()
-def evaluate_full_res(model, part, rank, world, cfg, device):
+def evaluate_full_res(model, part, rank, world, cfg, device, per_image=False):
     """The same prediction at the working scale, resized back to each image's own resolution and scored over
-    every original pixel (what predict.py's damage map shows), a strip of rows at a time."""
+    every original pixel (what predict.py's damage map shows), a strip of rows at a time; per_image as in
+    evaluate."""
     scheme = part.pre.scheme
-    groups, cms = _group_ids(part), _empty(cfg, part, scheme)
+    groups, cms = _group_ids(part), _empty(cfg, part, scheme, per_image)
     for row in data.eval_shard(len(part.samples), rank, world).tolist():
         (height, width), labels = full_res_labels(model, part, row, cfg, device)
         rows = strip_rows(width)
@@ -191,19 +199,39 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         raise UserError(f"--eval-split {cfg['eval_split']}: that part of the fold is empty (a --select last run "
                         "has no inner validation split)")
     if cfg["full_res"]:
-        cms = evaluate_full_res(model, part, rank, world, cfg, device)
+        cms = evaluate_full_res(model, part, rank, world, cfg, device, per_image=True)
     else:
-        cms = evaluate(model, part, cfg, device, rank, world)
-    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: scores(cms, cfg)}
+        cms = evaluate(model, part, cfg, device, rank, world, per_image=True)
+    record = {"checkpoint": str(path), "full_res": cfg["full_res"], "select": trained.get("select"),
+              "epoch": checkpoint.get("epoch"), "held_out": trained.get("held_out"),
+              cfg["eval_split"]: scores(cms, cfg)}
     if rank == 0:
         print(json.dumps(record, indent=1), flush=True)
         # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
-        out = Path(path).parent / (f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}"
-                                   f"{'-tta' if cfg['eval_tta'] != 'none' else ''}.json")
-        try:
-            atomic_write(out, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
-            print(f"wrote {out}", file=sys.stderr, flush=True)
-        except (OSError, UserError) as exc:
-            print(f"note: could not save {out} ({getattr(exc, 'strerror', None) or exc}); the scores are above",
-                  file=sys.stderr, flush=True)
+        write_evaluation(Path(path).parent / (f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}"
+                                              f"{'-tta' if cfg['eval_tta'] != 'none' else ''}.json"), record, cms, part)
     return record
+
+
+def test_full_res(model, part, cfg, rank, world, device, epoch):
+    """train.py --full-res: the selected checkpoint (in model) scored on the test part at full resolution once
+    the test is done, saved as --eval-only --full-res saves it (RUN_DIR/eval-test-fullres.json)."""
+    cms = evaluate_full_res(model, part, rank, world, cfg, device, per_image=True)
+    record = {"checkpoint": str(Path(cfg["run_dir"]) / "best.pt"), "full_res": True, "select": cfg["select"],
+              "epoch": epoch, "held_out": cfg.get("held_out"), "test": scores(cms, cfg)}
+    if rank == 0:
+        write_evaluation(Path(cfg["run_dir"]) / "eval-test-fullres.json", record, cms, part)
+    return record
+
+
+def write_evaluation(path, record, cms, part):
+    """Rank 0: an evaluation record with its confusion matrices (eval-*.json) and each image's fine matrix beside
+    it (eval-*_per_image.npz); a failed write is a note, the scores were printed or logged."""
+    per_image = cms.pop("per_image")
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
+        write_per_image(per_image_path(path), [s.id for s in part.samples], per_image)
+        print(f"wrote {path} and {per_image_path(path).name}", file=sys.stderr, flush=True)
+    except (OSError, UserError) as exc:
+        print(f"note: could not save {path} ({getattr(exc, 'strerror', None) or exc}); the scores are above",
+              file=sys.stderr, flush=True)

@@ -53,7 +53,8 @@ def header_lines(cfg, parts, sizes, device, world):
     decay = " (none on norms, biases, positions)" if cfg["no_decay_norms"] else ""
     lines = [f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / {n_val} inner val / "
              f"{n_test} test images at {cfg['img_size']} px, batch {cfg['batch_size']} ({cfg['accum_steps']} "
-             f"micro-steps), {lr_line(cfg)[0]}, {cfg['precision']}, {steps} steps/epoch, select {cfg['select']}",
+             f"micro-steps), {lr_line(cfg)[0]}, {cfg['precision']}, {steps} steps/epoch, select {cfg['select']}"
+             + (f", test fold {cfg['held_out']}" if cfg.get("held_out") else ""),
              f"{params / 1e6:.2f} M parameters, {gflops:.2f} GFLOPs per {cfg['img_size']} px crop forward, "
              f"weight decay {cfg['weight_decay']:g}{decay}, "
              f"drop-path {cfg['drop_path']:g}, eval TTA {cfg['eval_tta']}"]

@@ -1,10 +1,12 @@
-"""Metrics from confusion matrices: IoU per class, mIoU, damage-vs-clean IoU, and the CV summary table.
+"""Metrics from confusion matrices: IoU per class, mIoU, damage-vs-clean IoU, a run's configuration (what folds of
+one protocol share), and the CV summary table.
 
-One implementation for training, evaluation and predict.py. A confusion matrix counts (truth, prediction)
-pairs over a whole set (never averaged per batch); the label scheme's ignore id is left out. Class names, the
-clean id and the coarse groups come from the scheme.
+One implementation for training, evaluation, predict.py, report.py and compare.py. A confusion matrix counts
+(truth, prediction) pairs over a whole set (never averaged per batch); the label scheme's ignore id is left out.
+Class names, the clean id and the coarse groups come from the scheme.
 """
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,18 @@ def iou_report(cm, names, clean=None):
     return report
 
 
+def mean_iou(cms):
+    """mIoU of every matrix in a stack (..., C, C) by iou_report's rule (the mean IoU over the classes that occur
+    in the truth or the prediction; 0 when none does), vectorised for the bootstrap's resampled matrices."""
+    cms = np.asarray(cms, dtype=np.float64)
+    inter = np.diagonal(cms, axis1=-2, axis2=-1)
+    union = cms.sum(-1) + cms.sum(-2) - inter
+    defined = union > 0
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=defined)
+    count = defined.sum(-1)
+    return np.divide(iou.sum(-1), count, out=np.zeros(count.shape), where=count > 0)
+
+
 def eval_metrics(cms, scheme):
     """Metrics record from evaluate's confusion matrices: the fine head's report at the top level (miou, iou,
     binary_iou, absent, pixel_acc); each other head's report nested under its name ("coarse", "binary"); and
@@ -74,11 +88,46 @@ def confusion_record(cms):
             for key, value in cms.items()}
 
 
-# Config keys that may differ between the runs one summary table averages: the fold and how a run was launched.
-OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
-                    "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
-                    "full_res", "data_flag", "splits", "threads", "classes_file", "classes_source", "given_flags",
-                    "data_fingerprint", "tensorboard"}
+# Config keys that may differ between the runs one summary table averages: the fold (and its held-out group) and
+# how a run was launched. Everything else is the run's configuration.
+OPERATIONAL_KEYS = {"fold", "held_out", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every",
+                    "dist_timeout", "dist_backend", "world_size", "per_rank_batch", "micro_batch", "accum_steps",
+                    "preload", "eval_only", "full_res", "data_flag", "splits", "threads", "classes_file",
+                    "classes_source", "no_report", "given_flags", "data_fingerprint",
+                    "tensorboard"}
+
+
+def protocol(config):
+    """The configuration a run's config stands for: every key but the operational ones and the label scheme (which
+    is compared as a scheme, labels.same_scheme, whichever file it came from)."""
+    return {key: value for key, value in config.items() if key not in OPERATIONAL_KEYS | {"classes"}}
+
+
+def read_config(run_dir, tool):
+    """RUN_DIR/config.json as a dict; a missing or unreadable one is one line naming it (tool: who asks)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{tool}: {path} not found; is {run_dir} a run directory of train.py?")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{tool}: {path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore the run's "
+                        "config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{tool}: {path}: not a train.py config (a JSON object of flags)")
+    return config
+
+
+def run_names(run_dirs):
+    """A short, unique, file-name-safe name per run folder: its own name, or as many parent folders joined with
+    '-' as it takes to tell runs apart (runs/bench/mit_b0/fold0 and runs/bench/resnet10t/fold0 ->
+    mit_b0-fold0, resnet10t-fold0)."""
+    parts = [Path(d).resolve().parts[1:] for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = [re.sub(r"[^\w.=+-]", "_", "-".join(p[-depth:])) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise UserError(f"the same run folder was given twice ({', '.join(map(str, run_dirs))}); pass each once")
 
 
 def _test_record(run_dir):
@@ -91,55 +140,53 @@ def _test_record(run_dir):
     return tests[-1]
 
 
-def _same_protocol(run_dirs):
-    """(the common config of the runs, their label scheme); refuses runs that differ in anything but the fold."""
-    configs, seen = [], {}
+def same_protocol(run_dirs, tool, fix="a table averages folds of one protocol only"):
+    """(the configs of the runs, their label scheme); refuses a folder given twice and runs that differ in anything
+    but the fold and how they were launched, naming the first key that differs."""
+    seen = {}
     for run_dir in run_dirs:
-        path = Path(run_dir) / "config.json"
-        if Path(run_dir).resolve() in seen:
-            raise UserError(f"--summary: {run_dir} is given twice (also as {seen[Path(run_dir).resolve()]}); a fold "
-                            "counts once")
-        seen[Path(run_dir).resolve()] = run_dir
-        if not path.is_file():
-            raise UserError(f"--summary: {path} not found; is {run_dir} a run directory of train.py?")
-        try:
-            configs.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--summary: {path}: unreadable ({getattr(exc, 'strerror', None) or exc}); restore the "
-                            "run's config.json") from None
-        if not isinstance(configs[-1], dict):
-            raise UserError(f"--summary: {path}: not a train.py config (a JSON object of flags)")
+        other = seen.setdefault(Path(run_dir).resolve(), run_dir)
+        if other is not run_dir:
+            raise UserError(f"{tool}: {run_dir} is given twice (also as {other}); a fold counts once")
+    configs = [read_config(d, tool) for d in run_dirs]
     wheres = [str(Path(d) / "config.json") for d in run_dirs]
-    scheme = same_scheme([config_scheme(c, w) for c, w in zip(configs, wheres)], wheres,
-                         "a table averages folds of one protocol only")
+    scheme = same_scheme([config_scheme(c, w) for c, w in zip(configs, wheres)], wheres, fix)
+    first = protocol(configs[0])
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
-        for key in sorted(set(config) | set(configs[0])):
-            if key not in OPERATIONAL_KEYS | {"classes"} and config.get(key) != configs[0].get(key):
-                raise UserError(f"--summary: {run_dir} was run with {key}={config.get(key)!r} but {run_dirs[0]} with "
-                                f"{configs[0].get(key)!r}; a table averages folds of one protocol only")
-    return configs[0], scheme
+        other = protocol(config)
+        for key in sorted(set(other) | set(first)):
+            if other.get(key) != first.get(key):
+                raise UserError(f"{tool}: {run_dir} was run with {key}={other.get(key)!r} but {run_dirs[0]} with "
+                                f"{first.get(key)!r}; {fix}")
+    return configs, scheme
 
 
 def _row(name, values):
     defined = [v for v in values if v is not None]
-    if defined:
-        std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
-        cell = f"{100 * np.mean(defined):.2f} ± {100 * std:.2f}" + (f" ({len(defined)})" if len(defined) < len(values)
-                                                                      else "")
+    if len(defined) > 1:
+        cell = f"{100 * np.mean(defined):.2f} ± {100 * np.std(defined, ddof=1):.2f}" + (
+            f" ({len(defined)})" if len(defined) < len(values) else "")
+    elif defined:
+        # One fold has no spread: its value alone, not "± 0.00".
+        cell = f"{100 * defined[0]:.2f} (1 fold)"
     else:
         cell = "absent"
     return f"| {name} | {cell} | " + " | ".join("—" if v is None else f"{100 * v:.2f}" for v in values) + " |"
 
 
+SELECTION = {"inner": "best inner-validation mIoU epoch", "last": "final epoch"}
+
+
 def summary(run_dirs):
     """Markdown table of the test metrics of each fold (scored once, with the selected checkpoint): mean ± std
     over folds (n-1); a group's cell averages the folds it appears in, their count in brackets."""
-    config, scheme = _same_protocol(run_dirs)
+    configs, scheme = same_protocol(run_dirs, "--summary")
     tests = [_test_record(d) for d in run_dirs]
-    rule = {"inner": "best inner-validation mIoU epoch", "last": "final epoch"}.get(config.get("select"), "?")
+    select = configs[0].get("select")
+    folds = [Path(d).name + (f" ({c['held_out']})" if c.get("held_out") else "") for d, c in zip(run_dirs, configs)]
     out = [f"Test metrics over {len(tests)} folds, each fold scored once; checkpoint selected by --select "
-           f"{config.get('select')} ({rule}).", "",
-           "| metric | mean ± std | " + " | ".join(Path(d).name for d in run_dirs) + " |",
+           f"{select} ({SELECTION.get(select, '?')}); mean ± std over folds (n-1).", "",
+           "| metric | mean ± std | " + " | ".join(folds) + " |",
            "|---|---|" + "---|" * len(tests)]
     out.append(_row("miou", [t["test"]["miou"] for t in tests]))
     out.append(_row("binary_iou", [t["test"].get("binary_iou") for t in tests]))

@@ -359,3 +359,4 @@ def load_encoder_weights(model, path):
     if any(_MIT_KEY.match(key) for key in state):
         state = rename_mit_keys(state)
     _load_encoder_state(model, state, f"--weights {path}")
+

@@ -1,13 +1,16 @@
-"""Results a person can look at: PNG pictures of training runs and one report.md that shows them with the numbers.
+"""Results a person can look at: PNG pictures of training runs of one configuration (one run, or the folds of a
+cross-validation) and one report.md that shows them with the numbers.
 
     python report.py RUN_DIR [RUN_DIR ...] [--out DIR] [--images N] [--seed S]
 
 Writes into the first run folder (or --out): curves.png (train loss, inner-validation mIoU and damage-vs-clean
-IoU per epoch; several runs, e.g. the folds of a cross-validation, overlaid), class_iou.png (per-class IoU of each
-run's test record, classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png
-(from RUN_DIR/confusion.json, the test evaluation's matrices), panels.png (image | truth | prediction | errors for
-a seeded set of test images, predicted by best.pt or last.pt) with the masks as palette PNGs under samples/, and
-report.md. Class names and colours are the runs' label scheme (their config.json; one scheme for all runs).
+IoU per epoch; several folds as their mean ± std band), class_iou.png (per-class IoU of each run's test record,
+classes absent from the ground truth marked, not drawn as zero), confusion.png and groups.png (from
+RUN_DIR/confusion.json, the test evaluation's matrices, pooled over the folds), panels.png (image | truth |
+prediction | errors for a seeded set of test images, predicted by best.pt or last.pt; panels-RUN.png for several
+runs) with the masks as palette PNGs under samples/RUN/, and report.md, whose headline is the mean over folds as
+in train.py --summary. Runs of different configurations are refused (compare.py compares them). Class names and
+colours are the runs' label scheme (their config.json; one scheme for all runs).
 """
 import argparse
 import sys
@@ -27,6 +30,7 @@ if __name__ == "__main__":
     build_parser().parse_args()
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,8 @@ from PIL import Image
 import data
 from checkpoint import check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from files import read_image, read_jsonl, read_mask, write_error
-from labels import UserError, colour_table, config_scheme, run_cli, same_scheme
-from metrics import iou_report
+from labels import UserError, colour_table, run_cli
+from metrics import iou_report, run_names, same_protocol
 from predict import write_mask
 from tiles import predict_at_scale
 
@@ -70,22 +74,11 @@ def read_records(run_dir):
     return records
 
 
-def run_scheme(run_dirs):
-    """The label scheme of the runs, from their config.json (ARTeFACT's, with a note, for runs written before
-    runs carried one); runs of different schemes are refused."""
-    schemes, wheres = [], []
-    for run_dir in run_dirs:
-        path = Path(run_dir) / "config.json"
-        wheres.append(str(path))
-        if not path.is_file():
-            raise UserError(f"{path}: not found; pass run folders written by train.py (it writes config.json "
-                            "with metrics.jsonl)")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"{path}: unreadable; expected the JSON config train.py writes") from None
-        schemes.append(config_scheme(config, str(path)))
-    return same_scheme(schemes, wheres, "report runs of one label scheme together")
+def one_configuration(run_dirs):
+    """The label scheme of runs of one configuration (their config.json; ARTeFACT's, with a note, for runs written
+    before runs carried one); runs of another configuration or scheme are refused in one line."""
+    return same_protocol(run_dirs, "report.py", "report one configuration at a time (one run or its folds); "
+                         "compare configurations with python compare.py")[1]
 
 
 def epochs_of(records):
@@ -122,15 +115,36 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _by_epoch(runs, value):
+    """(epochs, per-run values) with NaN where a run has no value at that epoch."""
+    epochs = sorted({r["epoch"] for _, records in runs for r in epochs_of(records)})
+    table = np.full((len(runs), len(epochs)), np.nan)
+    for k, (_, records) in enumerate(runs):
+        for r in epochs_of(records):
+            v = value(r)
+            table[k, epochs.index(r["epoch"])] = np.nan if v is None else v
+    return epochs, table
+
+
 def plot_curves(runs, path):
+    """One run's curves; several runs (folds) as their mean per epoch with a ± std (n-1) band and each fold
+    faint behind it. The legend sits below the panels, off the curves."""
     fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["curves"], layout="constrained")
-    for (name, records) in runs:
-        records = epochs_of(records)
-        epochs = [r["epoch"] for r in records]
-        axes[0].plot(epochs, [r["train_loss"] for r in records], marker="o", label=name)
-        for ax, key in zip(axes[1:], ("miou", "binary_iou")):
-            values = [r.get("val", {}).get(key) for r in records]
-            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=name)
+    values = (lambda r: r["train_loss"], lambda r: r.get("val", {}).get("miou"),
+              lambda r: r.get("val", {}).get("binary_iou"))
+    for ax, value in zip(axes, values):
+        epochs, table = _by_epoch(runs, value)
+        if len(runs) == 1:
+            ax.plot(epochs, table[0], marker="o", label=runs[0][0])
+            continue
+        for row in table:
+            ax.plot(epochs, row, color="tab:blue", alpha=0.25, linewidth=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no fold has scored is NaN, drawn as a gap
+            mean, std = np.nanmean(table, 0), np.nanstd(table, 0, ddof=1)
+        ax.plot(epochs, mean, marker="o", color="tab:blue", label=f"mean of {len(runs)} folds")
+        ax.fill_between(epochs, mean - std, mean + std, color="tab:blue", alpha=0.2, label="± std over folds (n-1)")
+        ax.plot([], [], color="tab:blue", alpha=0.25, label="each fold")
     for ax, title in zip(axes, ("train loss", "inner-validation mIoU", "inner-validation damage-vs-clean IoU")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -140,7 +154,8 @@ def plot_curves(runs, path):
             ax.set(xticks=[], yticks=[])
             ax.text(0.5, 0.5, "no inner validation:\n--select last trains on those images", ha="center",
                     va="center", transform=ax.transAxes, color="0.4")
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))
     _save(fig, path)
 
 
@@ -158,7 +173,7 @@ def plot_class_iou(runs, path, names):
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(ylim=(0, 1), ylabel="IoU", title="per-class IoU on the test fold (hatched: absent from the ground truth)")
     if len(runs) > 1:
-        ax.legend()
+        fig.legend(loc="outside right upper")
     _save(fig, path)
 
 
@@ -180,12 +195,12 @@ def plot_confusion(matrix, path, names):
     _save(fig, path)
 
 
-def plot_groups(by_kind, path):
+def plot_groups(by_kind, path, pooled):
     fig, axes = plt.subplots(1, len(by_kind), figsize=FIGSIZE["groups"], layout="constrained", squeeze=False)
     for ax, (kind, mious) in zip(axes[0], by_kind.items()):
         bars = ax.bar(list(mious), list(mious.values()), color="tab:blue")
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        ax.set(ylim=(0, 1), ylabel="mIoU", title=f"mIoU by {kind}")
+        ax.set(ylim=(0, 1), ylabel="mIoU", title=f"mIoU by {kind}" + (" (pooled over the folds)" if pooled else ""))
         ax.tick_params(axis="x", rotation=30)
     _save(fig, path)
 
@@ -245,8 +260,8 @@ def error_map(image, truth, pred, scheme):
     return grey
 
 
-def predict_panels(checkpoint_path, out, count, seed, scheme):
-    """[(sample id, image, truth, prediction)] for the seeded test images; masks written under samples/. The
+def predict_panels(checkpoint_path, samples_dir, count, seed, scheme):
+    """[(sample id, image, truth, prediction)] for the seeded test images; masks written into samples_dir. The
     checkpoint and the dataset must hold the runs' label scheme."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
@@ -256,23 +271,24 @@ def predict_panels(checkpoint_path, out, count, seed, scheme):
     check_scheme(scheme, dataset, source, lead)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
-    (out / "samples").mkdir(exist_ok=True)
+    samples_dir.mkdir(parents=True, exist_ok=True)
     panels = []
     for sample in panel_samples(config, count, seed):
         image = read_image(sample.image)
         image, truth = _shrink(image, read_mask(sample.mask, scheme, image.shape[:2]))
         pred = predict_at_scale(model, image, config.get("img_size", 384), config.get("work_size", 0), device=device)
         pred[truth == scheme.ignore] = scheme.ignore
-        write_mask(out / "samples" / f"{sample.id}_truth.png", np.ascontiguousarray(truth), scheme)
-        write_mask(out / "samples" / f"{sample.id}_prediction.png", pred, scheme)
+        write_mask(samples_dir / f"{sample.id}_truth.png", np.ascontiguousarray(truth), scheme)
+        write_mask(samples_dir / f"{sample.id}_prediction.png", pred, scheme)
         panels.append((sample.id, image, truth, pred))
     return panels
 
 
-def plot_panels(panels, path, scheme):
+def plot_panels(panels, path, scheme, run):
     width, height = FIGSIZE["panels"]
     fig, axes = plt.subplots(len(panels), 4, figsize=(width, height + PANEL_ROW * len(panels)), squeeze=False,
                              layout="constrained")
+    fig.suptitle(f"{run}: test images, truth vs prediction")
     colours = colour_table(scheme)
     for row, (sample_id, image, truth, pred) in zip(axes, panels):
         pictures = (image, colours[truth], colours[pred], error_map(image, truth, pred, scheme))
@@ -294,10 +310,30 @@ def _pct(value):
     return "absent" if value is None else f"{100 * value:.2f}"
 
 
+def _mean_std(values):
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "absent"
+    if len(defined) == 1:
+        return f"{_pct(defined[0])} %"
+    return f"{100 * np.mean(defined):.2f} ± {100 * np.std(defined, ddof=1):.2f} %"
+
+
+def headline(runs):
+    """The report's first numbers: one run's test scores, or the mean ± std (n-1) over the folds' test scores, as
+    train.py --summary gives them (never the pooled matrix's)."""
+    reports = [reported(records) for _, records in runs]
+    where = "test" if all(label.startswith("test") for label, _ in reports) else "reported (not all runs tested yet)"
+    over = "" if len(runs) == 1 else f" (mean ± std over {len(runs)} folds, n-1, as train.py --summary)"
+    return [f"**{where} mIoU {_mean_std([m['miou'] for _, m in reports])}, damage-vs-clean IoU "
+            f"{_mean_std([m.get('binary_iou') for _, m in reports])}**{over}.", ""]
+
+
 def curves_section(runs):
     how = ("Validation scores are on the inner split that selects the checkpoint" if has_validation(runs) else
            "No inner validation (`--select last`: the last epoch is the reported checkpoint)")
-    lines = ["## Training curves", "", f"{how}; the reported scores are on the test fold, scored once.", "",
+    bands = " Several folds are drawn as their mean per epoch with a ± std band." if len(runs) > 1 else ""
+    lines = ["## Training curves", "", f"{how}; the reported scores are on the test fold, scored once.{bands}", "",
              "![training curves](curves.png)", "",
              "| run | epochs | reported | mIoU % | damage IoU % | last train loss |", "|---|---|---|---|---|---|"]
     for name, records in runs:
@@ -330,11 +366,13 @@ def confusion_section(run_dirs, out, scheme):
                 + ": the confusion matrix and the per-material / per-content mIoU are not drawn."]
     plot_confusion(total["fine"], out / "confusion.png", scheme.names)
     fine = _scores(total["fine"], scheme.names, scheme.clean)
+    pooled = len(found) > 1
     lines = ["## Confusion matrix", "", f"From {', '.join(f'`{p}`' for p in found)}"
-             + (" (summed)" if len(found) > 1 else "") + ". Rows are the ground truth, normalised to 100 %; "
-             "grey rows are classes absent from it.", "", "![confusion matrix](confusion.png)", "",
-             f"mIoU {_pct(fine['miou'])} %, damage-vs-clean IoU {_pct(fine.get('binary_iou'))} %, "
-             f"pixel accuracy {_pct(fine['pixel_acc'])} %."]
+             + (" (summed: pooled over the folds' test images)" if pooled else "") + ". Rows are the ground truth, "
+             "normalised to 100 %; grey rows are classes absent from it.", "", "![confusion matrix](confusion.png)", "",
+             ("Pooled (one matrix over every fold's test images; not the mean over folds of the headline): "
+              if pooled else "") + f"mIoU {_pct(fine['miou'])} %, damage-vs-clean IoU {_pct(fine.get('binary_iou'))} "
+             f"%, pixel accuracy {_pct(fine['pixel_acc'])} %."]
     if "coarse" in total and scheme.groups:
         coarse = _scores(total["coarse"], scheme.head_names["coarse"], scheme.coarse_of_fine[scheme.clean])
         lines[-1] += f" Coarse groups mIoU {_pct(coarse['miou'])} %."
@@ -342,50 +380,51 @@ def confusion_section(run_dirs, out, scheme):
                          for name, cm in sorted(total[key].items())}
                for key in ("by_material", "by_content") if key in total}
     if by_kind:
-        plot_groups(by_kind, out / "groups.png")
+        plot_groups(by_kind, out / "groups.png", pooled)
         lines += ["", "## mIoU by material and content", "", "![mIoU by group](groups.png)", "",
-                  "| group | mIoU % |", "|---|---|"]
+                  "| group | mIoU %" + (" (pooled)" if pooled else "") + " |", "|---|---|"]
         lines += [f"| {kind}: {name} | {_pct(v)} |" for kind, mious in by_kind.items() for name, v in mious.items()]
     return lines
 
 
-def panels_section(run_dirs, out, images, seed, scheme):
+def panels_section(run_dirs, names, out, images, seed, scheme):
+    """Truth vs prediction per run: panels.png for one run, panels-RUN.png for several, the masks under
+    samples/RUN/, so no two runs' files share a name."""
     lines = ["## Truth vs prediction", ""]
-    for k, run_dir in enumerate(run_dirs):
+    for run_dir, run in zip(run_dirs, names):
         checkpoint = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
         if checkpoint is None:
             lines += [f"No best.pt or last.pt in `{run_dir}`: no prediction panels.", ""]
             continue
         try:
-            panels = predict_panels(checkpoint, out, images, seed, scheme)
+            panels = predict_panels(checkpoint, out / "samples" / run, images, seed, scheme)
         except UserError as exc:
             # A report at the end of a long training run must not fail over a dataset moved since.
             print(f"note: no prediction panels for {run_dir}: {exc}", file=sys.stderr)
             lines += [f"No prediction panels for `{run_dir}`: {exc}", ""]
             continue
-        name = "panels.png" if len(run_dirs) == 1 else f"panels-{k + 1}.png"
-        plot_panels(panels, out / name, scheme)
+        name = "panels.png" if len(run_dirs) == 1 else f"panels-{run}.png"
+        plot_panels(panels, out / name, scheme, run)
         lines += [f"{len(panels)} test images of `{run_dir}` (chosen with seed {seed}), predicted by "
                   f"`{checkpoint.name}` at most {PANEL_MAX_SIDE} px across; errors: wrong pixels in red, "
-                  "outside the object in the background colour.", "", f"![truth vs prediction]({name})", "",
+                  "outside the object in the background colour.", "", f"![truth vs prediction, {run}]({name})", "",
                   "Masks (palette PNGs in the label scheme's colours): " + ", ".join(
-                      f"[{i} truth](samples/{i}_truth.png) / [prediction](samples/{i}_prediction.png)"
+                      f"[{i} truth](samples/{run}/{i}_truth.png) / [prediction](samples/{run}/{i}_prediction.png)"
                       for i, *_ in panels), ""]
     return lines
 
 
 def build_report(run_dirs, out=None, images=4, seed=42):
-    """Writes the PNGs and report.md into out (default: the first run folder); returns report.md's path."""
+    """Writes the PNGs and report.md of runs of one configuration into out (default: the first run folder);
+    returns report.md's path."""
     if plt is None:
         raise UserError("report.py needs matplotlib for its pictures; pip install matplotlib")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise UserError("report.py: give at least one run folder")
-    names = [d.name for d in run_dirs]
-    # Fold folders of different experiments may share a name; then whole paths tell them apart.
-    names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    names = run_names(run_dirs)
     runs = [(name, read_records(d)) for name, d in zip(names, run_dirs)]
-    scheme = run_scheme(run_dirs)
+    scheme = one_configuration(run_dirs)
     out = Path(out) if out else run_dirs[0]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -394,9 +433,10 @@ def build_report(run_dirs, out=None, images=4, seed=42):
     try:
         plot_curves(runs, out / "curves.png")
         plot_class_iou(runs, out / "class_iou.png", scheme.names)
-        lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""]
+        lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""] + headline(runs)
         lines += curves_section(runs) + [""] + class_section(runs, scheme.names) + [""]
-        lines += confusion_section(run_dirs, out, scheme) + [""] + panels_section(run_dirs, out, images, seed, scheme)
+        lines += confusion_section(run_dirs, out, scheme) + [""]
+        lines += panels_section(run_dirs, names, out, images, seed, scheme)
         path = out / "report.md"
         path.write_text("\n".join(lines).rstrip() + "\n")
     except OSError as exc:

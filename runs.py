@@ -1,10 +1,11 @@
 """The run folder: config.json, metrics.jsonl, summary.csv, last.pt / best.pt, confusion.json,
-class_weights.json, train.log and, with --tensorboard, tensorboard/.
+confusion_per_image.npz, run.json, class_weights.json, train.log and, with --tensorboard, tensorboard/.
 
 A folder belongs to one train.py at a time (an exclusive lock held for the run's life) and one that holds
 checkpoints is never overwritten: only --resume continues it. metrics.jsonl holds one record per epoch
 ({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the selected
-checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices.
+checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices and
+confusion_per_image.npz each test image's own; run.json what the run cost (parameters, GFLOPs, devices, time).
 summary.csv is metrics.jsonl's epochs in timm's columns, for a spreadsheet or a plotting script.
 
 The selection has one source of truth, best.pt itself (its own epoch and inner mIoU): it is written before
@@ -21,6 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import (load_checkpoint, load_resumable, restore_training, resume_changes, save_checkpoint,
@@ -28,6 +30,7 @@ from checkpoint import (load_checkpoint, load_resumable, restore_training, resum
 from distributed import MAX, all_reduce
 from files import append_line, atomic_write, read_jsonl, remove_stale_temporaries, write_error
 from labels import UserError
+from logs import forward_gflops
 
 LOCK = ".lock"
 
@@ -277,12 +280,64 @@ def save_preempted(parts, cfg, run_dir, epoch, step, best, partial_loss, rank):
               "rerun with --resume to continue")
 
 
-def save_test(run_dir, record, confusion):
-    """Rank 0: the test record in metrics.jsonl and its confusion matrices (rows truth, columns prediction) in
-    confusion.json, so any table or picture can be recomputed without a GPU."""
+def save_test(run_dir, record, confusion, ids, per_image):
+    """Rank 0: the test record in metrics.jsonl, its confusion matrices (rows truth, columns prediction) in
+    confusion.json and each test image's fine matrix in confusion_per_image.npz, so any table, picture or
+    bootstrap can be recomputed without a GPU."""
     append_record(run_dir, record)
     payload = {"split": "test", "epoch": record["selected_epoch"], **confusion}
     atomic_write(Path(run_dir) / "confusion.json", lambda tmp: tmp.write_text(json.dumps(payload)))
+    write_per_image(per_image_path(Path(run_dir) / "confusion.json"), ids, per_image)
+
+
+def per_image_path(path):
+    """Where the per-image matrices of an evaluation file live: confusion.json -> confusion_per_image.npz,
+    eval-test-fullres.json -> eval-test-fullres_per_image.npz."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_per_image.npz")
+
+
+def write_per_image(path, ids, matrices):
+    """ids (image ids) and their C x C fine matrices (int64, rows truth) as one compressed .npz."""
+    matrices = np.asarray(matrices.cpu() if isinstance(matrices, torch.Tensor) else matrices, dtype=np.int64)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, ids=np.array(ids, dtype=str), confusion=matrices)
+    atomic_write(path, write)
+
+
+def read_per_image(path):
+    """(ids, (images, C, C) int64 matrices) of a file write_per_image wrote; one line naming it if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            ids, matrices = [str(i) for i in f["ids"]], f["confusion"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: unreadable per-image confusion matrices ({exc}); score the checkpoint again with "
+                        "train.py --eval-only") from None
+    if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2] or len(ids) != len(matrices):
+        raise UserError(f"{path}: holds {len(ids)} ids and matrices of shape {matrices.shape}, expected one C x C "
+                        "matrix per id; score the checkpoint again with train.py --eval-only")
+    return ids, matrices
+
+
+def save_run_summary(run_dir, model, cfg, world, test_seconds):
+    """Rank 0: run.json, what the run cost: the network's parameters and forward GFLOPs per --img-size crop (as the
+    run's header counts them), the devices (world ranks, one device each), and the seconds of its epochs (training
+    and inner validation, from metrics.jsonl, so a resumed run counts every epoch once) and of its test evaluation;
+    start-up, preloading and work lost to a pre-emption are not counted. GPU-hours are devices x those seconds."""
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    train_seconds = sum(r["epoch_time_s"] for r in records if "epoch" in r)
+    wall = train_seconds + test_seconds
+    device = next(model.parameters()).device
+    params = sum(p.numel() for p in model.parameters())
+    gflops = forward_gflops(model, cfg["img_size"], device, cfg["channels_last"])
+    summary = {"params": params, "gflops": gflops, "img_size": cfg["img_size"], "world_size": world,
+               "device": device.type,
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "train_seconds": train_seconds, "test_seconds": test_seconds, "wall_seconds": wall,
+               "gpu_hours": world * wall / 3600 if device.type == "cuda" else None}
+    atomic_write(Path(run_dir) / "run.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
 
 
 # timm's summary.csv columns: epoch, train_*, eval_* (here the inner validation), lr (the schedule's LR at

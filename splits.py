@@ -36,6 +36,12 @@ def _groups(root, scheme, ids):
     return {i: metadata[i][scheme] for i in ids}
 
 
+def group_names(root, scheme):
+    """The sorted values of the material or content column over the dataset's images: fold k of that
+    leave-one-group-out split tests on the k-th (the manifest's group_names)."""
+    return sorted(set(_groups(root, scheme, [s.id for s in list_samples(root)]).values()))
+
+
 def _test_folds(scheme, ids, groups, folds, val_frac, seed):
     """Test ids of each fold."""
     if groups:

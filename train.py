@@ -30,7 +30,7 @@ from checkpoint import load_checkpoint, save_model
 from config import with_batch
 from distributed import (MAX, PeerLost, Preemption, all_reduce, broadcast_buffers, broadcast_module,
                          setup_distributed, teardown)
-from evaluation import eval_only, evaluate, scores
+from evaluation import eval_only, evaluate, scores, test_full_res
 from labels import UserError, run_cli, scheme_summary
 from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
@@ -38,7 +38,7 @@ from metrics import confusion_record, summary
 from model import autocast, build_model, sync_batchnorm
 from optim import build_optimizer, new_ema, one_cycle, update_ema
 from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
-                  save_preempted, save_test, tensorboard_writer, write_config, write_scalars)
+                  save_preempted, save_run_summary, save_test, tensorboard_writer, write_config, write_scalars)
 from weights import METHODS, check_images, resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
@@ -274,14 +274,17 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
         evaluated(parts).load_state_dict(selected["model" if parts.ema is None else "ema"])
     broadcast_module(evaluated(parts))
     epoch = torch.tensor(selected["epoch"] if selected else 0)
-    cms = evaluate(evaluated(parts), split["test"], cfg, device, rank, world, preemption)
+    cms = evaluate(evaluated(parts), split["test"], cfg, device, rank, world, preemption, per_image=True)
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
+    per_image = cms.pop("per_image")
     record = {"test": scores(cms, cfg), "selected_epoch": int(all_reduce(epoch, MAX)),
               "select": cfg["select"]}
     if rank == 0:
-        save_test(run_dir, record, confusion_record(cms))
+        save_test(run_dir, record, confusion_record(cms), [s.id for s in split["test"].samples], per_image)
+    if cfg["full_res"]:
+        test_full_res(evaluated(parts), split["test"], cfg, rank, world, device, record["selected_epoch"])
     return record
 
 
@@ -367,6 +370,7 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
                 write_scalars(writer, record)
                 eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1)
                 print(epoch_line(cfg, record, eta), flush=True)
+        test_start = time.time()
         result = test_selected(parts, split, cfg, rank, world, device, preemption)
         if result is not None:
             write_scalars(writer, result)
@@ -375,6 +379,8 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
         if writer is not None:
             writer.close()
     if result is not None:
+        if rank == 0:
+            save_run_summary(run_dir, parts.raw_model, cfg, world, time.time() - test_start)
         log(rank, f"test mIoU {result['test']['miou']:.4f} damage IoU {result['test'].get('binary_iou') or 0:.4f} "
                   f"(epoch {result['selected_epoch']}, --select {cfg['select']}); run folder {run_dir}")
     return result

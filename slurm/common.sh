@@ -7,6 +7,11 @@ die() {
     exit 2
 }
 
+# print_help SCRIPT: the comment block under the script's first line (its usage), without the '# '.
+print_help() {
+    sed -n '2,/^[^#]/{/^#/{/^#SBATCH/d;s/^# \{0,1\}//;p}}' "$1"
+}
+
 if [ -n "${VENV:-}" ]; then
     [ -f "$VENV/bin/activate" ] \
         || die "VENV=$VENV has no bin/activate; set VENV to a virtual environment (or PYTHON=/path/to/venv/bin/python)"

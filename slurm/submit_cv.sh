@@ -15,6 +15,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO
 source "$REPO/slurm/common.sh"
 
+if has_flag --help "$@" || has_flag -h "$@"; then
+    print_help "${BASH_SOURCE[0]}"
+    exit 0
+fi
 [ $# -ge 1 ] && [[ $1 != -* ]] || die "submit_cv.sh: usage: slurm/submit_cv.sh ENCODER [FOLDS] [train.py flags...]"
 encoder=$1
 shift

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from labels import artefact_scheme
-from metrics import confusion, iou_report
+from metrics import confusion, iou_report, mean_iou
 
 ARTEFACT = artefact_scheme()
 
@@ -51,3 +51,14 @@ def test_confusion_is_one_matrix_over_the_set_not_a_mean_of_batches():
     cm = sum(confusion(p, t, 2, 255) for p, t in zip(pred, target))
     # Class 1: 4 hits out of a union of 5 pixels over the set (a per-batch mean would give (0 + 1) / 2).
     assert iou_report(cm, ["Clean", "Damage"])["iou"]["Damage"] == pytest.approx(4 / 5)
+
+
+def test_mean_iou_of_a_stack_follows_iou_report_on_absent_and_empty_classes():
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 20, (6, 5, 5))
+    stack[1, 2, :] = stack[1, :, 2] = 0        # class 2 neither in the truth nor predicted: left out
+    stack[2, 4, :] = 0                         # class 4 absent from the truth but predicted: IoU 0, counted
+    stack[3] = 0                               # an empty matrix: 0
+    expected = [iou_report(torch.from_numpy(cm), [str(c) for c in range(5)])["miou"] for cm in stack]
+    assert mean_iou(stack).tolist() == pytest.approx(expected, abs=1e-15)
+    assert mean_iou(stack.reshape(2, 3, 5, 5)).shape == (2, 3)

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import overlay
 from areas import area_report
 from conftest import ROOT, run_script
 from labels import artefact_scheme, scheme_to_dict
 from overlay import legend_entries, render_overlay
+from runs import read_per_image
 from report import DPI, FIGSIZE, PANEL_ROW, build_report, class_iou_bars, main, read_records
 
 ARTEFACT = artefact_scheme()
@@ -90,13 +92,50 @@ def test_a_select_last_run_says_it_has_no_validation_curve(run_dir, tmp_path):
     assert Image.open(last / "curves.png").size == png_size("curves")
 
 
-def test_several_runs_are_drawn_together_into_out(run_dir, tmp_path):
+def test_the_folds_of_one_configuration_are_reported_together_each_file_named_by_its_run(run_dir, tmp_path):
     second = tmp_path / "fold1"
     shutil.copytree(run_dir, second, ignore=shutil.ignore_patterns("*.png", "report.md", "samples"))
+    lines = second / "metrics.jsonl"
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    records[-1]["test"] = dict(records[-1]["test"], miou=records[-1]["test"]["miou"] / 2)
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "cv"
     report = build_report([run_dir, second], out=out, images=1).read_text()
-    assert {"panels-1.png", "panels-2.png", "curves.png"} <= {p.name for p in out.glob("*.png")}
-    assert "(summed)" in report and Image.open(out / "panels-1.png").size == png_size("panels", images=1)
+    assert {"panels-run.png", "panels-fold1.png", "curves.png"} <= {p.name for p in out.glob("*.png")}
+    assert {p.parent.name for p in (out / "samples").rglob("*.png")} == {"run", "fold1"}, "masks named by their run"
+    assert Image.open(out / "panels-run.png").size == png_size("panels", images=1)
+    # The headline is --summary's mean over folds; the summed confusion matrix is labelled as pooled.
+    summary = run_script("train.py", "--summary", run_dir, second).stdout
+    cell = next(line for line in summary.splitlines() if line.startswith("| miou |")).split(" | ")[1]
+    assert report.splitlines()[2].startswith(f"**test mIoU {cell} %,") and "over 2 folds, n-1" in report.splitlines()[2]
+    assert "(summed: pooled over the folds' test images)" in report and "Pooled (one matrix" in report
+
+
+def test_runs_of_different_configurations_are_refused_together(run_dir, tmp_path, capsys):
+    other = tmp_path / "dice"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("*.png", "report.md", "samples"))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, loss="dice")))
+    assert main([str(run_dir), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss='dice'" in err and "compare.py" in err
+    assert not (tmp_path / "dice" / "report.md").exists()
+
+
+def test_legends_sit_off_the_curves_and_bars(run_dir, monkeypatch):
+    import report
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    runs = [("run", read_records(run_dir)), ("fold1", read_records(run_dir))]
+    report.plot_curves(runs, None)
+    report.plot_class_iou(runs, None, CLASS_NAMES)
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert fig.legends, "several runs need a legend"
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
 
 
 def test_absent_classes_are_marked_not_zero():
@@ -150,9 +189,9 @@ def test_outlines_do_not_depend_on_where_row_chunks_are_cut(monkeypatch):
     np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, report, ARTEFACT)), whole)
 
 
-def test_matplotlib_is_imported_only_by_report_py():
-    users = [p.name for p in ROOT.glob("*.py") if re.search(r"^\s*(import|from) matplotlib", p.read_text(), re.M)]
-    assert users == ["report.py"]
+def test_matplotlib_is_imported_only_where_pictures_are_drawn():
+    users = sorted(p.name for p in ROOT.glob("*.py") if re.search(r"^\s*(import|from) matplotlib", p.read_text(), re.M))
+    assert users == ["compare.py", "report.py"]
 
 
 def test_a_two_rank_run_ends_with_its_report(synthetic_root, tmp_path):
@@ -165,3 +204,9 @@ def test_a_two_rank_run_ends_with_its_report(synthetic_root, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run_dir / "report.md").is_file() and (run_dir / "panels.png").is_file()
+    # Each rank scored its own test images: together every image once, and their sum is the test's matrix.
+    ids, matrices = read_per_image(run_dir / "confusion_per_image.npz")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert sorted(ids) == sorted(s.id for s in data.part_samples(config, "test"))
+    assert (matrices.sum((1, 2)) > 0).all()
+    np.testing.assert_array_equal(matrices.sum(0), json.loads((run_dir / "confusion.json").read_text())["fine"])

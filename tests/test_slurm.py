@@ -114,32 +114,81 @@ needs_train_py = pytest.mark.skipif(bool(MISSING), reason=f"not written yet: {',
 
 def test_every_script_parses_as_bash():
     scripts = [ROOT / "bench.sh", *sorted(SLURM.glob("*.sbatch")), *sorted(SLURM.glob("*.sh"))]
-    assert {"train.sbatch", "cv.sbatch", "multinode.sbatch", "submit_cv.sh", "submit_bench.sh"} <= {
+    assert {"train.sbatch", "cv.sbatch", "multinode.sbatch", "compare.sbatch", "submit_cv.sh", "submit_bench.sh"} <= {
         s.name for s in scripts}
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
 
 
-def test_fair_benchmark_is_one_chain_of_nine_runs_then_the_summary(cluster, tmp_path):
+def test_fair_benchmark_is_one_chain_of_nine_runs_then_the_comparison(cluster, tmp_path):
     env, log_dir = cluster
     result = bash(SLURM / "submit_bench.sh", "--epochs", "2", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     calls = submissions(log_dir)
     assert len(calls) == 10
-    previous = None
+    previous, run_dirs = None, []
     for (job_id, options, script, args, cwd), (encoder, fold) in zip(calls, product(BENCH_ENCODERS, range(3))):
         assert cwd == ROOT and script == "slurm/train.sbatch"
         assert "--parsable" in options
         dependencies = [o for o in options if o.startswith("--dependency")]
         assert dependencies == ([] if previous is None else [f"--dependency=afterok:{previous}"])
-        assert args == ["--encoder", encoder, "--fold", str(fold), "--folds", "3",
-                        "--run-dir", f"runs/bench/{encoder}/fold{fold}", "--epochs", "2"]
+        run_dirs.append(f"runs/bench/{encoder}/fold{fold}")
+        assert args == ["--encoder", encoder, "--epochs", "2", "--folds", "3", "--fold", str(fold),
+                        "--run-dir", run_dirs[-1]]
         previous = job_id
     _, options, script, args, _ = calls[-1]
-    assert script == "slurm/summary.sbatch"
+    assert script == "slurm/compare.sbatch"
     assert f"--dependency=afterok:{previous}" in options
-    assert args == [f"runs/bench/{encoder}" for encoder in BENCH_ENCODERS]
+    assert args == ["--out", "runs/bench/comparison", *run_dirs]
+
+
+def test_any_grid_of_train_flags_is_one_chain_of_runs_named_by_their_values(cluster, tmp_path):
+    env, log_dir = cluster
+    result = bash(SLURM / "submit_bench.sh", "--encoder", "mit_b0", "--loss", "dice|dicefocal", "--class-weights",
+                  "none|inverse_sqrt_log_scaled", "--epochs", "2", env=dict(env, FOLDS="2", BENCH_DIR="runs/ablation"),
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    calls = submissions(log_dir)
+    expected = [(loss, weights, fold) for loss, weights, fold in
+                product(["dice", "dicefocal"], ["none", "inverse_sqrt_log_scaled"], range(2))]
+    assert len(calls) == len(expected) + 1
+    for (_, options, _, args, _), (loss, weights, fold) in zip(calls, expected):
+        run_dir = f"runs/ablation/{loss}-{weights}/fold{fold}"
+        assert args == ["--encoder", "mit_b0", "--loss", loss, "--class-weights", weights, "--epochs", "2",
+                        "--folds", "2", "--fold", str(fold), "--run-dir", run_dir]
+        assert f"--job-name=bench-{loss}-{weights}-fold{fold}" in options, "no slash in a job (and log file) name"
+    assert calls[-1][3][:2] == ["--out", "runs/ablation/comparison"] and len(calls[-1][3]) == 2 + len(expected)
+
+    result = bash(SLURM / "submit_bench.sh", "--loss", "dice|dicefocl", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "dicefocl" in result.stderr
+    assert len(submissions(log_dir)) == len(expected) + 1, "a bad flag submits nothing"
+
+
+def test_help_prints_the_usage_and_submits_nothing(cluster, tmp_path):
+    env, log_dir = cluster
+    for script, flag in product(("submit_bench.sh", "submit_cv.sh"), ("--help", "-h")):
+        result = bash(SLURM / script, "mit_b0", flag, env=env, cwd=tmp_path)
+        assert result.returncode == 0 and result.stdout.startswith("Submits ") and "#" not in result.stdout[:2]
+        assert f"slurm/{script}" in result.stdout
+    assert not list(log_dir.glob("sbatch-*"))
+
+
+def test_a_listed_grid_needs_no_sbatch_and_submits_nothing(cluster, tmp_path):
+    env, log_dir = cluster
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    (bare / "dirname").symlink_to(shutil.which("dirname"))
+    result = subprocess.run(["/bin/bash", str(SLURM / "submit_bench.sh"), "--list", "--loss", "dice|focal"],
+                            env=dict(env, PATH=str(bare), FOLDS="2"), cwd=tmp_path, text=True, capture_output=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 * 2 * 2 + 2 and lines[-1].endswith("nothing submitted (--list)")
+    assert "slurm/train.sbatch --encoder mit_b3 --loss focal --folds 2 --fold 1 --run-dir runs/bench/mit_b3-focal/fold1" \
+        in result.stdout
+    assert lines[-2].startswith("would submit: sbatch --dependency=afterok:JOB") and "slurm/compare.sbatch" in lines[-2]
+    assert not list(log_dir.glob("sbatch-*"))
 
 
 def test_cross_validation_submits_a_fold_array_and_a_dependent_summary(cluster, tmp_path):
@@ -169,7 +218,8 @@ def test_every_submitted_job_passes_arguments_train_py_accepts(cluster, tmp_path
     import train
     env, log_dir = cluster
     bench_calls, cv_call = submitted_jobs(env, log_dir, tmp_path)
-    argument_lists = [(args, args[1], int(args[3])) for _, _, _, args, _ in bench_calls]
+    argument_lists = [(args, args[args.index("--encoder") + 1], int(args[args.index("--fold") + 1]))
+                      for _, _, _, args, _ in bench_calls]
     argument_lists += [(cv_call[3] + ["--fold", str(k), "--run-dir", f"runs/cv-mit_b0/fold{k}"], "mit_b0", k)
                        for k in (0, 1)]
     for args, encoder, fold in argument_lists:
@@ -213,6 +263,42 @@ def test_summary_job_writes_mean_and_std_over_folds(cluster, tmp_path):
     miou_row = next(line for line in table.splitlines() if line.startswith("| miou |"))
     assert f"{100 * np.mean(best):.2f} ± {100 * np.std(best, ddof=1):.2f}" in miou_row
     assert table.strip() in result.stdout
+
+
+def finished_run(run_dir, loss, fold, rng):
+    """A made-up finished fold as train.py leaves it for compare.py: config, test record, per-image matrices."""
+    import torch
+    from labels import artefact_scheme, scheme_to_dict
+    from metrics import iou_report
+    from runs import write_per_image
+    scheme = artefact_scheme()
+    run_dir.mkdir(parents=True)
+    matrices = rng.integers(0, 50, (4, 16, 16)) + np.diag(rng.integers(100, 400, 16))
+    fine = matrices.sum(0)
+    (run_dir / "config.json").write_text(json.dumps({"encoder": "mit_b0", "loss": loss, "fold": fold,
+                                                     "select": "inner", "work_size": 1024, "img_size": 384,
+                                                     "classes": scheme_to_dict(scheme)}))
+    record = {"test": iou_report(torch.from_numpy(fine), list(scheme.names), 0), "selected_epoch": 1}
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "img_s": 9.0}) + "\n"
+                                           + json.dumps(record) + "\n")
+    (run_dir / "confusion.json").write_text(json.dumps({"fine": fine.tolist()}))
+    write_per_image(run_dir / "confusion_per_image.npz", [f"image{fold}-{k}" for k in range(4)], matrices)
+
+
+def test_compare_job_writes_the_comparison_of_the_runs_given(cluster, tmp_path):
+    env, _ = cluster
+    rng = np.random.default_rng(42)
+    runs = [tmp_path / "runs" / loss / f"fold{fold}" for loss in ("dice", "focal") for fold in (0, 1)]
+    for run_dir in runs:
+        finished_run(run_dir, run_dir.parent.name, int(run_dir.name[-1]), rng)
+    out = tmp_path / "runs" / "comparison"
+    result = run_as_slurm_job(tmp_path, "slurm/compare.sbatch", ["--out", out, *runs], env, ROOT, SLURM_JOB_ID="5")
+    assert result.returncode == 0, result.stderr
+    table = (out / "comparison.md").read_text()
+    assert "| loss=dice | loss=focal |" in table and table in result.stdout
+    result = run_as_slurm_job(tmp_path, "slurm/compare.sbatch", [out], dict(env, DRY_RUN="1"), ROOT,
+                              SLURM_JOB_ID="6")
+    assert result.returncode == 0 and result.stdout.startswith("compare.sbatch: dry run: ")
 
 
 def test_train_job_runs_one_torchrun_process_per_gpu_and_logs_into_the_run_dir(cluster, tmp_path):
@@ -354,7 +440,8 @@ def test_cpu_and_gpu_counts_from_the_environment_reach_sbatch(cluster, tmp_path)
     calls = submissions(log_dir)
     assert len(calls) == 2 + 10
     for _, options, script, _, _ in calls:
-        expected = [] if script == "slurm/summary.sbatch" else ["--cpus-per-task=2", "--gpus-per-node=0"]
+        expected = [] if script in ("slurm/summary.sbatch", "slurm/compare.sbatch") else ["--cpus-per-task=2",
+                                                                                            "--gpus-per-node=0"]
         assert [o for o in options if o.startswith(("--cpus", "--gpus"))] == expected, script
 
     result = bash(SLURM / "submit_cv.sh", "mit_b0", env=dict(env, CPUS_PER_TASK="all"), cwd=tmp_path)

@@ -253,6 +253,23 @@ def test_cross_validation_array_then_the_summary_job(slurm):
     assert miou_row in slurm.output(summary_id)
 
 
+def test_a_grid_is_one_chain_of_runs_then_the_comparison_job(slurm):
+    bench_dir = slurm.root / "runs" / "bench"
+    result = slurm.run("bash", "slurm/submit_bench.sh", "--encoder", "mit_b0", "--loss", "dice|focal", *DATA_ARGS,
+                       "--epochs", "1", env=dict(slurm.env, BENCH_DIR=str(bench_dir), FOLDS="2"))
+    assert result.returncode == 0, result.stderr
+    compare_id = re.search(r"the comparison of 4 runs as job (\d+)", result.stdout).group(1)
+    state = slurm.wait(compare_id, timeout=600)
+    run_ids = re.findall(r"as job (\d+)", result.stdout)[:-1]
+    assert state["JobState"] == "COMPLETED", "\n".join(slurm.output(j) for j in [*run_ids, compare_id])
+    table = json.loads((bench_dir / "comparison" / "comparison.json").read_text())
+    assert [row["label"] for row in table["rows"]] == ["loss=dice", "loss=focal"]
+    for row, loss in zip(table["rows"], ("dice", "focal")):
+        folds = [final_miou(bench_dir / loss / f"fold{k}") for k in (0, 1)]
+        assert row["miou"]["mean"] == pytest.approx(np.mean(folds))
+    assert (bench_dir / "comparison" / "comparison.md").read_text() in slurm.output(compare_id)
+
+
 def interrupt_after(slurm, job_id, log, line, scancel_options):
     """Sends SIGTERM with scancel once the job's log has `line` after its latest start."""
     deadline = time.monotonic() + 180

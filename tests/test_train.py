@@ -318,7 +318,7 @@ def test_cross_validation_summary_is_test_mean_and_std_over_folds_per_group_too(
     assert "30.00 ± 10.00" in row and "| 20.00 | 30.00 | 40.00 |" in row, "the test fold, not the best val epoch"
     assert "99.00" not in result.stdout
     assert "| material/Paper miou | 30.00 ± 10.00 |" in result.stdout
-    assert "| material/Glass miou | 90.00 ± 0.00 (1) | 90.00 | — | — |" in result.stdout
+    assert "| material/Glass miou | 90.00 (1 fold) | 90.00 | — | — |" in result.stdout, "one fold has no spread"
 
 
 def test_summary_refuses_folds_of_different_protocols_and_unfinished_folds(tmp_path):
