@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_write, free_bytes, write_error
 from labels import UserError, config_scheme, scheme_difference, scheme_from_dict, scheme_to_dict
 from model import build_model, strip_wrapper_prefixes
+from writes import atomic_write, free_bytes, write_error
 
 # Config keys that decide the network's shape: a model is rebuilt from these alone.
 MODEL_KEYS = ("encoder", "decoder", "heads", "norm", "img_size", "num_classes")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from files import read_jsonl
 from labels import GROUP_COLUMNS, HelpFormatter, UserError, config_scheme, note, run_cli, same_scheme
 from metrics import SELECTION, mean_iou, protocol, read_config
 from runs import per_image_path, read_per_image
+from writes import read_jsonl
 
 # One fold of one configuration: its run folder and config, the working-scale test metrics, the test images'
 # ids and per-image fine matrices, where they came from, the full-resolution test metrics (or None), run.json

@@ -22,11 +22,12 @@ import torch
 
 from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, device_rows, photometric_params
 from distributed import barrier, broadcast
-from files import dataset_scheme, fingerprint, list_samples, read_metadata, size_text, write_error
+from files import dataset_scheme, fingerprint, list_samples, read_metadata
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import Preloaded, preload
 from splits import default_manifest_path, group_names, split_ids
 from synthetic import make_synthetic
+from writes import size_text, write_error
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -14,13 +14,14 @@ import torch
 import data
 from checkpoint import MODEL_KEYS, check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
-from files import atomic_write, displayed_size, mask_strips, scaled_shape
+from files import displayed_size, mask_strips, scaled_shape
 from labels import UserError, progress, scheme_summary, scheme_to_dict
 from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
 from runs import per_image_path, write_per_image
 from strips import strip_rows
 from tiles import label_strips, predict_image
+from writes import atomic_write
 
 
 PROGRESS_MIN_IMAGES = 50

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from files import atomic_write
 from labels import UserError
+from writes import atomic_write
 
 MANIFEST = ".predict-outputs.json"
-# What to do when --out fills up or cannot be written (files.write_error's line ends with it).
+# What to do when --out fills up or cannot be written (writes.write_error's line ends with it).
 WRITE_FIX = "make room there or pass another --out (the maps of the images before it are complete, in areas.csv)"
 SHOWN_SKIPPED = 8
 

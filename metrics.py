@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import read_jsonl
 from labels import GROUP_COLUMNS, UserError, config_scheme, same_scheme
+from writes import read_jsonl
 
 
 def confusion(pred, target, num_classes, ignore, groups=None, num_groups=1):

@@ -96,7 +96,7 @@ from areas import (areas_fields, areas_row, label_counts, measured, pixel_scale,
 from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint, save_model
 from config import auto_precision
 from data import MEAN, STD
-from files import atomic_write, image_header, scaled_copies, scaled_shape, write_error
+from files import image_header, scaled_copies, scaled_shape
 from gallery import card_pictures, write_page
 from labels import colour_table
 from metrics import confusion
@@ -106,6 +106,7 @@ from folders import WRITE_FIX, claim, claim_outputs, list_images, outputs_of
 from overlay import render_overlay
 from strips import nearest_positions, strip_rows, write_png
 from tiles import label_strips, predict_image, tile_count
+from writes import atomic_write, write_error
 
 # Overlays up to this size are full size (a 24 MP camera image); larger ones are reduced by an integer factor.
 OVERLAY_MAX_PIXELS = 25_000_000

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from augment import resize_window, window
-from files import displayed_size, free_bytes, load_working, size_text, working_shape, write_error
+from files import displayed_size, load_working, working_shape
 from labels import UserError, progress, scheme_to_dict
+from writes import free_bytes, size_text, write_error
 
 # Offline augmentation rows per sample: the prototype's "3x" means three copies (hflip, vflip, rot90)
 # next to the original, so each training image becomes 4 rows.

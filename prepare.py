@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import (INGEST_MARKER, SCHEME_FILE, atomic_write, dataset_scheme, list_samples,
-                   open_image, read_mask, read_metadata, rgb_array, write_error, write_metadata, write_scheme)
+from files import (INGEST_MARKER, SCHEME_FILE, dataset_scheme, list_samples, open_image, read_mask, read_metadata,
+                   rgb_array, write_metadata, write_scheme)
 from labels import UserError, artefact_scheme, progress, run_cli, scheme_summary
 from strips import exif_orientation
+from writes import atomic_write, write_error
 
 HF_DATASET = "danielaivanova/damaged-media"
 

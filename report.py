@@ -39,11 +39,12 @@ from PIL import Image
 
 import data
 from checkpoint import check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
-from files import read_image, read_jsonl, read_mask, write_error
+from files import read_image, read_mask
 from labels import UserError, colour_table, run_cli
 from metrics import iou_report, run_names, same_protocol
 from predict import write_mask
 from tiles import predict_at_scale
+from writes import read_jsonl, write_error
 
 try:
     import matplotlib

@@ -28,9 +28,9 @@ import torch
 from checkpoint import (load_checkpoint, load_resumable, restore_training, resume_changes, save_checkpoint,
                         training_state)
 from distributed import MAX, all_reduce
-from files import append_line, atomic_write, read_jsonl, remove_stale_temporaries, write_error
 from labels import UserError
 from logs import forward_gflops
+from writes import append_line, atomic_write, read_jsonl, remove_stale_temporaries, write_error
 
 LOCK = ".lock"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from files import atomic_write, list_samples, read_metadata
+from files import list_samples, read_metadata
 from labels import UserError
+from writes import atomic_write
 
 SPLIT_SCHEMES = ("single", "kfold", "material", "content")
 

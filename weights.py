@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from config import METHODS, build_parser, parse_args
-from files import atomic_write, displayed_size, list_samples, read_mask, resize_labels, scaled_shape
+from files import displayed_size, list_samples, read_mask, resize_labels, scaled_shape
 from labels import UserError, run_cli
+from writes import atomic_write
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
 DEFAULT_MAX_RATIO = 36.0
 _CHUNK = 1 << 24

@@ -21,6 +21,7 @@ import preload
 import report
 import runs
 import train
+import writes
 from conftest import ROOT, tiny_flags
 from labels import UserError, artefact_scheme
 
@@ -57,9 +58,9 @@ def mounts(tmp_path):
 def fill(folder, leave=0):
     """Fills folder's file system up to `leave` bytes (rounded to its pages) with one file."""
     with open(folder / "filler", "wb") as f:
-        while files.free_bytes(folder) > leave:
+        while writes.free_bytes(folder) > leave:
             try:
-                f.write(b"\0" * max(4096, min(2**20, files.free_bytes(folder) - leave)))
+                f.write(b"\0" * max(4096, min(2**20, writes.free_bytes(folder) - leave)))
                 f.flush()
             except OSError:
                 break
@@ -98,12 +99,12 @@ def test_a_record_that_does_not_fit_is_not_written_at_all(mounts):
     disk = mounts.tmpfs("1m")
     path = disk / "metrics.jsonl"
     for epoch in (1, 2):
-        files.append_line(path, json.dumps({"epoch": epoch}))
+        writes.append_line(path, json.dumps({"epoch": epoch}))
     before = path.read_bytes()
     fill(disk, leave=8192)
     # Larger than what is left: the kernel writes part of it (a short write), which must not stay.
     with pytest.raises(UserError, match=rf"{disk}: disk full writing metrics.jsonl \(needs 98 KiB, "):
-        files.append_line(path, json.dumps({"epoch": 3, "pad": "x" * 100_000}))
+        writes.append_line(path, json.dumps({"epoch": 3, "pad": "x" * 100_000}))
     assert path.read_bytes() == before
 
 

@@ -16,6 +16,7 @@ import checkpoint
 import files
 import prepare
 import train
+import writes
 from conftest import ROOT, run_script
 from labels import UserError, artefact_scheme
 from test_predict import write_checkpoint
@@ -213,7 +214,7 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     live = tmp_path / f".last.pt.tmp{os.getpid()}"
     stale.write_bytes(b"x" * 100)
     live.write_bytes(b"x")
-    files.remove_stale_temporaries(tmp_path)
+    writes.remove_stale_temporaries(tmp_path)
     assert not stale.exists() and live.exists()
 
 

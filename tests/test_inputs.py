@@ -21,6 +21,7 @@ import preload
 import splits
 import train
 import weights
+import writes
 from conftest import ROOT, run_script, tiny_flags
 from labels import UserError, artefact_scheme
 from test_data import write_dataset
@@ -226,7 +227,7 @@ def test_weights_py_out_under_a_file_is_one_line(synthetic_root, tmp_path, capsy
 
 
 def test_sizes_read_in_the_unit_that_shows_them():
-    assert [files.size_text(n) for n in (3 * 2**30, 40 * 2**20, 300 * 2**10)] == ["3.00 GiB", "40.0 MiB", "300 KiB"]
+    assert [writes.size_text(n) for n in (3 * 2**30, 40 * 2**20, 300 * 2**10)] == ["3.00 GiB", "40.0 MiB", "300 KiB"]
 
 
 STUCK_RANK = """
