@@ -233,11 +233,13 @@ def _reference_fields(result, ref_name, ref_model, ref_reason, times, steps, inf
                 train_x_ref=result["train_img_s"] / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+# The first key found in the card's name wins: the PCIe/NVL variants before their SXM names, A100 before A10.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
 def _peak_tflops(device, precision):
-    """Dense bf16/fp16 tensor-core peak of known cards (vendor datasheets; A100 is looked up before A10); None
+    """Dense bf16/fp16 tensor-core peak of known cards (vendor datasheets, half their sparse figures); None
     means MFU is not reported: a CPU, an unknown card, or --precision fp32, which runs without TF32
     (train.set_backends), so no tensor-core peak applies to it."""
     if device.type != "cuda" or precision == "fp32":

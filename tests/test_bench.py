@@ -94,6 +94,7 @@ def test_missing_torch_stops_bench_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("card,precision,peak", [("NVIDIA H200", "bf16", 989.0), ("NVIDIA H100 80GB HBM3", "fp16", 989.0),
                                                  ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A10", "bf16", 125.0),
+                                                 ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200 NVL", "bf16", 835.0),
                                                  ("NVIDIA H200", "fp32", None), ("Some Future GPU", "bf16", None)])
 def test_mfu_peak_is_the_cards_dense_bf16_peak_and_none_for_fp32_or_unknown_cards(monkeypatch, card, precision, peak):
     import torch

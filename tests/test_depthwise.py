@@ -98,3 +98,16 @@ def test_autocast_and_inference_run_nn_conv2d_itself():
         assert torch.equal(fast(x), plain(x))
     with torch.no_grad():
         assert torch.equal(fast(x), plain(x))
+
+
+def test_compiled_training_traces_it_in_one_graph_with_the_same_gradients():
+    plain, fast = conv_pair(6, (7, 7), True, 4)
+    x = torch.randn(2, 6, 9, 7)
+    grad_out = torch.randn(2, 6, 9, 7)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    out, grad_x, grads = value_and_grads(plain, x, grad_out)
+    fast_out, fast_grad_x, fast_grads = value_and_grads(compiled, x, grad_out)
+    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad_x, grad_x, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(fast_grads["_orig_mod." + name], grads[name], rtol=1e-4, atol=1e-4)
