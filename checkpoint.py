@@ -1,8 +1,9 @@
 """Checkpoint <-> model, one home for training, evaluation and predict.py.
 
 A checkpoint is a dict of plain values (tensors, dicts, lists, numbers, strings): model, optimizer,
-scheduler and scaler states, epoch, step, best metric and the full run config, the label scheme included
-(config["classes"]). It is read with ``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
+scheduler and scaler states, the weight EMA ("ema", with --ema), the random state, epoch, step, best metric and
+the full run config, the label scheme included (config["classes"]). It is read with
+``torch.load(weights_only=True)``, so a file from elsewhere cannot run code.
 """
 import errno
 import zipfile
@@ -150,7 +151,8 @@ def checkpoint_scheme(checkpoint, path):
 
 
 def model_from_checkpoint(checkpoint, path, img_size=None):
-    """The network its config describes, with the checkpoint's weights (on the CPU, train mode)."""
+    """The network its config describes, with the checkpoint's weights (on the CPU, train mode): the EMA
+    weights when the run kept an average (--ema; the ones it selected and tested), else the trained ones."""
     config = checkpoint["config"]
     scheme = checkpoint_scheme(checkpoint, path)
     model = build_model(config["encoder"], scheme.num_classes, decoder=config.get("decoder", "unet"),
@@ -158,7 +160,7 @@ def model_from_checkpoint(checkpoint, path, img_size=None):
                         img_size=img_size or config.get("img_size", 384), norm=config.get("norm", "bn"),
                         num_groups=len(scheme.groups) if scheme.groups else None)
     try:
-        model.load_state_dict(strip_wrapper_prefixes(checkpoint["model"]))
+        model.load_state_dict(strip_wrapper_prefixes(checkpoint.get("ema") or checkpoint["model"]))
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:300]
         raise UserError(f"--checkpoint {path}: weights do not fit the model its config describes ({reason}); "
@@ -167,11 +169,25 @@ def model_from_checkpoint(checkpoint, path, img_size=None):
 
 
 def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
-    """Everything --resume needs: states of model, optimizer, scheduler and scaler, progress, config, and the
-    selection so far, best = (inner mIoU, epoch) of best.pt (-1.0, None before any)."""
-    return {"model": parts.raw_model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": epoch,
-            "step": step, "epoch_loss_sum": loss_sum, "best_miou": best[0], "best_epoch": best[1], "config": cfg}
+    """Everything --resume needs: states of model, EMA, optimizer, scheduler and scaler, the random state
+    (--drop-path draws from it), progress, config, and the selection so far, best = (inner mIoU, epoch) of
+    best.pt (-1.0, None before any)."""
+    state = {"model": parts.raw_model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": epoch,
+             "step": step, "epoch_loss_sum": loss_sum, "best_miou": best[0], "best_epoch": best[1], "config": cfg,
+             "rng": random_state()}
+    if parts.ema is not None:
+        state["ema"] = parts.ema.model.state_dict()
+    return state
+
+
+def random_state():
+    """torch's CPU generator and, on a GPU, the current device's: every rank draws the same, so rank 0's
+    state is every rank's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 # Config keys a resumed run may change: how it is launched, logged and checked, not what it trains or evaluates
@@ -180,7 +196,7 @@ def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):
 RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                      "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
                      "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
-                     "skip_nonfinite", "max_skipped", "given_flags"}
+                     "skip_nonfinite", "max_skipped", "given_flags", "tensorboard"}
 # Derived from other keys that are compared themselves (lr from --lr and the batch); the label scheme is
 # compared as a scheme (labels.scheme_difference), whichever file it was read from.
 RESUME_DERIVED = {"lr", "classes", "num_classes", "classes_file", "classes_source"}
@@ -229,9 +245,16 @@ def check_scheme(trained, scheme, source, lead):
 
 
 def restore_training(parts, checkpoint):
-    """Loads model, optimizer, scheduler and scaler states; returns (epoch, step, (best mIoU, its epoch), epoch
-    loss sum)."""
+    """Loads model, EMA, optimizer, scheduler, scaler and random states; returns (epoch, step, (best mIoU, its
+    epoch), epoch loss sum)."""
     parts.raw_model.load_state_dict(checkpoint["model"])
+    if parts.ema is not None:
+        parts.ema.model.load_state_dict(checkpoint["ema"])
+    rng = checkpoint.get("rng", {})
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     parts.scaler.load_state_dict(checkpoint["scaler"])

@@ -88,6 +88,18 @@ def _optimisation_flags(o):
     o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     o.add_argument("--pct-start", type=float, default=0.3, help="share (0-1) of the steps spent warming up "
                    "(OneCycle)")
+    o.add_argument("--no-decay-norms", action="store_true", help="no weight decay on norms, biases and position "
+                   "tables, only on weight matrices and kernels (the timm/SegFormer recipe; default: decay on all)")
+    o.add_argument("--head-lr-mult", type=float, default=1.0, help="LR multiplier of the decoder and heads over "
+                   "the encoder's (SegFormer's recipe: 10)")
+    o.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (0-1]: each encoder stage "
+                   "trains at this times the LR of the one above it, the deepest at this times the decoder's")
+    o.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the timm encoder "
+                   "(drop_path_rate; SegFormer's MiT recipe: 0.1)")
+    o.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights; it is "
+                   "what is evaluated, selected, tested and saved for --eval-only and predict.py")
+    o.add_argument("--ema-half-life", type=float, default=0.1, help="with --ema: half-life of the average as a "
+                   "share (0-1] of the run's optimizer steps")
     o.add_argument("--loss", default="dicefocal", choices=["dicefocal", "dice", "focal", "ce"], help="loss function")
     o.add_argument("--class-weights", default="inverse_sqrt_log_scaled", help=f"{'|'.join(METHODS)} or a JSON "
                    "file from weights.py")
@@ -109,6 +121,9 @@ def _evaluation_flags(e):
                    "RUN_DIR/last.pt with --resume; --eval-only needs it)")
     e.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="with --eval-only: the fold's test part, or its inner validation part")
+    e.add_argument("--eval-tta", default="none", choices=["none", "flip"], help="test-time augmentation of every "
+                   "evaluation (inner validation, test, --eval-only): flip averages the probabilities of the image "
+                   "and its horizontal, vertical and double flips, as predict.py --tta (4x the inference)")
     e.add_argument("--full-res", action="store_true", help="with --eval-only: tiled at the images' own resolution")
     e.add_argument("--summary", nargs="+", default=None, metavar="RUN_DIR", help="print mean ± std of the test "
                    "metrics over finished folds and exit (default: off)")
@@ -126,6 +141,8 @@ def _run_flags(t, r):
     r.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     r.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
+    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to "
+                   "RUN_DIR/tensorboard (needs the tensorboard package)")
 
 
 def lr_line(cfg):
@@ -229,7 +246,13 @@ def _check_numbers(args):
               ("--inner-frac", args.inner_frac, 0 < args.inner_frac < 1, "between 0 and 1, e.g. 0.15"),
               ("--work-size", args.work_size, args.work_size == 0 or args.work_size >= args.img_size,
                f"0 (squash to --img-size) or at least --img-size {args.img_size}"),
-              ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5")]
+              ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5"),
+              ("--head-lr-mult", args.head_lr_mult, finite(args.head_lr_mult) and args.head_lr_mult > 0,
+               "a positive number, e.g. 10"),
+              ("--layer-decay", args.layer_decay, 0 < args.layer_decay <= 1, "in (0, 1], e.g. 0.9 (1: none)"),
+              ("--drop-path", args.drop_path, 0 <= args.drop_path < 1, "in [0, 1), e.g. 0.1"),
+              ("--ema-half-life", args.ema_half_life, 0 < args.ema_half_life <= 1,
+               "a share of the run's steps in (0, 1], e.g. 0.1")]
     for flag, value, ok, need in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {need}")
@@ -288,6 +311,8 @@ def label_scheme(data, classes_file, heads):
         raise UserError(f"--heads hierarchical: the label scheme of {source} has no coarse groups; add \"groups\" "
                         "to it (README 'Your own dataset') or use --heads fine")
     return {"classes": scheme_to_dict(scheme), "num_classes": scheme.num_classes, "classes_source": source}
+
+
 def _head_weights(text):
     """--head-weights as three loss weights, each finite and 0 or more, not all 0 (a negative weight would
     maximise its head's loss; all zero trains nothing)."""

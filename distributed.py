@@ -91,11 +91,29 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class PeerLost(RuntimeError):
+    """A collective that did not complete: another rank died, was stopped or hung past --dist-timeout."""
+
+
+def _completed(collective, *args, **kwargs):
+    """collective(*args, **kwargs), whose failure (gloo raises RuntimeError, NCCL DistBackendError, both after
+    --dist-timeout or when a peer's connection closes) becomes PeerLost, which the entry point reports in one
+    line instead of a C++ stack in every surviving rank's log."""
+    try:
+        return collective(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"a collective did not complete ({cause.split('] ')[-1]}): another rank died, was stopped or "
+                       "hung longer than --dist-timeout; its own log says why") from None
+
+
 def _in_place(tensor, collective):
     """Runs collective(t) on tensor, or on a copy on the communication device that is copied back."""
     if dist.is_initialized():
         moved = tensor if tensor.device == _comm["device"] else tensor.to(_comm["device"])
-        collective(moved)
+        _completed(collective, moved)
         if moved is not tensor:
             tensor.copy_(moved)
     return tensor
@@ -126,7 +144,7 @@ def broadcast_module(module, src=0):
 
 def barrier():
     if dist.is_initialized():
-        dist.barrier()
+        _completed(dist.barrier)
 
 
 def teardown():
@@ -161,14 +179,14 @@ class Preemption:
         agreed = False
         if self._pending is not None:
             work, flag = self._pending
-            work.wait()
+            _completed(work.wait)
             agreed = bool(flag.item())
         flag = torch.tensor([float(self.signalled)])
-        self._pending = (dist.all_reduce(flag, group=self._group, async_op=True), flag)
+        self._pending = (_completed(dist.all_reduce, flag, group=self._group, async_op=True), flag)
         return agreed
 
     def close(self):
         """Waits for the last all-reduce, so no collective is in flight when the process group goes away."""
         if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+            work, self._pending = self._pending[0], None
+            _completed(work.wait)

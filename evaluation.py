@@ -1,7 +1,8 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
 once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
-with predict.py's tiles, and scored there (or, --full-res, at their own resolution). `train.py --eval-only`
-runs eval_only (the checkpoint's test fold by default, with the checkpoint's label scheme)."""
+with predict.py's tiles (averaged over flips with --eval-tta flip, as predict.py --tta), and scored there (or,
+--full-res, at their own resolution). `train.py --eval-only` runs eval_only (the checkpoint's test fold by
+default, with the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -73,6 +74,11 @@ def _reduced(cms, groups, device):
     return out
 
 
+def tta_of(cfg):
+    """Whether to average over flips: --eval-tta flip; a config from before the flag means none."""
+    return cfg.get("eval_tta", "none") == "flip"
+
+
 @torch.no_grad()
 def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
@@ -89,7 +95,7 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
         if k < polls and preemption.poll():
             return None
         labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
-                               device=device, precision=cfg["precision"])
+                               tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, part.pre.mask(row), scheme)
         if show:
             show(k + 1)
@@ -105,9 +111,16 @@ def evaluate_full_res(model, part, rank, world, cfg, device):
         image = read_image(part.samples[row].image)
         mask = read_mask(part.samples[row].mask, scheme, image.shape[:2])
         labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
-                                  device=device, precision=cfg["precision"])
+                                  tta=tta_of(cfg), device=device, precision=cfg["precision"])
         _count(cms, groups, row, labels, mask, scheme)
     return _reduced(cms, groups, device)
+
+
+def scores(cms, cfg):
+    """The metrics record of evaluate's matrices, with how they were predicted: "tta" (--eval-tta) and
+    "weights" ("ema" when the weight average was scored, else "model")."""
+    weights = "ema" if cfg["ema"] else "model"
+    return {**eval_metrics(cms, data.run_scheme(cfg)), "tta": cfg["eval_tta"], "weights": weights}
 
 
 # The split must be the one the model was trained on, or its test images may have been trained on.
@@ -150,6 +163,8 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     if rank == 0:
         print(f"label scheme: {scheme_summary(data.run_scheme(cfg))} ({cfg['classes_source']})", file=sys.stderr,
               flush=True)
+    # model_from_checkpoint takes the EMA weights where the run kept them; the record says which were scored.
+    cfg["ema"] = "ema" in checkpoint
     model = model_from_checkpoint(checkpoint, path).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -161,12 +176,12 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
         cms = evaluate_full_res(model, part, rank, world, cfg, device)
     else:
         cms = evaluate(model, part, cfg, device, rank, world)
-    record = {"checkpoint": str(path), "full_res": cfg["full_res"],
-              cfg["eval_split"]: eval_metrics(cms, data.run_scheme(cfg))}
+    record = {"checkpoint": str(path), "full_res": cfg["full_res"], cfg["eval_split"]: scores(cms, cfg)}
     if rank == 0:
         print(json.dumps(record, indent=1), flush=True)
         # Saved beside the checkpoint, so the numbers and their matrices outlive the terminal.
-        out = Path(path).parent / f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}.json"
+        out = Path(path).parent / (f"eval-{cfg['eval_split']}{'-fullres' if cfg['full_res'] else ''}"
+                                   f"{'-tta' if cfg['eval_tta'] != 'none' else ''}.json")
         try:
             atomic_write(out, lambda tmp: tmp.write_text(json.dumps({**record, "confusion": confusion_record(cms)})))
             print(f"wrote {out}", file=sys.stderr, flush=True)

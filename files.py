@@ -360,13 +360,15 @@ def read_metadata(root):
 
 
 def fingerprint(root):
-    """A digest of the dataset folder's files (names, sizes, modification times of images/, annotations/ and
+    """A digest of the dataset folder's files (names, sizes, modification times of its image/mask pairs and
     metadata.csv): it changes when an image or mask is replaced, edited, added or removed under the same path,
     without reading gigabytes of pixels (the preload's cache key rests on the same facts)."""
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted([*(root / "images").iterdir(), *(root / "annotations").iterdir(), root / "metadata.csv"]):
-        if path.is_file() and not path.name.startswith("."):
+    # list_samples first: a folder that is not a dataset is refused in its one line, not by a traceback here.
+    pairs = [path for sample in list_samples(root) for path in (sample.image, sample.mask)]
+    for path in sorted([*pairs, root / "metadata.csv"]):
+        if path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]

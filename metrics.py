@@ -78,7 +78,7 @@ def confusion_record(cms):
 OPERATIONAL_KEYS = {"fold", "run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                     "world_size", "per_rank_batch", "micro_batch", "accum_steps", "preload", "eval_only",
                     "full_res", "data_flag", "splits", "threads", "classes_file", "classes_source", "given_flags",
-                    "data_fingerprint"}
+                    "data_fingerprint", "tensorboard"}
 
 
 def _test_record(run_dir):

@@ -63,8 +63,10 @@ def _first_line(err):
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _create_encoder(encoder, spec, img_size, pretrained):
+def _create_encoder(encoder, spec, img_size, pretrained, drop_path=0.0):
     kwargs = dict(spec["kwargs"], features_only=True)
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     if pretrained:
         # Fetched (or found in the cache) before timm builds, so an offline node fails at once, in one line.
         source = timm.models.get_pretrained_cfg(spec["timm"])
@@ -85,6 +87,9 @@ def _create_encoder(encoder, spec, img_size, pretrained):
         else:
             built = timm.create_model(spec["timm"], **kwargs)
     except Exception as err:
+        if drop_path and "drop_path_rate" in str(err):
+            raise UserError(f"--drop-path {drop_path}: timm's {spec['timm']} has no stochastic depth "
+                            "(drop_path_rate); use --drop-path 0 for this encoder") from err
         if pretrained:
             raise UserError(f"--pretrained: the ImageNet weights for {encoder} do not load ({_first_line(err)}); "
                             "pass --weights FILE or drop --pretrained") from err
@@ -215,10 +220,11 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=False, img_size=384,
-                norm="bn", weights=None, num_groups=None):
+                norm="bn", weights=None, num_groups=None, drop_path=0.0):
     """A fine head of num_classes outputs; with heads="hierarchical" also a coarse head of num_groups (the label
     scheme's groups) and a binary clean/damage head. Weights given as a local file take precedence over
-    --pretrained (nothing is downloaded then)."""
+    --pretrained (nothing is downloaded then). drop_path is the encoder's stochastic depth rate (timm's
+    drop_path_rate), active in training mode only."""
     spec = _spec(encoder)
     check_img_size(encoder, img_size)
     for flag, value, choices in (("--decoder", decoder, ("unet", "upernet")),
@@ -230,7 +236,7 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
                         "classes.json or use --heads fine")
     from_hub = pretrained and weights is None
     mit = encoder in ENCODERS and encoder.startswith("mit_b")
-    features = _create_encoder(encoder, spec, img_size, from_hub and not mit)
+    features = _create_encoder(encoder, spec, img_size, from_hub and not mit, drop_path)
     use_depthwise(features)  # the same convolutions and parameters, a faster CPU backward
     channels, reductions = features.feature_info.channels(), features.feature_info.reduction()
     if decoder == "unet":

@@ -35,7 +35,7 @@ from PIL import Image
 
 import data
 from checkpoint import check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
-from files import read_image, read_jsonl, read_mask
+from files import read_image, read_jsonl, read_mask, write_error
 from labels import UserError, colour_table, config_scheme, run_cli, same_scheme
 from metrics import iou_report
 from predict import write_mask
@@ -391,13 +391,22 @@ def build_report(run_dirs, out=None, images=4, seed=42):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror}); pass a writable folder") from None
-    plot_curves(runs, out / "curves.png")
-    plot_class_iou(runs, out / "class_iou.png", scheme.names)
-    lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""]
-    lines += curves_section(runs) + [""] + class_section(runs, scheme.names) + [""]
-    lines += confusion_section(run_dirs, out, scheme) + [""] + panels_section(run_dirs, out, images, seed, scheme)
-    path = out / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    try:
+        plot_curves(runs, out / "curves.png")
+        plot_class_iou(runs, out / "class_iou.png", scheme.names)
+        lines = [f"# Results of {', '.join(name for name, _ in runs)}", ""]
+        lines += curves_section(runs) + [""] + class_section(runs, scheme.names) + [""]
+        lines += confusion_section(run_dirs, out, scheme) + [""] + panels_section(run_dirs, out, images, seed, scheme)
+        path = out / "report.md"
+        path.write_text("\n".join(lines).rstrip() + "\n")
+    except OSError as exc:
+        # A full or read-only --out costs nothing of the runs; the same command writes the report later.
+        command = f"python report.py {' '.join(map(str, run_dirs))}"
+        error = write_error(Path(exc.filename) if exc.filename else out / "report.md", exc,
+                            fix=f"free space (or pass --out DIR) and rerun `{command}`")
+        if error is None:
+            raise
+        raise error from None
     return path
 
 

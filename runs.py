@@ -1,15 +1,19 @@
-"""The run folder: config.json, metrics.jsonl, last.pt / best.pt, confusion.json, class_weights.json.
+"""The run folder: config.json, metrics.jsonl, summary.csv, last.pt / best.pt, confusion.json,
+class_weights.json, train.log and, with --tensorboard, tensorboard/.
 
 A folder belongs to one train.py at a time (an exclusive lock held for the run's life) and one that holds
 checkpoints is never overwritten: only --resume continues it. metrics.jsonl holds one record per epoch
 ({"epoch", "train_loss", "val": {...}, ...}) and, at the end, one {"test": {...}} record of the selected
 checkpoint on the untouched test fold; confusion.json holds that evaluation's confusion matrices.
+summary.csv is metrics.jsonl's epochs in timm's columns, for a spreadsheet or a plotting script.
 
 The selection has one source of truth, best.pt itself (its own epoch and inner mIoU): it is written before
 last.pt and metrics.jsonl's records claim it, and --resume takes the selection from the file on disk.
 """
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -244,6 +248,7 @@ def restore(parts, resume, run_dir, rank):
         kept = [r for r in read_jsonl(metrics_path) if r.get("epoch", resume["epoch"] + 1) <= resume["epoch"]
                 and "test" not in r]
         atomic_write(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        write_summary_csv(run_dir)
     log(rank, f"resumed {run_dir} at epoch {resume['epoch'] + 1} step {resume['step']}")
     return progress
 
@@ -257,6 +262,7 @@ def save_epoch(parts, cfg, record, best, run_dir):
     """Rank 0: the epoch's metrics record, best.pt when best = (mIoU, epoch) selects this epoch, then last.pt.
     best.pt comes first, so last.pt never claims a selection that is not on disk yet."""
     append_record(run_dir, record)
+    write_summary_csv(run_dir)
     state = training_state(parts, cfg, record["epoch"], 0, best)
     if best[1] == record["epoch"]:
         save_checkpoint(run_dir / "best.pt", state)
@@ -277,3 +283,61 @@ def save_test(run_dir, record, confusion):
     append_record(run_dir, record)
     payload = {"split": "test", "epoch": record["selected_epoch"], **confusion}
     atomic_write(Path(run_dir) / "confusion.json", lambda tmp: tmp.write_text(json.dumps(payload)))
+
+
+# timm's summary.csv columns: epoch, train_*, eval_* (here the inner validation), lr (the schedule's LR at
+# scale 1; a parameter group's is this x its lr_scale).
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_miou", "eval_binary_iou", "lr")
+
+
+def summary_rows(records):
+    """summary.csv's rows of metrics.jsonl records: one per epoch; eval_* blank without an inner validation
+    (--select last) or where the score is undefined."""
+    rows = []
+    for record in (r for r in records if "epoch" in r):
+        val = record.get("val", {})
+        rows.append({"epoch": record["epoch"], "train_loss": record["train_loss"], "eval_miou": val.get("miou"),
+                     "eval_binary_iou": val.get("binary_iou"), "lr": record["lr"]})
+    return rows
+
+
+def write_summary_csv(run_dir):
+    """summary.csv from metrics.jsonl, rewritten whole, so a resumed run's stays equal to its metrics."""
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary_rows(records))  # None is written as an empty cell
+    atomic_write(Path(run_dir) / "summary.csv", lambda tmp: tmp.write_text(text.getvalue()))
+
+
+def tensorboard_writer(cfg, run_dir, rank, first_epoch):
+    """Rank 0's TensorBoard writer into RUN_DIR/tensorboard with --tensorboard, else None; without the package,
+    one note line and None. A resumed run drops the events of epochs after its checkpoint (purge_step)."""
+    if not cfg["tensorboard"] or rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: --tensorboard: the tensorboard package is not installed (pip install tensorboard); the run "
+              "logs to metrics.jsonl and summary.csv only", file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_epoch + 1 if first_epoch else None)
+
+
+def write_scalars(writer, record):
+    """An epoch or test record's numbers as TensorBoard scalars at its epoch (the selected one for the test)."""
+    if writer is None:
+        return
+    if "test" in record:
+        step, values = record["selected_epoch"], {"test/miou": record["test"]["miou"],
+                                                  "test/binary_iou": record["test"].get("binary_iou")}
+    else:
+        step = record["epoch"]
+        values = {"train/loss": record["train_loss"], "train/lr": record["lr"], "train/img_s": record["img_s"],
+                  "train/peak_mem_mb": record["peak_mem_mb"], "val/miou": record.get("val", {}).get("miou"),
+                  "val/binary_iou": record.get("val", {}).get("binary_iou")}
+    for tag, value in values.items():
+        if value is not None:
+            writer.add_scalar(tag, value, step)
+    writer.flush()

@@ -9,7 +9,6 @@ evaluation.py's `evaluate` scores a split; `test_selected` scores the selected c
 """
 import collections
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -29,25 +28,23 @@ import data
 from autobatch import find_batch_size
 from checkpoint import load_checkpoint
 from config import with_batch
-from distributed import (MAX, Preemption, all_reduce, broadcast_buffers, broadcast_module, setup_distributed,
-                         teardown)
-from evaluation import eval_only, evaluate
+from distributed import (MAX, PeerLost, Preemption, all_reduce, broadcast_buffers, broadcast_module,
+                         setup_distributed, teardown)
+from evaluation import eval_only, evaluate, scores
 from labels import UserError, run_cli, scheme_summary
+from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
 from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
-from metrics import confusion_record, eval_metrics, summary
+from metrics import confusion_record, summary
 from model import autocast, build_model, sync_batchnorm
+from optim import build_optimizer, new_ema, one_cycle, update_ema
 from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
-                  save_preempted, save_test, write_config)
+                  save_preempted, save_test, tensorboard_writer, write_config, write_scalars)
 from weights import METHODS, check_images, resolve_class_weights
 
 # What one optimisation run consists of; built once by build_training and passed around whole. world is the
-# number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group).
-Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion world")
-
-
-def get_lr_schedule(optimizer, cfg, steps_per_epoch):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch,
-                                               pct_start=cfg["pct_start"], anneal_strategy="cos")
+# number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group); ema is the
+# weight average (optim.EMA) or None.
+Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion world ema")
 
 
 def make_criterion(cfg, class_weights, device):
@@ -65,7 +62,8 @@ def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
     computing the same function; the state dict is unchanged, so a checkpoint loads into the plain model."""
     groups = data.run_scheme(cfg).groups
     model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None).to(device)
+                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None,
+                        cfg["drop_path"]).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
@@ -74,20 +72,25 @@ def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
 
 
 def build_training(cfg, raw_model, world, device, steps_per_epoch, class_weights=None):
-    """The network DDP-wrapped (world > 1), then compiled (--compile), AdamW, OneCycle, the GradScaler (active
-    for fp16 only) and the loss. Compiling the DDP module, not wrapping a compiled one, lets DDPOptimizer cut
+    """The network DDP-wrapped (world > 1), then compiled (--compile), AdamW over the parameter groups,
+    OneCycle, the GradScaler (active for fp16 only), the loss and the weight EMA (--ema; copied from the
+    network before any wrapping). Compiling the DDP module, not wrapping a compiled one, lets DDPOptimizer cut
     the graph at the gradient buckets, so their all-reduce overlaps the backward."""
+    ema = new_ema(raw_model, cfg, cfg["epochs"] * steps_per_epoch)
     model = raw_model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         model = torch.compile(model)
-    # The fused AdamW step is one kernel per step on CPU as on CUDA: about half the optimizer time on CPU.
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                  fused=device.type in ("cuda", "cpu"))
-    return Training(model, raw_model, optimizer, get_lr_schedule(optimizer, cfg, steps_per_epoch),
+    optimizer = build_optimizer(raw_model, cfg, device)
+    return Training(model, raw_model, optimizer, one_cycle(optimizer, cfg, steps_per_epoch),
                     torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
-                    make_criterion(cfg, class_weights, device), world)
+                    make_criterion(cfg, class_weights, device), world, ema)
+
+
+def evaluated(parts):
+    """The network that is evaluated, selected, tested and predicted with: the EMA's when there is one."""
+    return parts.raw_model if parts.ema is None else parts.ema.model
 
 
 def batch_totals(parts, micro_batches, cfg, device):
@@ -143,7 +146,7 @@ def accumulate_gradients(parts, micro_batches, cfg, device):
 
 
 def train_step(parts, micro_batches, cfg, device):
-    """One optimizer step over the micro-batches (accumulate_gradients, then AdamW and the schedule).
+    """One optimizer step over the micro-batches (accumulate_gradients, then AdamW, the EMA and the schedule).
     Returns the global batch's loss as a device tensor: reading it is left to the logging points, so the step
     never syncs unless --skip-nonfinite asks to check every step (all ranks must agree on skipping)."""
     optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
@@ -158,6 +161,8 @@ def train_step(parts, micro_batches, cfg, device):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        update_ema(parts.ema, parts.raw_model)
     scheduler.step()
     return loss_sum
 
@@ -183,10 +188,10 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
     mine = order[rank::world][step0 * per_rank: steps_per_epoch * per_rank]
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
-    skipped, step, micro, start = 0, step0, [], time.time()
-    # Seconds spent on the data path (waiting for the gather, converting) vs stepping, as torchvision's
-    # MetricLogger splits them; a progress line at least every PROGRESS_SECONDS on rank 0.
-    timing = {"data": 0.0, "step": 0.0, "logged": start}
+    skipped, step, micro = 0, step0, []
+    # Seconds spent on the data path (waiting for the gather, converting) vs stepping since the last progress
+    # line, as torchvision's MetricLogger splits them; a line at least every PROGRESS_SECONDS on rank 0.
+    timing = {"data": 0.0, "step": 0.0, "steps": 0, "logged": time.time()}
     tick = time.time()
     # Crops and flips are cut on the host while the batch is copied out of the shared buffer. On a CPU the
     # batch buffers are reused: a step is done with its micro-batches before the next ones are converted.
@@ -204,6 +209,7 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
         tick = time.time()
         loss = train_step(parts, micro, cfg, device)
         timing["step"] += time.time() - tick
+        timing["steps"] += 1
         micro = []
         finite = torch.isfinite(loss)
         if cfg["skip_nonfinite"]:
@@ -224,7 +230,7 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
             check_finite(first_bad, epoch, cfg)
         if rank == 0 and step < steps_per_epoch and (step % cfg["log_every"] == 0
                                                       or time.time() - timing["logged"] >= PROGRESS_SECONDS):
-            progress_line(epoch, step, step0, steps_per_epoch, loss_sum, start, timing, cfg)
+            progress_line(epoch, step, steps_per_epoch, loss_sum, timing, cfg, parts, device)
         if preemption.poll():
             return loss_sum, step, skipped, True
         tick = time.time()
@@ -233,17 +239,6 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
 
 
 PROGRESS_SECONDS = 30
-
-
-def progress_line(epoch, step, step0, steps_per_epoch, loss_sum, start, timing, cfg):
-    """Rank 0's line inside an epoch: loss so far, img/s, data-path vs step seconds, the epoch's ETA. Reading
-    the loss is its only sync, once a line."""
-    now = time.time()
-    rate = (step - step0) * cfg["batch_size"] / (now - start)
-    print(f"  epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss_sum.item() / step:.4f} {rate:.1f} img/s "
-          f"(data {timing['data']:.1f} s, step {timing['step']:.1f} s) epoch ETA "
-          f"{fmt_time((steps_per_epoch - step) * cfg['batch_size'] / rate)}", flush=True)
-    timing["logged"] = now
 
 
 def check_finite(first_bad, epoch, cfg):
@@ -270,11 +265,14 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.time() - start
-    # Each rank's last forward updated its own BatchNorm statistics; rank 0's are evaluated and saved.
+    # Each rank's last forward updated its own BatchNorm statistics (and its EMA's average of them); rank 0's
+    # are evaluated and saved.
     broadcast_buffers(parts.raw_model)
+    if parts.ema is not None:
+        broadcast_buffers(parts.ema.model)
     cms = None
     if not preempted and split["val"].samples:
-        cms = evaluate(parts.raw_model, split["val"], cfg, device, rank, world, preemption)
+        cms = evaluate(evaluated(parts), split["val"], cfg, device, rank, world, preemption)
         preempted = cms is None
     loss = float(all_reduce(loss_sum.clone())) / world
     if preempted:
@@ -282,9 +280,9 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
         return None
     record = {"epoch": epoch + 1, "train_loss": loss / max(steps_per_epoch, 1),
               "img_s": (step - step0) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - start,
-              "peak_mem_mb": peak_memory_mb(device), "lr": parts.scheduler.get_last_lr()[0], "skipped_steps": skipped}
+              "peak_mem_mb": peak_memory_mb(device), "lr": schedule_lr(parts.optimizer), "skipped_steps": skipped}
     if cms is not None:
-        record["val"] = eval_metrics(cms, data.run_scheme(cfg))
+        record["val"] = scores(cms, cfg)
     return record
 
 
@@ -293,14 +291,14 @@ def test_selected(parts, split, cfg, rank, world, device, preemption):
     run_dir = Path(cfg["run_dir"])
     selected = load_checkpoint(run_dir / "best.pt") if rank == 0 else None
     if selected is not None:
-        parts.raw_model.load_state_dict(selected["model"])
-    broadcast_module(parts.raw_model)
+        evaluated(parts).load_state_dict(selected["model" if parts.ema is None else "ema"])
+    broadcast_module(evaluated(parts))
     epoch = torch.tensor(selected["epoch"] if selected else 0)
-    cms = evaluate(parts.raw_model, split["test"], cfg, device, rank, world, preemption)
+    cms = evaluate(evaluated(parts), split["test"], cfg, device, rank, world, preemption)
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
-    record = {"test": eval_metrics(cms, data.run_scheme(cfg)), "selected_epoch": int(all_reduce(epoch, MAX)),
+    record = {"test": scores(cms, cfg), "selected_epoch": int(all_reduce(epoch, MAX)),
               "select": cfg["select"]}
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms))
@@ -360,12 +358,12 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     # best: (inner mIoU, epoch) of the selected checkpoint, best.pt.
     start_epoch, start_step, best, carried = (restore(parts, resume, run_dir, rank) if resume
                                               else (0, 0, (-1.0, None), 0.0))
-    log(rank, f"{cfg['encoder']}+{cfg['decoder']} on {device.type} x{world}: {n_train} train / "
-              f"{len(split['val'].samples)} inner val / {len(split['test'].samples)} test images at {cfg['img_size']} "
-              f"px, batch {cfg['batch_size']} ({cfg['accum_steps']} micro-steps), {lr_line(cfg)[0]}, "
-              f"{cfg['precision']}, {n_train // cfg['batch_size']} steps/epoch, select {cfg['select']}")
+    if rank == 0:
+        sizes = n_train, len(split["val"].samples), len(split["test"].samples)
+        print("\n".join(header_lines(cfg, parts, sizes, device, world)), flush=True)
     # Run state the epochs share: consecutive skipped steps, and the weights that pick rare-damage crops.
     preemption, run_state, run_start = Preemption(), {"consecutive": 0, "class_weights": class_weights}, time.time()
+    writer = tensorboard_writer(cfg, run_dir, rank, start_epoch)
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             record = fit_epoch(parts, split, epoch, start_step if epoch == start_epoch else 0,
@@ -379,33 +377,20 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
             record["best_val_miou"] = best[0]
             if rank == 0:
                 save_epoch(parts, cfg, record, best, run_dir)
-                print_epoch(cfg, record, (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1))
+                write_scalars(writer, record)
+                eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1)
+                print(epoch_line(cfg, record, eta), flush=True)
         result = test_selected(parts, split, cfg, rank, world, device, preemption)
+        if result is not None:
+            write_scalars(writer, result)
     finally:
         preemption.close()
+        if writer is not None:
+            writer.close()
     if result is not None:
         log(rank, f"test mIoU {result['test']['miou']:.4f} damage IoU {result['test'].get('binary_iou') or 0:.4f} "
                   f"(epoch {result['selected_epoch']}, --select {cfg['select']}); run folder {run_dir}")
     return result
-
-
-def print_epoch(cfg, record, eta):
-    scores = ""
-    if "val" in record:
-        scores = f" val mIoU {record['val']['miou']:.4f} damage IoU {record['val'].get('binary_iou') or 0:.4f}"
-    print(f"epoch {record['epoch']}/{cfg['epochs']} loss {record['train_loss']:.4f}{scores} {record['img_s']:.1f} "
-          f"img/s {record['epoch_time_s']:.1f}s ETA {fmt_time(eta)}", flush=True)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def fmt_time(seconds):
-    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 def probe_step(cfg, device):
@@ -478,6 +463,11 @@ def run_main(args, job):
     except UserError as exc:
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
+    except PeerLost as exc:
+        kept = ("" if cfg is None or cfg["eval_only"]
+                else f"; finished epochs are in {Path(cfg['run_dir']) / 'last.pt'}, rerun with --resume")
+        print(f"error (rank {rank}): {exc}{kept}", file=sys.stderr, flush=True)
+        return 1
     except torch.OutOfMemoryError:
         print(f"error: out of device memory at --batch-size {args.batch_size or 'default'}; lower --batch-size, "
               "pass --micro-batch to accumulate, or use --batch-size auto (finished epochs are in last.pt)",

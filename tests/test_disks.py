@@ -192,3 +192,18 @@ def test_a_read_only_checkout_with_data_synthetic_is_one_line(tmp_path, mounts):
     assert done.returncode == 2 and done.stderr.splitlines() == [
         f"error: {checkout / 'data'}: read-only file system writing synthetic-5-40; --data synthetic generates its "
         f"images once under {checkout / 'data'}: make it writable, or run once from a writable checkout"], done.stderr
+
+
+def test_a_report_onto_a_full_or_read_only_disk_is_one_line_and_the_run_is_untouched(finished_run, tmp_path,
+                                                                                      mounts):
+    before = {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()}
+    full = mounts.tmpfs("40k")  # room for the folder, not for the pictures
+    with pytest.raises(UserError) as refused:
+        report.build_report([finished_run], full, images=1)
+    assert str(refused.value).startswith(f"{full}: disk full writing ")
+    assert str(refused.value).endswith(f"free space (or pass --out DIR) and rerun `python report.py {finished_run}`")
+    (tmp_path / "shared" / "out").mkdir(parents=True)
+    read_only = mounts.read_only(tmp_path / "shared") / "out"
+    with pytest.raises(UserError, match=f"^{read_only}: read-only file system writing curves\\.png; free space"):
+        report.build_report([finished_run], read_only, images=1)
+    assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before

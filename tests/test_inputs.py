@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+import config
+import distributed
 import files
 import predict
 import prepare
@@ -42,6 +44,16 @@ def test_an_empty_data_flag_is_refused_not_taken_for_synthetic(capsys):
         assert train.main(["--data", "", *entry]) == 2
         assert error_lines(capsys.readouterr()) == ["error: --data '': empty (an unset variable in a job script?); "
                                                     "pass a dataset folder or 'synthetic'"]
+
+
+def test_a_data_folder_that_is_not_a_dataset_is_refused_in_one_line_and_leaves_no_run_folder(tmp_path):
+    (tmp_path / "photos").mkdir()
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", *tiny_flags(tmp_path / "photos", run_dir))
+    assert proc.returncode == 2 and [line for line in proc.stderr.splitlines() if not line.startswith("note:")] == [
+        f"error: {tmp_path / 'photos' / 'images'}: folder not found; a dataset needs images/ and annotations/ "
+        "with matching file names"], proc.stderr
+    assert not run_dir.exists()
 
 
 def test_a_hand_edited_manifest_is_refused_naming_the_fold(tmp_path):
@@ -188,16 +200,20 @@ def test_weights_py_counts_a_folds_training_images_at_the_working_scale_like_tra
     assert json.loads((tmp_path / "all.json").read_text())["images"] == "all"
 
 
+NAMES = artefact_scheme().names
+
+
 def test_a_weights_file_of_another_fold_is_refused_and_one_of_all_images_is_noted(tmp_path):
     cfg = {"split": "kfold", "fold": 0, "folds": 3, "seed": 42, "inner_frac": 0.15, "select": "inner"}
     path = tmp_path / "w.json"
     counts = np.arange(1, 17)
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, dict(cfg, fold=1))
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES,
+                         dict(cfg, fold=1))
     with pytest.raises(UserError, match=r"counted on other training images \(--fold 1 \(this run: 0\)\)"):
         weights.check_images(path, cfg)
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, dict(cfg))
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES, dict(cfg))
     assert weights.check_images(path, cfg) is None
-    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0)
+    weights.save_weights(path, "inverse", counts, weights.compute_weights(counts, "inverse"), 36.0, NAMES)
     assert "counted on every image, the test fold's included" in weights.check_images(path, cfg)
 
 
@@ -227,7 +243,7 @@ else:
         preemption.poll()  # waits for rank 1's half of the first all-reduce
         outcome = "returned"
     except RuntimeError as exc:
-        outcome = str(exc)
+        outcome = [type(exc).__name__, str(exc)]
     open(sys.argv[1], "w").write(json.dumps(outcome))
     os._exit(0)
 """
@@ -240,4 +256,17 @@ def test_the_preemption_polls_own_group_fails_after_dist_timeout_not_torchs_30_m
                            str(script), str(tmp_path / "outcome.json"), str(ROOT)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr
-    assert "Timed out waiting 3000ms" in json.loads((tmp_path / "outcome.json").read_text())
+    kind, message = json.loads((tmp_path / "outcome.json").read_text())
+    assert kind == "PeerLost" and message.startswith("a collective did not complete (Timed out waiting 3000ms")
+    assert "another rank died, was stopped or hung longer than --dist-timeout" in message
+
+
+def test_a_lost_peer_ends_each_surviving_rank_in_one_line_naming_what_is_kept(synthetic_root, tmp_path, capsys):
+    def lost(*_):
+        raise distributed.PeerLost("a collective did not complete (Timed out waiting 3000ms for recv operation "
+                                   "to complete): another rank died")
+    args = config.parse_args(tiny_flags(synthetic_root, tmp_path / "run"))
+    assert train.run_main(args, lost) == 1
+    assert error_lines(capsys.readouterr()) == [
+        "error (rank 0): a collective did not complete (Timed out waiting 3000ms for recv operation to complete): "
+        f"another rank died; finished epochs are in {tmp_path / 'run' / 'last.pt'}, rerun with --resume"]

@@ -361,6 +361,17 @@ def test_summary_rows_are_the_folds_classes_and_folds_of_another_scheme_are_refu
 def test_progress_lines_split_data_from_step_time_and_reach_the_run_log(synthetic_root, tmp_path):
     done = run_script(*tiny(synthetic_root, tmp_path, "--epochs", "1", "--log-every", "1"))
     assert done.returncode == 0, done.stderr
-    pattern = r"  epoch 1 step 1/3 loss \d+\.\d+ \d+\.\d img/s \(data \d+\.\d s, step \d+\.\d s\) epoch ETA \d+:\d\d:\d\d"
-    assert re.search(pattern, done.stdout), done.stdout
+    pattern = (r"  \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] epoch 1 step (\d)/3 loss \d+\.\d+ lr (\d\.\d\de-\d\d) "
+               r"\d+\.\d img/s data (\d+) ms/step step (\d+) ms/step peak \d+ MB epoch ETA \d+:\d\d:\d\d")
+    lines = re.findall(pattern, done.stdout)
+    assert [line[0] for line in lines] == ["1", "2"], done.stdout
     assert re.search(pattern, (tmp_path / "train.log").read_text())
+    # The LR shown is the one the step used next: OneCycle's at steps 1 and 2 of 3.
+    lr = config.resolve_config(config.parse_args(tiny(synthetic_root, tmp_path)[1:]), 1, torch.device("cpu"))["lr"]
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    reference = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=lr, total_steps=3, pct_start=0.3)
+    for line in lines:
+        sgd.step()
+        reference.step()
+        assert float(line[1]) == pytest.approx(reference.get_last_lr()[0], rel=5e-3)
+

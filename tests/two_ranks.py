@@ -6,7 +6,8 @@ CHECK is one of:
 - step: one training step's loss and gradients under DDP (each rank half of a fixed global batch), written
   beside those of one process on the whole batch and of one process with micro-batches of one image;
 - autobatch: --batch-size auto's agreement with out-of-memory injected at 33 images on rank 0 and 63 on rank 1;
-- probe: the real --batch-size auto probe step runs no collective.
+- probe: the real --batch-size auto probe step runs no collective;
+- ema: three DDP training steps with --ema (each rank half of a fixed global batch), no collective of its own.
 Each rank writes OUT_DIR/CHECK-RANK.json (and .pt for tensors).
 """
 import json
@@ -106,6 +107,19 @@ def check_probe(out, rank, world):
     (out / f"probe-{rank}.json").write_text(json.dumps({"probe_calls": probe_calls, "calls": calls, "found": found}))
 
 
+def check_ema(out, rank, world, data_root):
+    cfg = dict(tiny_cfg("--ema", "--epochs", "1"), per_rank_batch=2)
+    x, y = global_batch(data_root, cfg)
+    torch.manual_seed(0)
+    network = train.build_network(cfg, torch.device("cpu"), world)
+    parts = train.build_training(cfg, network, world, torch.device("cpu"), 4)
+    initial = {k: v.clone() for k, v in parts.ema.model.state_dict().items()}
+    half = slice(rank * 2, rank * 2 + 2)
+    for _ in range(3):
+        train.train_step(parts, [(x[half], y[half])], cfg, torch.device("cpu"))
+    torch.save({"initial": initial, "ema": parts.ema.model.state_dict()}, out / f"ema-{rank}.pt")
+
+
 def main():
     check, out = sys.argv[1], Path(sys.argv[2])
     rank, world, *_ = distributed.setup_distributed(120)
@@ -116,6 +130,8 @@ def main():
             check_autobatch(out, rank, world)
         elif check == "probe":
             check_probe(out, rank, world)
+        elif check == "ema":
+            check_ema(out, rank, world, sys.argv[3])
         distributed.barrier()
     finally:
         distributed.teardown()
