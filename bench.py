@@ -85,15 +85,19 @@ def _timed(fn, steps, warmup, device):
     return time.perf_counter() - start
 
 
-def _loader_img_s(pre, flips, cfg, device, generator):
-    """Images per second from the preloaded array to normalised, flipped batches on the device."""
-    order = torch.randperm(len(pre), generator=generator).repeat(max(1, 512 // len(pre)))
+def _loader_img_s(pre, cfg, device, rank=0, world=1, epochs=None):
+    """Images per second of the training data path as train.py runs it (data.train_batches: this rank's crops
+    and flips, the --scale-aug/--colour-aug/--blur-aug augmentation, normalised on the device; --device-data
+    cuts them there), over whole epochs of about 512 images; None when an epoch has no full batch."""
+    device = torch.device(device)
+    rows = data.rows_on_device(pre, device) if cfg.get("device_data") else None
+    epochs = epochs or max(1, 512 // len(pre))
     start, loaded = time.perf_counter(), 0
-    for images, masks in data.batches(pre, order, cfg["per_rank_batch"], pin=device.type == "cuda"):
-        data.to_device_batch(images, masks, device, flips[:len(images)], channels_last=cfg["channels_last"])
-        loaded += len(images)
+    for epoch in range(epochs):
+        for x, _ in data.train_batches(pre, cfg, epoch, 0, rank, world, device, rows=rows):
+            loaded += len(x)
     _sync(device)
-    return loaded / (time.perf_counter() - start)
+    return round(loaded / (time.perf_counter() - start), 1) if loaded else None
 
 
 def _reference(cfg, parts, device, world):
@@ -172,7 +176,7 @@ def bench(cfg, rank, world, local_rank, local_world, device):
               "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
               "clip": cfg["clip"], "train_img_s": train_img_s, "infer_img_s": steps * len(x) * world / infer_s,
               "peak_mem_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, flips, cfg, device, generator),
+              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, cfg, device, rank, world),
               # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
               "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -299,38 +303,36 @@ def _second_rank(samples, size, scheme, work_size, conn):
     pre.close()
 
 
-def _host_path_img_s(pre, batch, epochs, on_host):
-    """Images per second from the preloaded rows to normalised, flipped crops on the CPU: flips cut during the
-    gather into reused buffers (on_host, what training runs on a CPU) or applied to freshly gathered batches
-    (the path before, device-style)."""
-    start, seen, outputs = time.perf_counter(), 0, None
-    for epoch in range(epochs):
-        corners = data.epoch_crops(pre, pre.size, 0, epoch, 0.5, None)
-        generator = torch.Generator().manual_seed(epoch)
-        order = torch.randperm(len(pre), generator=generator).numpy()
-        flips = torch.randint(0, 2, (len(pre), 3), generator=generator).bool().numpy()
-        for k, (images, masks) in enumerate(data.batches(pre, order, batch, corners[order],
-                                                         flips[order] if on_host else None, reuse=on_host)):
-            if on_host:
-                outputs = outputs if outputs is not None and len(outputs[0]) == len(images) else \
-                    data.new_outputs(images)
-                data.to_device_batch(images, masks, "cpu", out=outputs)
-            else:
-                rows = order[k * batch:(k + 1) * batch]
-                data.to_device_batch(images, masks, "cpu", torch.from_numpy(flips[rows]))
-            seen += len(images)
-    return round(seen / (time.perf_counter() - start), 1)
+# What --loader measures the host path with: no augmentation, each kind alone, and all of them (the recipe's
+# mmsegmentation-like scale 0.5-2.0 and torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1), a fifth blurred).
+LOADER_AUGMENTATIONS = {"plain": {}, "scale": {"scale_aug": [0.5, 2.0]}, "colour": {"colour_aug": 0.4},
+                        "blur": {"blur_aug": 0.2}, "all": {"scale_aug": [0.5, 2.0], "colour_aug": 0.4, "blur_aug": 0.2}}
 
 
-def _torchvision_img_s(root, size, batch, epochs):
+def _loader_cfg(size, batch, augmentation):
+    """The run config keys data.train_batches reads, for one process, one micro-batch per step."""
+    return {"seed": 0, "img_size": size, "rare_crops": 0.5, "batch_size": batch, "per_rank_batch": batch,
+            "micro_batch": batch, "accum_steps": 1, "channels_last": True, "scale_aug": None, "colour_aug": 0.0,
+            "blur_aug": 0.0, **augmentation}
+
+
+def _torchvision_img_s(root, size, batch, epochs, augmented=False):
     """What a user would otherwise write: torchvision transforms.v2 over the PNG files in a DataLoader with 2
-    workers (decode, random crop, flips, float, normalise per sample)."""
+    workers (decode, random crop, flips, float, normalise per sample); augmented adds the equivalent of "all":
+    RandomResizedCrop of square windows of side size/2 to 2 x size (what --scale-aug 0.5,2.0 cuts),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) and a Gaussian blur (sigma 0.1-2.0) of a fifth of the crops."""
     from torchvision import tv_tensors
     from torchvision.io import decode_image
     from torchvision.transforms import v2
 
-    transform = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.MEAN, data.STD)])
+    crop = [v2.RandomCrop(size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if augmented:
+        with Image.open(list_samples(root)[0].image) as first:
+            area = first.size[0] * first.size[1]
+        crop = [v2.RandomResizedCrop(size, scale=(size ** 2 / 4 / area, min(1.0, 4 * size ** 2 / area)), ratio=(1, 1)),
+                v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.ColorJitter(0.4, 0.4, 0.4, 0.1),
+                v2.RandomApply([v2.GaussianBlur(2 * 6 + 1, sigma=(0.1, 2.0))], p=0.2)]
+    transform = v2.Compose([*crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.MEAN, data.STD)])
 
     class PngCrops(torch.utils.data.Dataset):
         def __init__(self, samples):
@@ -340,7 +342,7 @@ def _torchvision_img_s(root, size, batch, epochs):
             return len(self.samples)
 
         def __getitem__(self, i):
-            image = decode_image(str(self.samples[i].image), mode="RGB")
+            image = tv_tensors.Image(decode_image(str(self.samples[i].image), mode="RGB"))
             mask = decode_image(str(self.samples[i].mask))
             return transform(image, tv_tensors.Mask(mask))
 
@@ -353,10 +355,32 @@ def _torchvision_img_s(root, size, batch, epochs):
     return round(seen / (time.perf_counter() - start), 1)
 
 
+def _shared_memory(pre, samples, size, scheme, work_size):
+    """The shared file's PSS (MiB) mapped by this process alone, then by this one and a second one."""
+    _touch(pre)
+    mib = 2 ** 20
+    result = {"array_mib": round(pre.nbytes / mib, 1), "pss_1proc_mib": round(mapped_pss(pre.path)[1] / mib, 1),
+              "rollup_pss_shmem_1proc_mib": round(rollup_pss_shmem() / mib, 1)}
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    other = context.Process(target=_second_rank, args=(samples, size, scheme, work_size, child))
+    other.start()
+    _, other_pss, other_rollup = parent.recv()
+    mine = mapped_pss(pre.path)[1]
+    result["pss_2proc_mib"] = [round(mine / mib, 1), round(other_pss / mib, 1)]
+    result["pss_2proc_total_mib"] = round((mine + other_pss) / mib, 1)
+    result["rollup_pss_shmem_2proc_mib"] = [round(rollup_pss_shmem() / mib, 1), round(other_rollup / mib, 1)]
+    parent.send("done")
+    other.join()
+    return result
+
+
 def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=4, work_size=1024):
-    """Training data path throughput, measured in one run: the preloaded host path (crops and flips cut while
-    copying, then normalised), the path before it (flips on the gathered batch), and a torchvision
-    transforms.v2 + DataLoader (2 workers) PNG loader; plus the shared file's PSS in 1 and 2 processes."""
+    """Training data path throughput, measured in one run: the host path (data.train_batches on the CPU, what
+    CPU training runs) without augmentation, with each kind and with all (LOADER_AUGMENTATIONS); on a GPU also
+    the host-cut path (crops cut on the host, one pinned copy per batch, augmented and normalised on the GPU)
+    and --device-data (the rows on the GPU, crops cut there), plain and with all; a torchvision transforms.v2 +
+    DataLoader (2 workers) PNG loader, plain and with the equivalent augmentation; the shared file's PSS."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
         samples = list_samples(root)
@@ -367,27 +391,23 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
         result = {"size": size, "work_size": work_size, "images": len(samples), "batch": batch,
                   "source": str(folder or f"{source_size} px PNG"), "torch_threads": torch.get_num_threads(),
                   "cores": cores(), "build_s": round(time.perf_counter() - start, 2)}
-        result["host_path_img_s"] = _host_path_img_s(pre, batch, epochs, on_host=True)
-        result["previous_path_img_s"] = _host_path_img_s(pre, batch, epochs, on_host=False)
+        for name, augmentation in LOADER_AUGMENTATIONS.items():
+            result[f"host_{name}_img_s"] = _loader_img_s(pre, _loader_cfg(size, batch, augmentation), "cpu",
+                                                         epochs=epochs)
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+            for name in ("plain", "all"):
+                cfg = _loader_cfg(size, batch, LOADER_AUGMENTATIONS[name])
+                _loader_img_s(pre, cfg, device, epochs=1)  # CUDA context and kernels, untimed
+                result[f"cuda_host_cut_{name}_img_s"] = _loader_img_s(pre, cfg, device, epochs=epochs)
+                result[f"cuda_device_data_{name}_img_s"] = _loader_img_s(pre, dict(cfg, device_data=True), device,
+                                                                         epochs=epochs)
+            result["device"] = torch.cuda.get_device_name(device)
         result["torchvision_png_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 2))
-        result["x_previous"] = round(result["host_path_img_s"] / result["previous_path_img_s"], 2)
-        result["x_torchvision"] = round(result["host_path_img_s"] / result["torchvision_png_img_s"], 1)
-        _touch(pre)
-        mib = 2 ** 20
-        result["array_mib"] = round(pre.nbytes / mib, 1)
-        result["pss_1proc_mib"] = round(mapped_pss(pre.path)[1] / mib, 1)
-        result["rollup_pss_shmem_1proc_mib"] = round(rollup_pss_shmem() / mib, 1)
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        other = context.Process(target=_second_rank, args=(samples, size, scheme, work_size, child))
-        other.start()
-        _, other_pss, other_rollup = parent.recv()
-        mine = mapped_pss(pre.path)[1]
-        result["pss_2proc_mib"] = [round(mine / mib, 1), round(other_pss / mib, 1)]
-        result["pss_2proc_total_mib"] = round((mine + other_pss) / mib, 1)
-        result["rollup_pss_shmem_2proc_mib"] = [round(rollup_pss_shmem() / mib, 1), round(other_rollup / mib, 1)]
-        parent.send("done")
-        other.join()
+        result["torchvision_aug_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 2), augmented=True)
+        result["x_torchvision"] = round(result["host_plain_img_s"] / result["torchvision_png_img_s"], 1)
+        result["x_torchvision_aug"] = round(result["host_all_img_s"] / result["torchvision_aug_img_s"], 1)
+        result.update(_shared_memory(pre, samples, size, scheme, work_size))
         pre.close()
     return result
 

@@ -196,7 +196,7 @@ def random_state():
 RESUME_MAY_CHANGE = {"run_dir", "checkpoint", "resume", "dry_run", "summary", "log_every", "dist_timeout",
                      "dist_backend", "threads", "no_report", "preload", "world_size", "per_rank_batch", "micro_batch",
                      "accum_steps", "device", "eval_only", "eval_split", "full_res", "data_flag", "batch_auto",
-                     "skip_nonfinite", "max_skipped", "given_flags", "tensorboard"}
+                     "skip_nonfinite", "max_skipped", "given_flags", "tensorboard", "device_data"}
 # Derived from other keys that are compared themselves (lr from --lr and the batch); the label scheme is
 # compared as a scheme (labels.scheme_difference), whichever file it was read from.
 RESUME_DERIVED = {"lr", "classes", "num_classes", "classes_file", "classes_source"}

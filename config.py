@@ -56,6 +56,16 @@ def _data_flags(d):
     d.add_argument("--offline-aug", action="store_true", help="add flipped/rotated copies of the training images")
     d.add_argument("--preload", default="all", choices=["all", "val", "none"],
                    help="which splits are decoded once into shared memory per node (none: decode every batch)")
+    d.add_argument("--device-data", action="store_true", help="keep the preloaded training images on the GPU and "
+                   "cut, flip and augment the crops there (default: cut on the host, one copy per batch)")
+    d.add_argument("--scale-aug", default=None, metavar="LO,HI", help="random scale of each training crop, drawn "
+                   "log-uniformly from LO..HI (e.g. 0.5,2.0; 0.25 <= LO <= HI <= 4): a window of side --img-size / "
+                   "scale at the working scale, resized to --img-size (default: off, scale 1)")
+    d.add_argument("--colour-aug", type=float, default=0.0, help="photometric distortion strength J (0-1): "
+                   "brightness, contrast and saturation factors from 1-J..1+J, hue shift up to J/4 of a turn "
+                   "(0.4 is torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1); default 0: off)")
+    d.add_argument("--blur-aug", type=float, default=0.0, help="share (0-1) of training crops blurred with a "
+                   "Gaussian of sigma 0.1-2.0 working-scale pixels (default 0: off)")
 
 
 def _model_flags(m):
@@ -247,6 +257,10 @@ def _check_numbers(args):
               ("--work-size", args.work_size, args.work_size == 0 or args.work_size >= args.img_size,
                f"0 (squash to --img-size) or at least --img-size {args.img_size}"),
               ("--rare-crops", args.rare_crops, 0 <= args.rare_crops <= 1, "between 0 and 1, e.g. 0.5"),
+              ("--colour-aug", args.colour_aug, finite(args.colour_aug) and 0 <= args.colour_aug <= 1,
+               "between 0 and 1, e.g. 0.4 (0: off)"),
+              ("--blur-aug", args.blur_aug, finite(args.blur_aug) and 0 <= args.blur_aug <= 1,
+               "between 0 and 1, e.g. 0.2 (0: off)"),
               ("--head-lr-mult", args.head_lr_mult, finite(args.head_lr_mult) and args.head_lr_mult > 0,
                "a positive number, e.g. 10"),
               ("--layer-decay", args.layer_decay, 0 < args.layer_decay <= 1, "in (0, 1], e.g. 0.9 (1: none)"),
@@ -280,6 +294,7 @@ def resolve_config(args, world_size, device):
         raise UserError(f"--encoder {args.encoder}: unknown; use one of {', '.join(ENCODERS)} or a timm model name")
     check_img_size(args.encoder, args.img_size)
     cfg["head_weights"] = _head_weights(args.head_weights)
+    cfg["scale_aug"] = _scale_range(args.scale_aug)
     # Evaluation trains nothing: its tiles go through the model --micro-batch (or the checkpoint's) at a time.
     batch, per_rank, micro = (None, None, args.micro_batch) if args.eval_only else _batch_sizes(args, world_size)
     if not 0 <= args.fold < max(args.folds, 1) and args.split == "kfold":
@@ -300,6 +315,21 @@ def resolve_config(args, world_size, device):
     if not args.eval_only:
         cfg.update(label_scheme(cfg["data"], args.classes_file, args.heads))
     return cfg
+
+
+def _scale_range(text):
+    """--scale-aug LO,HI -> [lo, hi], or None when not given."""
+    if text is None:
+        return None
+    from augment import SCALE_LIMITS
+    low, high = SCALE_LIMITS
+    try:
+        scale = [float(v) for v in text.split(",")]
+    except ValueError:
+        scale = []
+    if len(scale) != 2 or not low <= scale[0] <= scale[1] <= high:
+        raise UserError(f"--scale-aug {text}: give LO,HI with {low:g} <= LO <= HI <= {high:g}, e.g. 0.5,2.0")
+    return scale
 
 
 def label_scheme(data, classes_file, heads):

@@ -1,7 +1,9 @@
-"""The training-time data path: dataset folder -> split -> node-shared preload -> batches on the device.
+"""The training-time data path: dataset folder -> split -> node-shared preload -> an epoch's plan -> batches on
+the device.
 
-Flips, rot90 and normalisation run on the uint8 batch on the device; nothing per-pixel runs in Python.
-A library without a command line (ARTeFACT is ingested by prepare.py).
+Crops (scaled, flipped) are cut from the shared buffer by a host thread or on the device (--device-data); the
+photometric distortion and the normalisation run on the uint8 batch on the device; nothing per-pixel runs in
+Python. A library without a command line (ARTeFACT is ingested by prepare.py).
 """
 if __name__ == "__main__":
     # Older instructions said `python data.py prepare`; running it must not look like success.
@@ -18,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, device_rows, photometric_params
 from distributed import barrier, broadcast
-from files import dataset_scheme, fingerprint, list_samples, read_metadata, write_error
+from files import dataset_scheme, fingerprint, list_samples, read_metadata, size_text, write_error
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
-from preload import preload
+from preload import Preloaded, preload
 from splits import default_manifest_path, split_ids
 from synthetic import make_synthetic
 
@@ -152,25 +155,41 @@ def _damage_centre(pre, row, class_weights, rng):
     return points[rng.integers((points[:, 0] >= 0).sum())]
 
 
+def _span(extent, side):
+    """The range of a window's first coordinate along an axis: inside the row, or covering it when larger."""
+    return min(extent - side, 0), max(extent - side, 0)
+
+
+def _valid_share(mask, top, left, side, ignore):
+    """Share of the side x side window at (top, left) inside the object (not the ignore id); pixels off the row
+    count as outside."""
+    inside = mask[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)]
+    return (inside != ignore).sum() / (side * side)
+
+
 def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
     """(n, 2) top-left corners of every row's training crop in an epoch, from (seed, epoch) alone, so any
-    number of ranks and a resumed run draw the same crops. A share rare_crops of them is centred on a damage
-    pixel (see _damage_centre); a crop with less than MIN_VALID of its pixels inside the object is redrawn."""
+    number of ranks and a resumed run draw the same crops. size: the crops' side, or (n,) sides, one per row
+    (scaled crops, see augment.crop_sides); a side larger than the row places the row inside the window. A share
+    rare_crops of the crops is centred on a damage pixel (see _damage_centre); a crop with less than MIN_VALID
+    of its pixels inside the object is redrawn."""
     rng = np.random.default_rng([seed, epoch, 2])
     weights = np.ones(pre.counts.shape[1] - 1) if class_weights is None else np.asarray(class_weights, float)
     corners = np.zeros((len(pre), 2), dtype=np.int64)
-    for row, (height, width) in enumerate(pre.shapes.tolist()):
-        if (height, width) == (size, size):
+    sides = np.broadcast_to(np.asarray(size, np.int64), (len(pre),))
+    for row, ((height, width), side) in enumerate(zip(pre.shapes.tolist(), sides.tolist())):
+        if (height, width) == (side, side):
             continue
+        (top_low, top_high), (left_low, left_high) = _span(height, side), _span(width, side)
         for _ in range(REDRAWS):
             centre = _damage_centre(pre, row, weights, rng) if rng.random() < rare_crops else None
             if centre is None:
-                top, left = rng.integers(height - size + 1), rng.integers(width - size + 1)
+                top, left = rng.integers(top_low, top_high + 1), rng.integers(left_low, left_high + 1)
             else:
-                top = min(max(int(centre[0]) - size // 2, 0), height - size)
-                left = min(max(int(centre[1]) - size // 2, 0), width - size)
+                top = min(max(int(centre[0]) - side // 2, top_low), top_high)
+                left = min(max(int(centre[1]) - side // 2, left_low), left_high)
             corners[row] = top, left
-            if (pre.mask(row)[top:top + size, left:left + size] != pre.scheme.ignore).mean() >= MIN_VALID:
+            if _valid_share(pre.mask(row), top, left, side, pre.scheme.ignore) >= MIN_VALID:
                 break
     return corners
 
@@ -194,10 +213,11 @@ def _batch_buffers(size, pin, ring_size):
     return buffers
 
 
-def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False):
+def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False, sides=None):
     """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
     corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
-    flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied.
+    flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied; sides
+    (row-aligned, default S) are the windows' sides, resized to S (see preload.gather).
 
     A background thread gathers the next batches into fresh (pinned, when CUDA is there) tensors, so
     a yielded batch stays valid however long the caller keeps it. With reuse, a ring of prefetch + 2
@@ -210,6 +230,7 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
     size = pre.size
     corners = np.zeros((len(indices), 2), np.int64) if corners is None else np.asarray(corners, np.int64)
     flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
+    sides = np.full(len(indices), size, np.int64) if sides is None else np.asarray(sides, np.int64)
     stops = list(range(0, len(indices), batch_size))
     pin = pin and torch.cuda.is_available()
     done, ready = threading.Event(), queue.Queue(maxsize=max(1, prefetch))
@@ -231,7 +252,7 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
                 idx = indices[start:start + batch_size]
                 images, masks = buffers(k, len(idx))
                 pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy(),
-                           flips[start:start + batch_size])
+                           flips[start:start + batch_size], sides[start:start + batch_size])
                 if not offer((images, masks)):
                     return
         except BaseException as exc:
@@ -250,6 +271,84 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
         worker.join()
 
 
+def device_batches(rows, indices, batch_size, plan, size):
+    """Like batches, from the rows on the device (augment.device_rows): each batch of indices cut there by
+    index arithmetic at the plan's corners and sides, and flipped there; the host sends a few numbers per row."""
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        images, masks = device_crops(rows, idx, plan.corners[idx], plan.sides[idx], size)
+        yield flip_batch(images, masks, torch.from_numpy(plan.flips[idx]))
+
+
+def rows_on_device(pre, device):
+    """--device-data: the training rows on the device (augment.device_rows); refused when they were not
+    preloaded or would take more than half of the GPU's free memory (the model needs the rest)."""
+    if not isinstance(pre, Preloaded):
+        raise UserError("--device-data: needs the training images preloaded; drop --preload none/val")
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if pre.layout.counts_offset > free / 2:
+            raise UserError(f"--device-data: the preloaded rows take {size_text(pre.layout.counts_offset)}, more "
+                            f"than half of the {size_text(free)} free on {device}; drop --device-data "
+                            "or lower --work-size")
+    return device_rows(pre, device)
+
+
+# An epoch's augmentation: order (rows in training order) and, row-aligned with the part's rows, flips
+# (hflip, vflip, rot90), crop corners and window sides, photometric params (augment.photometric_params or None).
+Plan = collections.namedtuple("Plan", "order flips corners sides photometric")
+
+
+def epoch_order(seed, epoch, n):
+    """Sample order and flips of an epoch, from (seed, epoch) only: every world size sees the same global
+    batches, and a resumed run continues exactly where an uninterrupted one would be."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator)
+    return order.numpy(), torch.randint(0, 2, (n, 3), generator=generator).bool().numpy()
+
+
+def epoch_plan(pre, cfg, epoch, class_weights=None):
+    """Everything random about an epoch's training crops, from (cfg's seed, epoch) alone (see Plan)."""
+    seed, size = cfg["seed"], cfg["img_size"]
+    order, flips = epoch_order(seed, epoch, len(pre))
+    sides = crop_sides(len(pre), size, cfg.get("scale_aug"), seed, epoch)
+    corners = epoch_crops(pre, sides, seed, epoch, cfg["rare_crops"], class_weights)
+    photometric = photometric_params(len(pre), cfg.get("colour_aug", 0), cfg.get("blur_aug", 0), seed,
+                                             epoch)
+    return Plan(order, flips, corners, sides, photometric)
+
+
+def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=None, rows=None):
+    """This rank's micro-batches (x, y) for steps step0.. of an epoch, cropped, augmented and normalised
+    (to_device_batch) on device: the epoch's plan comes from (seed, epoch) alone, its global batches are split
+    over the ranks, so every world size and a resumed run train on the same crops.
+
+    rows (--device-data, rows_on_device): the crops are cut on the device. Otherwise a host thread cuts them
+    from the shared buffer (flips on the way), then one copy per batch; on a CPU into reused buffers, valid
+    until the next step's micro-batches are made (train_step is done with them by then).
+    """
+    device = torch.device(device)
+    plan = epoch_plan(pre, cfg, epoch, class_weights)
+    per_rank, micro, on_cpu = cfg["per_rank_batch"], cfg["micro_batch"], device.type == "cpu"
+    mine = plan.order[rank::world][step0 * per_rank: len(pre) // cfg["batch_size"] * per_rank]
+    if rows is None:
+        crops = batches(pre, mine, micro, plan.corners[mine], plan.flips[mine], pin=not on_cpu, reuse=on_cpu,
+                        sides=plan.sides[mine])
+    else:
+        crops = device_batches(rows, mine, micro, plan, cfg["img_size"])
+    outputs = [None] * cfg["accum_steps"]
+    try:
+        for k, (images, masks) in enumerate(crops):
+            slot, part = k % cfg["accum_steps"], mine[k * micro:(k + 1) * micro]
+            if on_cpu and outputs[slot] is None:
+                outputs[slot] = new_outputs(images)
+            yield to_device_batch(images, masks, device, channels_last=cfg["channels_last"], out=outputs[slot],
+                                  photometric=None if plan.photometric is None else plan.photometric[part])
+    finally:
+        crops.close()
+
+
 def _flags(batch, augment, generator):
     if isinstance(augment, torch.Tensor):
         return augment.cpu().bool().reshape(batch, 3)
@@ -259,13 +358,31 @@ def _flags(batch, augment, generator):
 _FLIPS = (lambda t: t.flip(2), lambda t: t.flip(1), lambda t: t.rot90(1, (1, 2)))
 
 
-def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, channels_last=True, out=None):
+def flip_batch(images, masks, flags):
+    """hflip, vflip, rot90 (in that order) of the samples whose (B, 3) host flags say so, in place; image and
+    mask move together; rot90 is skipped for non-square batches."""
+    device = images.device
+    for k, flip in enumerate(_FLIPS):
+        if k == 2 and images.shape[1] != images.shape[2]:
+            continue
+        # The flags live on the host, so choosing samples needs no device sync; writing only the chosen
+        # samples measured ~20 % faster on CPU than a torch.where over the whole batch.
+        chosen = flags[:, k].nonzero().squeeze(1).to(device, non_blocking=True)
+        if len(chosen):
+            images[chosen] = flip(images[chosen])
+            masks[chosen] = flip(masks[chosen])
+    return images, masks
+
+
+def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, channels_last=True, out=None,
+                    photometric=None):
     """Batch -> (x float (B,3,S,S) normalised, channels_last by default; y long (B,S,S)) on device.
 
     augment: False, True (per-sample hflip/vflip/rot90 flags drawn from generator), or a (B,3) bool tensor
-    of those flags, applied in that order to the uint8 batch on the device; image and mask move together.
-    rot90 is skipped for non-square batches. out: on the CPU, (x, y) tensors of the right shapes to write
-    into (reused buffers spare the page faults of ~100 MB of fresh memory per batch; see new_outputs).
+    of those flags, applied in that order to the uint8 batch on the device (flip_batch). photometric: the
+    batch's rows of augment.photometric_params (colour maps folded into the normalisation, then blur), or None.
+    out: on the CPU, (x, y) tensors of the right shapes to write into (reused buffers spare the page faults of
+    ~100 MB of fresh memory per batch; see new_outputs).
     """
     device = torch.device(device)
     augmenting = isinstance(augment, torch.Tensor) or bool(augment)
@@ -273,24 +390,26 @@ def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, 
     images = images_u8.to(device, non_blocking=True, copy=augmenting)
     masks = masks_u8.to(device, non_blocking=True, copy=augmenting)
     if augmenting:
-        flags = _flags(len(images), augment, generator)
-        for k, flip in enumerate(_FLIPS):
-            if k == 2 and images.shape[1] != images.shape[2]:
-                continue
-            # The flags live on the host, so choosing samples needs no device sync; writing only the chosen
-            # samples measured ~20 % faster on CPU than a torch.where over the whole batch.
-            chosen = flags[:, k].nonzero().squeeze(1).to(device, non_blocking=True)
-            if len(chosen):
-                images[chosen] = flip(images[chosen])
-                masks[chosen] = flip(masks[chosen])
-    if out is not None and device.type == "cpu" and channels_last:
-        return normalize(images, out[0]), out[1].copy_(masks)
-    x = normalize(images)
+        flip_batch(images, masks, _flags(len(images), augment, generator))
+    into = out is not None and device.type == "cpu" and channels_last
+    x = _photometric(images, photometric, out[0] if into else None)
+    if into:
+        return x, out[1].copy_(masks)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     else:
         x = x.contiguous()
     return x, masks.long()
+
+
+def _photometric(images, params, out):
+    """Normalised floats of a uint8 NHWC batch, with its photometric distortion when params (B, 5) is given."""
+    if params is None:
+        return normalize(images, out)
+    params = np.asarray(params)
+    coloured = (params[:, :SIGMA] != (1, 1, 1, 0)).any()
+    x = colour_normalize(images, params, MEAN, STD, out) if coloured else normalize(images, out)
+    return blur_(x, params[:, SIGMA])
 
 
 def new_outputs(images_u8):

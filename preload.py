@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from augment import resize_window, window
 from files import displayed_size, free_bytes, load_working, size_text, working_shape, write_error
 from labels import UserError, progress, scheme_to_dict
 
@@ -30,6 +31,7 @@ from labels import UserError, progress, scheme_to_dict
 OFFLINE_COPIES = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], np.rot90)
 # Pixel positions kept per damage class and row: enough to centre crops on varied spots of a rare class.
 POINTS = 32
+PIXEL = np.dtype("V3")  # one RGB pixel as a unit
 
 Layout = collections.namedtuple("Layout", "shapes image_offsets mask_offsets counts_offset points_offset nbytes")
 
@@ -212,28 +214,53 @@ class _Rows:
     def __len__(self):
         return len(self.ids)
 
-    def gather(self, indices, corners, images, masks, flips=None):
+    def gather(self, indices, corners, images, masks, flips=None, sides=None):
         """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j], flipped on the
-        way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy nothing extra."""
+        way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy little extra.
+        sides[j] (default: the crops' side) is the side of the window cut at corners[j]; a window of another
+        side is resized to the crop's (augment.resize_window), and off the row its image is 0, its mask the
+        scheme's ignore id."""
         size = images.shape[1]
         flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
-        for j, (row, (top, left), (hflip, vflip, rot)) in enumerate(zip(indices.tolist(), corners.tolist(),
-                                                                      flips.tolist())):
-            image = self.image(row)[top:top + size, left:left + size]
-            mask = self.mask(row)[top:top + size, left:left + size]
-            if hflip:
-                image, mask = image[:, ::-1], mask[:, ::-1]
-            if vflip:
-                image, mask = image[::-1], mask[::-1]
-            if rot:
-                image, mask = np.rot90(image), np.rot90(mask)
-            images[j], masks[j] = image, mask
+        sides = np.full(len(indices), size) if sides is None else np.asarray(sides)
+        for j, (row, (top, left), turn, side) in enumerate(zip(indices.tolist(), corners.tolist(), flips.tolist(),
+                                                               sides.tolist())):
+            if side == size:
+                _copy_pixels(images[j], self.image(row)[top:top + size, left:left + size], turn)
+                mask = self.mask(row)[top:top + size, left:left + size]
+            else:
+                planes, mask = resize_window(window(self.image(row), top, left, side, 0),
+                                             window(self.mask(row), top, left, side, self.scheme.ignore), size)
+                for c, plane in enumerate(planes):
+                    images[j][..., c] = _flipped(plane, turn)
+            masks[j] = _flipped(mask, turn)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _flipped(array, turn):
+    """A view of array (rows, columns, ...) flipped left-right, then upside down, then turned by 90 degrees
+    counter-clockwise, as turn = (hflip, vflip, rot90) says."""
+    hflip, vflip, rot = turn
+    array = array[:, ::-1] if hflip else array
+    array = array[::-1] if vflip else array
+    return np.rot90(array) if rot else array
+
+
+def _copy_pixels(target, image, turn):
+    """target[...] = _flipped(image, turn) for (h, w, 3) uint8 arrays, by the fastest copy numpy has for it:
+    turned, as whole 3-byte pixels; mirrored, one channel at a time (2.6x and 4x faster than byte by byte)."""
+    if turn[2]:
+        target.view(PIXEL)[..., 0] = _flipped(image.view(PIXEL)[..., 0], turn)
+    elif turn[0]:
+        for c in range(3):
+            target[..., c] = _flipped(image[..., c], turn)
+    else:
+        target[...] = _flipped(image, turn)
 
 
 class Preloaded(_Rows):

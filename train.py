@@ -167,25 +167,12 @@ def train_step(parts, micro_batches, cfg, device):
     return loss_sum
 
 
-def epoch_order(cfg, epoch, n):
-    """Sample order and flips of an epoch, from (seed, epoch) only: every world size sees the same global
-    batches, and a resumed run continues exactly where an uninterrupted one would be."""
-    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    order = torch.randperm(n, generator=generator)
-    return order, torch.randint(0, 2, (n, 3), generator=generator).bool()
-
-
 def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption, run_state):
     """Steps step0.. of one epoch; returns its loss sum (device tensor), the steps done, skipped steps and
     whether a pre-emption stopped it early. Non-finite losses raise at the logging points; with
     --skip-nonfinite, more than --max-skipped consecutive skipped steps (counted in run_state across epochs)
     raise."""
     steps_per_epoch = len(pre) // cfg["batch_size"]
-    per_rank, micro_batch = cfg["per_rank_batch"], cfg["micro_batch"]
-    order, flips = epoch_order(cfg, epoch, len(pre))
-    corners = data.epoch_crops(pre, cfg["img_size"], cfg["seed"], epoch, cfg["rare_crops"],
-                               run_state["class_weights"])
-    mine = order[rank::world][step0 * per_rank: steps_per_epoch * per_rank]
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
     skipped, step, micro = 0, step0, []
@@ -193,16 +180,9 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
     # line, as torchvision's MetricLogger splits them; a line at least every PROGRESS_SECONDS on rank 0.
     timing = {"data": 0.0, "step": 0.0, "steps": 0, "logged": time.time()}
     tick = time.time()
-    # Crops and flips are cut on the host while the batch is copied out of the shared buffer. On a CPU the
-    # batch buffers are reused: a step is done with its micro-batches before the next ones are converted.
-    rows, on_cpu = mine.numpy(), device.type == "cpu"
-    outputs = [None] * cfg["accum_steps"]
-    for images, masks in data.batches(pre, rows, micro_batch, corners[rows], flips[rows].numpy(),
-                                      pin=not on_cpu, reuse=on_cpu):
-        k = len(micro)
-        outputs[k] = outputs[k] or (data.new_outputs(images) if on_cpu else None)
-        micro.append(data.to_device_batch(images, masks, device, channels_last=cfg["channels_last"],
-                                          out=outputs[k]))
+    for x, y in data.train_batches(pre, cfg, epoch, step0, rank, world, device, run_state["class_weights"],
+                                   run_state["device_rows"]):
+        micro.append((x, y))
         if len(micro) < cfg["accum_steps"]:
             continue
         timing["data"] += time.time() - tick
@@ -361,8 +341,11 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     if rank == 0:
         sizes = n_train, len(split["val"].samples), len(split["test"].samples)
         print("\n".join(header_lines(cfg, parts, sizes, device, world)), flush=True)
-    # Run state the epochs share: consecutive skipped steps, and the weights that pick rare-damage crops.
-    preemption, run_state, run_start = Preemption(), {"consecutive": 0, "class_weights": class_weights}, time.time()
+    # Run state the epochs share: consecutive skipped steps, the weights that pick rare-damage crops, and the
+    # training rows on the device (--device-data).
+    rows = data.rows_on_device(split["train"].pre, device) if cfg["device_data"] else None
+    preemption, run_start = Preemption(), time.time()
+    run_state = {"consecutive": 0, "class_weights": class_weights, "device_rows": rows}
     writer = tensorboard_writer(cfg, run_dir, rank, start_epoch)
     try:
         for epoch in range(start_epoch, cfg["epochs"]):

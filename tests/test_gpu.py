@@ -10,7 +10,9 @@ the terminal. Sized to finish in under 8 minutes on one recent GPU (H100/H200 cl
 - predict.py on a 4000 x 3000 photograph;
 - --batch-size auto: the search alone (uncapped) and inside train.py;
 - two ranks on the one GPU under a process group with a CUDA-only backend (cuda:gloo), which refuses host
-  tensors in collectives as NCCL does (NCCL itself refuses two ranks on one GPU).
+  tensors in collectives as NCCL does (NCCL itself refuses two ranks on one GPU);
+- the training data path at 384 px, batch 32 (bench.py --loader): crops cut on the host vs on the GPU
+  (--device-data), with and without scale and colour augmentation, against torchvision's PNG loader.
 """
 import json
 import os
@@ -136,3 +138,12 @@ def test_two_ranks_on_one_gpu_under_a_cuda_only_backend(tmp_path):
     tests = [m for m in metrics(run_dir) if "test" in m]
     assert len(tests) == 1 and "on cuda x2" in done.stdout
     record("2 ranks on one GPU, cuda:gloo", test_miou=round(tests[0]["test"]["miou"], 4), wall_s=round(seconds, 1))
+
+
+def test_loader_on_the_gpu():
+    done, seconds = script("bench.py", "--loader", "--img-size", "384", "--batch-size", "32")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("plain", "all"):
+        assert row[f"cuda_host_cut_{name}_img_s"] > 0 and row[f"cuda_device_data_{name}_img_s"] > 0
+    record("loader 384 px batch 32", **{k: v for k, v in row.items() if k.endswith("_img_s") or k.startswith("x_")},
+           wall_s=round(seconds, 1))

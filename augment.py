@@ -1,0 +1,218 @@
+"""Training augmentation beyond flips: each crop's scale and its colours, drawn from (seed, epoch) alone and applied
+to whole batches in tensor ops.
+
+- Scale: a crop at scale s is the window of side img_size / s of a working-resolution row, resized to img_size
+  (images bilinear, area-like when shrinking; masks nearest; outside the row, images are 0 and masks the label
+  scheme's ignore id).
+  Nothing is decoded again.
+- Photometric distortion: brightness, contrast, saturation and hue make one 3x3 colour map per image, applied
+  with the normalisation in one pass; a share of the images is then blurred. Masks are never touched by it.
+
+Every parameter of a row comes from numpy generators seeded with [seed, epoch, stream], so any number of ranks
+and a resumed run see the same crops.
+"""
+import collections
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Streams of np.random.default_rng([seed, epoch, stream]); 2 draws the crop positions (data.epoch_crops).
+SCALE_STREAM, PHOTOMETRIC_STREAM = 3, 4
+# --scale-aug bounds: beyond them a crop is mostly padding (zoomed out) or a few blurred pixels (zoomed in).
+SCALE_LIMITS = (0.25, 4.0)
+# Blur sigmas (working-resolution pixels): torchvision GaussianBlur's default range.
+BLUR_SIGMA = (0.1, 2.0)
+# ITU-R 601 luma (torchvision's grayscale rounds the red weight to 0.2989) and the YIQ matrix whose chroma plane
+# the hue shift rotates.
+GREY = np.array([0.299, 0.587, 0.114])
+YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+# Columns of photometric_params.
+BRIGHTNESS, CONTRAST, SATURATION, HUE, SIGMA = range(5)
+
+
+def crop_sides(n, size, scale, seed, epoch):
+    """(n,) window sides in working pixels: size / s for a scale s drawn log-uniformly from scale = (lo, hi) per
+    row (as often zoomed in as out), or size everywhere when scale is None."""
+    if not scale:
+        return np.full(n, size, np.int64)
+    rng = np.random.default_rng([seed, epoch, SCALE_STREAM])
+    factors = np.exp(rng.uniform(np.log(scale[0]), np.log(scale[1]), n))
+    return np.rint(size / factors).astype(np.int64)
+
+
+def photometric_params(n, colour, blur, seed, epoch):
+    """(n, 5) float64 per row: brightness, contrast and saturation factors from [1 - colour, 1 + colour], a hue
+    shift from [-colour / 4, colour / 4] of a turn (torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1) at colour 0.4),
+    and a blur sigma from BLUR_SIGMA for a share blur of the rows (0: not blurred); None when both are off."""
+    if not colour and not blur:
+        return None
+    draws = np.random.default_rng([seed, epoch, PHOTOMETRIC_STREAM]).random((n, 6))
+    params = np.empty((n, 5))
+    params[:, :3] = 1 + colour * (2 * draws[:, :3] - 1)
+    params[:, HUE] = colour / 4 * (2 * draws[:, 3] - 1)
+    params[:, SIGMA] = np.where(draws[:, 4] < blur, BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * draws[:, 5], 0)
+    return params
+
+
+def window(array, top, left, side, fill):
+    """The side x side window of array at (top, left): a view when it lies inside, else a copy filled with fill
+    where it leaves the array."""
+    height, width = array.shape[:2]
+    if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
+        return array[top:top + side, left:left + side]
+    out = np.full((side, side) + array.shape[2:], fill, array.dtype)
+    y0, y1, x0, x1 = max(top, 0), min(top + side, height), max(left, 0), min(left + side, width)
+    if y0 < y1 and x0 < x1:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = array[y0:y1, x0:x1]
+    return out
+
+
+def nearest_index(side, size):
+    """The source pixel (of side) under the centre of each of size output pixels, in integer arithmetic, so
+    every device picks the same labels."""
+    return (2 * np.arange(size) + 1) * side // (2 * size)
+
+
+def resize_pixels(window, size):
+    """uint8 (side, side, 3) tensor -> (size, size, 3): bilinear with half-pixel centres and, when shrinking, a
+    filter as wide as the scale (an area-like average, Pillow's BILINEAR up to rounding); torch's fixed-point
+    uint8 kernel on the CPU (as resize_window), float32 rounded on a GPU, which has no uint8 kernel (one level
+    off at some pixels)."""
+    pixels = window.permute(2, 0, 1)[None]
+    if pixels.device.type == "cpu":
+        resized = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        resized = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+    return resized[0].permute(1, 2, 0)  # NHWC view of the kernel's NCHW output
+
+
+def resize_window(image, mask, size):
+    """A (side, side, 3) image window and its (side, side) mask -> (image planes (3, size, size), mask (size,
+    size)): the image by resize_pixels, the mask nearest (nearest_index). numpy in, numpy out."""
+    rows = nearest_index(len(mask), size)
+    if not image.flags.writeable:
+        image = image.copy()  # torch refuses to wrap the read-only shared buffer
+    return resize_pixels(torch.from_numpy(image), size).permute(2, 0, 1).numpy(), mask[rows][:, rows]
+
+
+# The preloaded rows as tensors on a device: pixels (P, 3) and labels (P,) uint8, every row's first pixel and shape,
+# and the label scheme's ignore id (the masks' fill off the rows).
+DeviceRows = collections.namedtuple("DeviceRows", "pixels labels starts shapes ignore")
+
+
+def device_rows(pre, device):
+    """pre's rows (a preload.Preloaded) on device without a copy on the CPU. Image and mask bytes share one pixel
+    numbering (both are laid out back to back in row order), so one index reads either."""
+    layout = pre.layout
+    first_mask, end = int(layout.mask_offsets[0]) if len(pre) else 0, int(layout.counts_offset)
+    with warnings.catch_warnings():
+        # The shared buffer is mapped read-only; nothing here writes to it.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(pre.buffer[:end])
+    pixels = flat[:first_mask].view(-1, 3)
+    labels = flat[first_mask:first_mask + len(pixels)]
+    starts = torch.from_numpy(np.asarray(layout.image_offsets, np.int64) // 3)
+    return DeviceRows(pixels.to(device), labels.to(device), starts.to(device),
+                      torch.from_numpy(np.asarray(pre.shapes, np.int64)).to(device), pre.scheme.ignore)
+
+
+def device_crops(rows, indices, corners, sides, size):
+    """(images (B, size, size, 3), masks (B, size, size)) uint8 on rows' device: each row's window at corners with
+    sides, as the host cuts them (preload.gather): masks by index arithmetic over the whole batch at once, images
+    too where the window has side size; other windows are cut the same way and resized one by one
+    (resize_pixels: on the CPU the host's kernel, so the crops are the host's bit for bit)."""
+    device = rows.pixels.device
+    indices = torch.as_tensor(indices, device=device)
+    corners = torch.as_tensor(corners, device=device)
+    sides = np.asarray(sides, np.int64)
+    height, width = rows.shapes[indices, 0, None], rows.shapes[indices, 1, None]
+    start, top, left = rows.starts[indices, None, None], corners[:, 0, None], corners[:, 1, None]
+
+    def read(ys, xs, source, fill, at=slice(None)):
+        """source at window rows ys (B, n) and columns xs (B, n) of the rows at; fill outside the row."""
+        ys, xs = ys + top[at], xs + left[at]
+        h, w = height[at], width[at]
+        inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+        ys, xs = torch.minimum(ys.clamp(min=0), h - 1), torch.minimum(xs.clamp(min=0), w - 1)
+        values = source[start[at] + (ys * w)[:, :, None] + xs[:, None, :]]
+        return torch.where(inside[..., None] if values.dim() == 4 else inside, values, fill)
+
+    near = torch.as_tensor(nearest_index(sides[:, None], size), device=device)
+    masks = read(near, near, rows.labels, rows.ignore)
+    images = read(near, near, rows.pixels, 0)
+    for j in np.flatnonzero(sides != size).tolist():
+        span = torch.arange(int(sides[j]), device=device)[None]
+        images[j] = resize_pixels(read(span, span, rows.pixels, 0, slice(j, j + 1))[0], size)
+    return images, masks
+
+
+def colour_maps(params):
+    """(B, 3, 3) float64 colour maps A and (B,) offset factors k of the rows' photometric params: an image u
+    (0-255) becomes A u + k * g, g its mean grey level. In order: brightness b (u -> b u), contrast c (towards
+    the mean grey: c u + (1 - c) mean), saturation s (towards the pixel's grey), hue h (a rotation of the YIQ
+    chroma plane by h turns, the linear counterpart of torchvision's HSV shift). Saturation and hue keep greys
+    grey, so the contrast offset passes through them unchanged."""
+    b, c, s, h = (params[:, k, None, None] for k in (BRIGHTNESS, CONTRAST, SATURATION, HUE))
+    saturation = s * np.eye(3) + (1 - s) * GREY[None, None, :]
+    angle = 2 * np.pi * h[:, 0, 0]
+    rotation = np.zeros((len(params), 3, 3))
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1] = rotation[:, 2, 2] = np.cos(angle)
+    rotation[:, 1, 2], rotation[:, 2, 1] = -np.sin(angle), np.sin(angle)
+    hue = np.linalg.inv(YIQ) @ rotation @ YIQ
+    return c * b * hue @ saturation, (1 - c[:, 0, 0]) * b[:, 0, 0]
+
+
+# Pixels per block of colour_normalize's block-diagonal matrices: a 3 x 3 product per pixel is too small for a
+# matrix kernel, (PIXELS_PER_BLOCK x 3)^2 blocks keep it busy. On a CPU, images go CPU_CHUNK at a time, so that
+# each pass over them stays in the cache.
+PIXELS_PER_BLOCK, CPU_CHUNK = 16, 4
+
+
+def colour_normalize(images_u8, params, mean, std, out=None):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), NHWC in memory: each image's colour map (colour_maps) and the
+    normalisation by mean and std folded into one affine map per image, clipped to the normalised 0-255 range.
+    out: a float (B, H, W, 3) buffer to write into."""
+    batch, height, width, _ = images_u8.shape
+    device = images_u8.device
+    maps, offsets = colour_maps(np.asarray(params, np.float64))
+    scale = 1 / (255 * np.asarray(std, np.float64))
+    shift = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
+    # x_c = sum_k scale_c A_ck u_k + scale_c offset g + shift_c: u @ M for M = (scale A)^T, k pixels at a time.
+    k = PIXELS_PER_BLOCK if height * width % PIXELS_PER_BLOCK == 0 else 1
+    blocks = np.einsum("ij,bkl->bikjl", np.eye(k), (maps * scale[None, :, None]).transpose(0, 2, 1))
+    blocks = torch.as_tensor(blocks.reshape(batch, 3 * k, 3 * k), dtype=torch.float32).to(device, non_blocking=True)
+    offsets = torch.as_tensor(offsets[:, None] * scale, device=device)
+    shift, grey = torch.as_tensor(shift, device=device), torch.as_tensor(GREY, device=device)
+    low = shift.float().repeat(width)
+    high = low + torch.as_tensor(255 * scale, dtype=torch.float32, device=device).repeat(width)
+    x = torch.empty((batch, height, width, 3), dtype=torch.float32, device=device) if out is None else out
+    chunk = CPU_CHUNK if device.type == "cpu" else batch
+    scratch = torch.empty((min(chunk, batch), height * width // k, 3 * k), dtype=torch.float32, device=device)
+    for start in range(0, batch, chunk):
+        part = slice(start, min(start + chunk, batch))
+        pixels = scratch[:part.stop - start].copy_(images_u8[part].view(-1, height * width // k, 3 * k))
+        mean_grey = pixels.sum(1).view(-1, k, 3).sum(1).double() @ grey / (height * width)
+        bias = (mean_grey[:, None] * offsets[part] + shift).float().repeat(1, k)
+        torch.baddbmm(bias[:, None, :], pixels, blocks[part], out=x[part].view(len(pixels), -1, 3 * k))
+        rows = x[part].view(-1, width * 3)
+        torch.clamp(rows, low, high, out=rows)
+    return x.permute(0, 3, 1, 2)
+
+
+def blur_(x, sigmas):
+    """Gaussian blur of the images of x (B, 3, H, W) whose sigma (B,) is positive, in place, with reflected
+    edges and a kernel of radius ceil(3 sigma): an image's result depends on its own sigma alone."""
+    sigmas = np.asarray(sigmas, np.float64)
+    for j in np.flatnonzero(sigmas > 0).tolist():
+        radius = int(np.ceil(3 * sigmas[j]))
+        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigmas[j] ** 2))
+        kernel = torch.as_tensor(taps / taps.sum(), dtype=torch.float32).to(x.device, non_blocking=True)
+        # Depthwise convolutions over NHWC memory: 2x faster on a CPU than over planes, 1.8x than a batched one.
+        planes = F.pad(x[j:j + 1], (radius,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
+        planes = F.conv2d(planes, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+        x[j] = F.conv2d(planes, kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)[0]
+    return x
