@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from files import atomic_write, free_bytes, write_error
-from labels import UserError, config_scheme, scheme_difference, scheme_from_dict
+from labels import UserError, config_scheme, scheme_difference, scheme_from_dict, scheme_to_dict
 from model import build_model, strip_wrapper_prefixes
 
 # Config keys that decide the network's shape: a model is rebuilt from these alone.
@@ -152,7 +152,7 @@ def checkpoint_scheme(checkpoint, path):
 
 def model_from_checkpoint(checkpoint, path, img_size=None):
     """The network its config describes, with the checkpoint's weights (on the CPU, train mode): the EMA
-    weights when the run kept an average (--ema; the ones it selected and tested), else the trained ones."""
+    weights when the run kept an average (--ema, "ema"; the ones it selected and tested), else the trained ones."""
     config = checkpoint["config"]
     scheme = checkpoint_scheme(checkpoint, path)
     model = build_model(config["encoder"], scheme.num_classes, decoder=config.get("decoder", "unet"),
@@ -166,6 +166,33 @@ def model_from_checkpoint(checkpoint, path, img_size=None):
         raise UserError(f"--checkpoint {path}: weights do not fit the model its config describes ({reason}); "
                         "pass the matching --img-size or an unmodified checkpoint") from None
     return model
+
+
+MODEL_FORMAT = "artdamage-model"
+# What prediction reads from a config: the network's shape, the scale it was trained at, its label scheme.
+PORTABLE_KEYS = MODEL_KEYS + ("work_size",)
+
+
+def portable_model(checkpoint, path, normalisation):
+    """The small file prediction needs: the weights model_from_checkpoint takes (the EMA weights where a run
+    kept them), the config keys that rebuild the network at its scale, the label scheme and the input
+    normalisation ((mean, std) per channel); no optimizer state. load_checkpoint and model_from_checkpoint read it as
+    they read a checkpoint."""
+    config = {key: checkpoint["config"][key] for key in PORTABLE_KEYS if key in checkpoint["config"]}
+    scheme = checkpoint_scheme(checkpoint, path)
+    mean, std = normalisation
+    config.update(classes=scheme_to_dict(scheme), num_classes=scheme.num_classes,
+                  normalisation={"mean": list(mean), "std": list(std)})
+    return {"format": MODEL_FORMAT, "model": model_from_checkpoint(checkpoint, path).state_dict(), "config": config,
+            "trained": {"checkpoint": str(path), "epoch": checkpoint.get("epoch"),
+                        "best_miou": checkpoint.get("best_miou")}}
+
+
+def save_model(checkpoint, path, out, normalisation):
+    """Writes the portable model of the checkpoint read from path to out (atomically); returns its bytes."""
+    state = portable_model(checkpoint, path, normalisation)
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
+    return Path(out).stat().st_size
 
 
 def training_state(parts, cfg, epoch, step, best, loss_sum=0.0):

@@ -1,8 +1,9 @@
 """Scoring a model on one part of a fold: dataset-level confusion matrices summed over ranks, each image counted
 once, per head and per metadata group. Images are predicted whole at the working scale the model trained at,
-with predict.py's tiles (averaged over flips with --eval-tta flip, as predict.py --tta), and scored there (or,
---full-res, at their own resolution). `train.py --eval-only` runs eval_only (the checkpoint's test fold by
-default, with the checkpoint's label scheme)."""
+with predict.py's tiles and padding (the preload's padding cut off first; averaged over flips with --eval-tta
+flip, as predict.py --tta), and scored there (or, --full-res, at their own resolution, the labels taken back to
+it as predict.py takes them). `train.py --eval-only` runs eval_only (the checkpoint's test fold by default, with
+the checkpoint's label scheme)."""
 import json
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ import torch
 import data
 from checkpoint import MODEL_KEYS, check_scheme, checkpoint_scheme, load_checkpoint, model_from_checkpoint
 from distributed import all_reduce
-from files import atomic_write, read_image, read_mask
+from files import atomic_write, displayed_size, mask_strips, scaled_shape
 from labels import UserError, progress, scheme_summary, scheme_to_dict
 from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
-from tiles import predict_at_scale, predict_image
+from strips import strip_rows
+from tiles import label_strips, predict_image
 
 
 PROGRESS_MIN_IMAGES = 50
@@ -79,6 +81,13 @@ def tta_of(cfg):
     return cfg.get("eval_tta", "none") == "flip"
 
 
+def working_image(part, row, cfg):
+    """A part's image at its working size without the preload's padding (black, for training crops):
+    predict_image pads it as it pads predict.py's images."""
+    height, width = scaled_shape(*displayed_size(part.samples[row].image), cfg["img_size"], cfg.get("work_size", 0))
+    return part.pre.image(row)[:height, :width]
+
+
 @torch.no_grad()
 def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
@@ -94,25 +103,34 @@ def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None):
     for k, row in enumerate(shard):
         if k < polls and preemption.poll():
             return None
-        labels = predict_image(model, part.pre.image(row), cfg["img_size"], batch_size=cfg["micro_batch"],
+        labels = predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
                                tta=tta_of(cfg), device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, part.pre.mask(row), scheme)
+        _count(cms, groups, row, labels, part.pre.mask(row)[:labels.shape[0], :labels.shape[1]], scheme)
         if show:
             show(k + 1)
     return _reduced(cms, groups, device)
 
 
+def full_res_labels(model, part, row, cfg, device):
+    """((height, width) of the image as displayed, its label map at the working scale): evaluate's prediction,
+    which label_strips takes to full resolution as predict.py does."""
+    labels = predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
+                           tta=tta_of(cfg), device=device, precision=cfg["precision"])
+    return displayed_size(part.samples[row].image), labels
+
+
+@torch.no_grad()
 def evaluate_full_res(model, part, rank, world, cfg, device):
     """The same prediction at the working scale, resized back to each image's own resolution and scored over
-    every original pixel (what predict.py's damage map shows)."""
+    every original pixel (what predict.py's damage map shows), a strip of rows at a time."""
     scheme = part.pre.scheme
     groups, cms = _group_ids(part), _empty(cfg, part, scheme)
     for row in data.eval_shard(len(part.samples), rank, world).tolist():
-        image = read_image(part.samples[row].image)
-        mask = read_mask(part.samples[row].mask, scheme, image.shape[:2])
-        labels = predict_at_scale(model, image, cfg["img_size"], cfg["work_size"], batch_size=cfg["micro_batch"],
-                                  tta=tta_of(cfg), device=device, precision=cfg["precision"])
-        _count(cms, groups, row, labels, mask, scheme)
+        (height, width), labels = full_res_labels(model, part, row, cfg, device)
+        rows = strip_rows(width)
+        truths = mask_strips(part.samples[row].mask, scheme, (height, width), rows)
+        for (_, strip), truth in zip(label_strips(labels, height, width, rows), truths):
+            _count(cms, groups, row, strip, truth, scheme)
     return _reduced(cms, groups, device)
 
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from labels import (ARTEFACT_SOURCE, UserError, artefact_scheme, hex_colour, note, read_scheme, scheme_summary,
                     scheme_to_dict)
+from strips import exif_orientation, nearest_positions, strip_reducer, strip_resizer, upright_strips
 
 # ARTeFACT's largest images are ~244 MP (its dataset card raises the limit likewise); Pillow warns above
 # this and refuses above twice this, which still guards against decompression bombs.
@@ -382,15 +383,12 @@ def write_metadata(path, rows):
         writer.writerows(rows)
 
 
-EXIF_ORIENTATION = 0x0112
-
-
 def displayed_size(path):
     """(height, width) of an image as displayed (after its EXIF orientation), read from its header alone."""
     try:
         with Image.open(path) as image:
             width, height = image.size
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = exif_orientation(image) in (5, 6, 7, 8)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; check the dataset folder") from None
     except PermissionError:
@@ -409,18 +407,21 @@ def working_shape(height, width, size, work_size):
 
 
 def resize_image(pixels, height, width):
-    """Area-like bilinear resize of uint8 (H, W, 3) pixels: Pillow widens its kernel when shrinking, and
-    reducing_gap first box-reduces very large images by an integer factor, which keeps 200+ MP sources fast."""
+    """Area-like bilinear resize of uint8 (H, W, 3) pixels: Pillow's BILINEAR with reducing_gap 3, which widens
+    its kernel when shrinking and first box-reduces very large images by an integer factor (strips.strip_resizer:
+    the same result whether the image comes whole or a strip at a time)."""
     if pixels.shape[:2] == (height, width):
         return pixels
-    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    add, finish = strip_resizer(*pixels.shape[:2], height, width)
+    add(pixels)
+    return finish()
 
 
 def resize_labels(labels, height, width):
-    """Nearest-neighbour resize of a uint8 (H, W) id map: ids are never blended."""
+    """Nearest-neighbour resize of a uint8 (H, W) id map (Pillow's NEAREST positions): ids are never blended."""
     if labels.shape == (height, width):
         return labels
-    return np.array(Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST))
+    return labels[nearest_positions(height, labels.shape[0])][:, nearest_positions(width, labels.shape[1])]
 
 
 def scaled_shape(height, width, size, work_size):
@@ -433,14 +434,108 @@ def scaled_shape(height, width, size, work_size):
 
 def load_working(sample, size, work_size, scheme):
     """(image uint8 (h, w, 3), mask uint8 (h, w)) of a sample at its working shape (see working_shape); padding
-    is black in the image and the scheme's ignore id in the mask."""
-    image = open_image(sample.image)
-    mask = read_mask(sample.mask, scheme, image_size=(image.height, image.width))
-    height, width = scaled_shape(image.height, image.width, size, work_size)
-    pixels = resize_image(rgb_array(image, sample.image), height, width)
-    labels = resize_labels(mask, height, width)
-    padded_h, padded_w = working_shape(image.height, image.width, size, work_size)
-    if (padded_h, padded_w) != (height, width):
-        pixels = np.pad(pixels, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
-        labels = np.pad(labels, ((0, padded_h - height), (0, padded_w - width)), constant_values=scheme.ignore)
+    is black in the image and the scheme's ignore id in the mask. The image is decoded a strip at a time
+    (scaled_copies), so even a 200+ MP image never lies in memory whole."""
+    height, width = displayed_size(sample.image)
+    mask = read_mask(sample.mask, scheme, image_size=(height, width))
+    scaled_h, scaled_w = scaled_shape(height, width, size, work_size)
+    pixels = scaled_copies(sample.image, (scaled_h, scaled_w))[0]
+    labels = resize_labels(mask, scaled_h, scaled_w)
+    padded_h, padded_w = working_shape(height, width, size, work_size)
+    if (padded_h, padded_w) != (scaled_h, scaled_w):
+        pixels = np.pad(pixels, ((0, padded_h - scaled_h), (0, padded_w - scaled_w), (0, 0)))
+        labels = np.pad(labels, ((0, padded_h - scaled_h), (0, padded_w - scaled_w)), constant_values=scheme.ignore)
     return pixels, labels
+
+
+Header = collections.namedtuple("Header", "height width alpha dpi")
+# Resolutions that software writes when nobody measured anything (cameras, screenshots, Pillow's JPEG fallback).
+PLACEHOLDER_DPI = {72.0, 96.0}
+
+
+def image_header(path):
+    """Header(height, width as displayed, alpha: whether it has transparency data, dpi: (x, y) dots per inch of
+    the displayed image as the file states them (TIFF/JPEG/PNG resolution; Pillow converts per-cm units) or
+    None) from the header alone."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = exif_orientation(image) in (5, 6, 7, 8)
+            alpha = image.has_transparency_data and not image.mode.startswith("I")
+            dpi = image.info.get("dpi")
+    except Exception as exc:
+        raise _read_error(path, exc) from None
+    if dpi is not None:
+        dpi = tuple(float(v) for v in dpi)
+        dpi = dpi[::-1] if turned else dpi
+    return Header(*((width, height) if turned else (height, width)), alpha, dpi)
+
+
+def _read_error(path, exc):
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"{path}: file not found; check the folder")
+    if isinstance(exc, PermissionError):
+        return UserError(f"{path}: permission denied; make the file readable")
+    # Decoders raise OSError, SyntaxError, zlib.error, struct.error, ValueError...: all mean unreadable.
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path}: not a readable image ({reason}); re-export or remove it")
+
+
+def pil_strips(path, orient=True, rows=None):
+    """PIL images of consecutive strips of rows rows of the image at path as displayed (orient=False: as stored):
+    PNGs are decoded a strip at a time, other files whole by Pillow first (strips.upright_strips). Any decoding
+    problem is a UserError naming the file."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            yield from upright_strips(path, image, orient, rows)
+    except Exception as exc:
+        raise _read_error(path, exc) from None
+
+
+def image_strips(path, orient=True):
+    """Consecutive strips of rows, uint8 (n, W, 3) or, for an image with transparency data, (n, W, 4) with its
+    alpha last, of the image as displayed (pil_strips)."""
+    alpha = image_header(path).alpha
+    for strip in pil_strips(path, orient):
+        yield np.asarray(strip.convert("RGBA")) if alpha else rgb_array(strip, path)
+
+
+def mask_strips(path, scheme, image_size, rows):
+    """read_mask's class ids a strip of rows rows at a time: single-channel and palette PNG masks are decoded in
+    strips, other masks read whole and cut."""
+    try:
+        with Image.open(path) as image:
+            mode, (width, height) = image.mode, image.size
+    except Exception as exc:
+        raise _read_error(path, exc) from None
+    if mode not in ("L", "P"):
+        mask = read_mask(path, scheme, image_size)
+        yield from (mask[row:row + rows] for row in range(0, len(mask), rows))
+        return
+    if tuple(image_size) != (height, width):
+        raise UserError(f"{path}: mask is {width}x{height} (WxH) but its image is {image_size[1]}x{image_size[0]} as "
+                        "displayed (after its EXIF orientation); masks must match their image size")
+    for strip in pil_strips(path, orient=False, rows=rows):
+        yield _check_labels(path, np.asarray(strip, dtype=np.uint8), scheme)
+
+
+def scaled_copies(path, shape, reduce_by=None, on_alpha=None):
+    """(the image at path as displayed, resized to shape (h, w) exactly as resize_image resizes the whole
+    image; the image box-reduced by the integer factor reduce_by (None: none)), decoded once, a strip of rows
+    at a time; on_alpha(alpha rows) receives the alpha channel, strip by strip, of an image that has one."""
+    height, width = displayed_size(path)
+    add_scaled, finish_scaled = strip_resizer(height, width, *shape)
+    add_reduced, finish_reduced = strip_reducer((reduce_by, reduce_by)) if reduce_by else (None, None)
+    reduced = []
+    for strip in image_strips(path):
+        if strip.shape[2] == 4 and on_alpha is not None:
+            on_alpha(strip[..., 3])
+        pixels = strip[..., :3]
+        add_scaled(pixels)
+        if add_reduced:
+            reduced.append(add_reduced(pixels))
+    if add_reduced:
+        reduced.append(finish_reduced())
+    return finish_scaled(), np.concatenate([r for r in reduced if r is not None]) if add_reduced else None

@@ -1,16 +1,18 @@
-"""Full-resolution damage maps for artwork photographs: sliding-window inference, colour overlays, area report.
+"""Damage maps for photographs of artworks (CLI): where the damage is, what kind, and how much of the object.
 
-    python predict.py --checkpoint run/best.pt IMG_OR_DIR [...] --out DIR [--tta] [--masks DIR]
+    python predict.py --checkpoint runs/NAME/model.pt IMG_OR_DIR [...] --out DIR [--object DIR] [--truth DIR]
+    python predict.py --checkpoint runs/NAME/best.pt --export model.pt
 
-The model sees overlapping, blended tiles of its training size (``--img-size``, default the checkpoint's;
-see tiles.py), so memory stays bounded for images of 100+ megapixels.
-
-Class ids, names and colours are the checkpoint's label scheme (the one it was trained with). Per image ``--out``
-gets ``<stem>_mask.png`` (indexed PNG: pixel value = class id, palette = the scheme's colours),
-``<stem>_overlay.png`` (``.jpg`` above HUGE_OVERLAY_PIXELS) with the damage blended over the image, each region
-outlined in its full colour, and a legend, and ``<stem>_report.json``; ``report.csv`` holds one row per image
-and class. With ``--masks DIR`` the mask of the same stem (read with the scheme) marks the object (the ignore
-id = outside, left out of all areas) and the per-class IoU of the prediction against that mask is reported too.
+The model sees overlapping, blended tiles of its training size at the scale it was trained at (tiles.py), and
+the label map is taken back to the photograph's own size. Per image ``--out`` gets ``<stem>_mask.png`` (full
+size, indexed: pixel value = class id of the checkpoint's label scheme, palette = its colours, the ignore id
+outside the object), ``<stem>_overlay.png`` (``.jpg`` above 4 MP; reduced by an integer factor above 25 MP)
+with the damage blended over the image, each region outlined, and a legend with the areas, and
+``<stem>_report.json``; the folder gets ``areas.csv`` (one row per image), ``scores.csv`` (with --truth) and
+``index.html``, a page of every map (gallery.py). The object is an --object mask (black outside, one other
+value on it), else the image's alpha channel, else the --truth mask's ignore id, else the whole image; the
+report names the source. Images are read, resized and written a strip of rows at a time (strips.py), so memory
+stays bounded for images of hundreds of megapixels. predict.py never replaces a file it did not write.
 """
 import argparse
 import csv
@@ -18,14 +20,24 @@ import json
 import sys
 from pathlib import Path
 
-from labels import HelpFormatter, UserError, colour_table, progress, run_cli
+from labels import HelpFormatter, UserError, progress, run_cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("images", nargs="+", help="image files or folders of png/jpg/tif images")
-    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
-    parser.add_argument("--out", required=True, help="folder for masks, overlays and reports")
+    parser.add_argument("images", nargs="*", help="image files or folders of images (any format Pillow reads)")
+    parser.add_argument("--checkpoint", required=True, help="model.pt, or best.pt or last.pt of a training run")
+    parser.add_argument("--out", help="folder for masks, overlays, reports and index.html")
+    parser.add_argument("--export", metavar="FILE", help="write the portable model of --checkpoint to FILE "
+                        "(weights, label scheme, network and scale; no optimizer state) instead of predicting")
+    parser.add_argument("--object", metavar="DIR", help="folder of object masks named like the images: black (0) "
+                        "outside the object, one other value (e.g. white) on it (default: the image's alpha "
+                        "channel, else the --truth mask's ignore id, else the whole image)")
+    parser.add_argument("--truth", metavar="DIR", help="folder of ground-truth id masks named like the images, in "
+                        "the checkpoint's label scheme: the maps are scored against them (IoU, scores.csv)")
+    parser.add_argument("--masks", help=argparse.SUPPRESS)
+    parser.add_argument("--px-per-mm", type=float, metavar="N", help="pixels per millimetre of the object, for "
+                        "areas in mm² (default: the file's resolution, when it states a real one)")
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction (0-1) of a tile shared with each "
                         "neighbour; more overlap blends seams away but costs tiles: 0.25 gives ~1.8x the tiles of 0, "
                         "0.5 ~4x")
@@ -33,8 +45,6 @@ def parse_args(argv=None):
     # --batch-size is the earlier name, kept so existing scripts run.
     parser.add_argument("--tile-batch", "--batch-size", dest="batch_size", type=int, default=8, metavar="N",
                         help="tiles per forward pass (more: faster on a GPU, more memory)")
-    parser.add_argument("--masks", help="folder of object/ground-truth masks named like the images (default: none; "
-                        "the whole image is the object)")
     parser.add_argument("--img-size", type=int, help="tile side (px) (default: the training --img-size)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="autocast dtype (default: bf16 on "
                         "GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on CPU)")
@@ -44,6 +54,19 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "
                         "torch's choice)")
     args = parser.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args):
+    if args.masks:
+        raise UserError("--masks is gone: it meant both an object mask and a ground truth; pass --object DIR for "
+                        "object masks (black outside, one other value on the object) or --truth DIR for id masks "
+                        "to score the maps against")
+    if args.export:
+        return
+    if not args.images or not args.out:
+        raise UserError("pass image files or folders and --out DIR (or --export FILE to write a portable model)")
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: must be at least 0 and below 1, e.g. 0.25")
     if args.batch_size < 1:
@@ -52,189 +75,62 @@ def parse_args(argv=None):
         raise UserError(f"--threads {args.threads}: must be at least 1 (threads)")
     if args.img_size is not None and args.img_size < 1:
         raise UserError(f"--img-size {args.img_size}: must be a positive tile size, e.g. 384")
-    if args.masks and not Path(args.masks).is_dir():
-        raise UserError(f"--masks {args.masks}: not a folder; pass the folder holding the masks")
-    return args
+    if args.px_per_mm is not None and not args.px_per_mm > 0:
+        raise UserError(f"--px-per-mm {args.px_per_mm}: must be a positive number of pixels per millimetre")
+    for flag, folder in (("--object", args.object), ("--truth", args.truth)):
+        if folder and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder}: not a folder; pass the folder holding the masks")
 
 
 if __name__ == "__main__" and run_cli(parse_args):
     # --help and flag mistakes answer before torch loads (seconds on a cold node); main() parses again.
     sys.exit(2)
 
+import contextlib
+import math
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint
+from areas import (areas_fields, areas_row, label_counts, measured, pixel_scale, scores_fields, scores_row)
+from checkpoint import checkpoint_scheme, load_checkpoint, model_from_checkpoint, save_model
 from config import auto_precision
-from files import IMAGE_SUFFIXES, read_image, read_mask, scaled_shape
-from metrics import confusion, iou_report
+from data import MEAN, STD
+from files import atomic_write, image_header, scaled_copies, scaled_shape, write_error
+from gallery import card_pictures, write_page
+from labels import colour_table
+from metrics import confusion
 from model import check_img_size
-from tiles import predict_at_scale, tile_count
+from objects import alpha_on_disk, find_mask, object_and_truth, object_source
+from folders import WRITE_FIX, claim, claim_outputs, list_images, outputs_of
+from overlay import render_overlay
+from strips import nearest_positions, strip_rows, write_png
+from tiles import label_strips, predict_image, tile_count
 
-HUGE_OVERLAY_PIXELS = 40_000_000
+# Overlays up to this size are full size (a 24 MP camera image); larger ones are reduced by an integer factor.
+OVERLAY_MAX_PIXELS = 25_000_000
+# Overlays above this size are saved as JPEG (photographs compress ten times better), smaller ones as PNG.
+PNG_OVERLAY_PIXELS = 4_000_000
 PROGRESS_MIN_TILES = 32
-ROWS_PER_CHUNK = 512
-
-
-def _row_chunks(height):
-    return [(r, min(r + ROWS_PER_CHUNK, height)) for r in range(0, height, ROWS_PER_CHUNK)]
-
-
-def blend(image, labels, scheme, alpha=0.5, edges=None):
-    """Image with every non-clean pixel mixed with its class colour (the scheme's; the ignore colour outside the
-    object): round((1-alpha)*pixel + alpha*colour); pixels marked in ``edges`` get the full class colour instead."""
-    colours = colour_table(scheme)
-    out = image.copy()
-    marked = labels != scheme.clean
-    mixed = image[marked] * np.float32(1 - alpha) + colours[labels[marked]] * np.float32(alpha)
-    out[marked] = np.rint(mixed).astype(np.uint8)
-    if edges is not None:
-        out[edges] = colours[labels[edges]]
-    return out
-
-
-def region_edges(labels, scheme):
-    """Damage pixels with a 4-neighbour (inside ``labels``) of another label: the 1-px border of each region.
-
-    Blended at half strength, dark classes (Stamp, Burn marks, Puncture) vanish into dark paint; drawn in full
-    colour, their borders, and the whole of regions only a pixel or two wide, stay visible.
-    """
-    edges = np.zeros(labels.shape, dtype=bool)
-    vertical = labels[1:] != labels[:-1]
-    edges[1:] |= vertical
-    edges[:-1] |= vertical
-    horizontal = labels[:, 1:] != labels[:, :-1]
-    edges[:, 1:] |= horizontal
-    edges[:, :-1] |= horizontal
-    return edges & (labels != scheme.clean) & (labels != scheme.ignore)
-
-
-def area_report(labels, scheme, truth=None):
-    """Damaged area per class of the label scheme as pixels and % of the object, and, given a ground-truth mask,
-    IoU per class.
-
-    The object is the whole image, or the pixels that ``truth`` does not mark with the ignore id. ``labels``
-    must already hold the ignore id outside the object. IoU is reported for classes present in the truth or the
-    prediction (others None); ``miou`` averages those; ``damage_iou`` is the IoU of any-damage vs clean.
-    """
-    # Without a mask the object is every pixel the labels do not mark outside.
-    object_truth = np.where(labels == scheme.ignore, scheme.ignore, scheme.clean).astype(np.uint8) \
-        if truth is None else truth
-    cm = torch.zeros(scheme.num_classes, scheme.num_classes, dtype=torch.long)
-    # Row chunks keep the int64 temporaries small for 100+ megapixel images.
-    for r0, r1 in _row_chunks(labels.shape[0]):
-        cm += confusion(torch.from_numpy(labels[r0:r1].astype(np.int64)),
-                        torch.from_numpy(object_truth[r0:r1].astype(np.int64)), scheme.num_classes, scheme.ignore)
-    pixels = cm.sum(0).tolist()
-    object_pixels = sum(pixels)
-    classes = [{"id": class_id, "name": name, "pixels": pixels[class_id],
-                "percent": round(100 * pixels[class_id] / max(object_pixels, 1), 4), "iou": None}
-               for class_id, name in enumerate(scheme.names)]
-    damaged = object_pixels - pixels[scheme.clean]
-    report = {"object_pixels": object_pixels, "damaged_pixels": damaged,
-              "damaged_percent": round(100 * damaged / max(object_pixels, 1), 4), "classes": classes}
-    if truth is not None:
-        scores = iou_report(cm, scheme.names, scheme.clean)
-        for entry in classes:
-            iou = scores["iou"][entry["name"]]
-            entry["iou"] = None if iou is None else round(iou, 6)
-        defined = [iou for iou in scores["iou"].values() if iou is not None]
-        report["miou"] = round(scores["miou"], 6) if defined else None
-        report["damage_iou"] = None if scores["binary_iou"] is None else round(scores["binary_iou"], 6)
-    return report
-
-
 def write_mask(path, labels, scheme):
     """Indexed PNG whose pixel values are class ids and whose palette holds the label scheme's colours."""
-    mask = Image.fromarray(labels)
-    mask.putpalette(colour_table(scheme).tobytes())
-    mask.save(path)
+    with open(path, "wb") as f:
+        write_png(f, labels.shape[1], labels.shape[0], [labels], colour_table(scheme))
 
 
-def legend_entries(report, outside, scheme):
-    """(colour, text) of each damage class found, then the outside-object colour; the clean class is not drawn,
-    so it gets no swatch, and a class under 0.01 % of the object reads "<0.01 %" rather than "0.00 %"."""
-    entries = [(scheme.colours[c["id"]], f"{c['name']} {_percent(c['percent'])}") for c in report["classes"]
-               if c["pixels"] and c["id"] != scheme.clean]
-    if outside:
-        entries.append((scheme.ignore_colour, "Outside object"))
-    return entries
-
-
-def _percent(value):
-    return "<0.01 %" if value < 0.01 else f"{value:.2f} %"
-
-
-def _legend(width, report, outside, scheme):
-    entries = legend_entries(report, outside, scheme)
-    size = max(12, width // 100)
-    font = ImageFont.load_default(size=size)
-    pad, line = size // 2, size + size // 2
-    placed, x, y = [], pad, pad
-    for colour, text in entries:
-        entry_w = size + pad + int(font.getlength(text)) + 2 * pad
-        if x > pad and x + entry_w > width:
-            x, y = pad, y + line
-        placed.append((x, y, colour, text))
-        x += entry_w
-    legend = Image.new("RGB", (width, y + line + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(legend)
-    for x, y, colour, text in placed:
-        draw.rectangle((x, y, x + size - 1, y + size - 1), fill=tuple(int(v) for v in colour), outline=(128, 128, 128))
-        draw.text((x + size + pad, y), text, fill=(0, 0, 0), font=font)
-    return legend
-
-
-def render_overlay(image, labels, report, scheme, alpha=0.5):
-    """The image with damage (and outside-object pixels) blended in the scheme's colours, each damage region
-    outlined in its full colour, a legend strip below it."""
-    height, width = labels.shape
-    legend = _legend(width, report, bool((labels == scheme.ignore).any()), scheme)
-    canvas = Image.new("RGB", (width, height + legend.height))
-    for r0, r1 in _row_chunks(height):
-        # One halo row above and below, so that region borders do not depend on where the chunks are cut.
-        h0, h1 = max(r0 - 1, 0), min(r1 + 1, height)
-        edges = region_edges(labels[h0:h1], scheme)[r0 - h0:r0 - h0 + r1 - r0]
-        canvas.paste(Image.fromarray(blend(image[r0:r1], labels[r0:r1], scheme, alpha, edges)), (0, r0))
-    canvas.paste(legend, (0, height))
-    return canvas
-
-
-def list_images(paths):
-    """Image files named directly or found (not recursively) in the named folders, in a stable order."""
-    images = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            images.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                                 and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
-            images.append(path)
-        else:
-            raise UserError(f"{path}: not found; pass image files or folders of png/jpg/tif images")
-    if not images:
-        raise UserError(f"no png/jpg/tif images in {' '.join(map(str, paths))}; pass image files or folders")
-    seen = {}
-    for path in images:
-        if path.stem in seen and seen[path.stem] != path:
-            raise UserError(f"{path} and {seen[path.stem]} would write the same outputs; rename one or run them "
-                            "separately")
-        seen[path.stem] = path
-    return list(dict.fromkeys(images))
-
-
-def find_mask(folder, image_path):
-    for suffix in IMAGE_SUFFIXES:
-        candidate = Path(folder) / (image_path.stem + suffix)
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"--masks {folder}: no mask named {image_path.stem}.png for {image_path}; add it or drop --masks")
+def overlay_factor(height, width):
+    """The integer factor an overlay is reduced by: 1 up to OVERLAY_MAX_PIXELS, else the least that fits."""
+    return max(1, math.ceil(math.sqrt(height * width / OVERLAY_MAX_PIXELS)))
 
 
 def load_model(path, device, img_size=None):
-    """(model in eval mode on device, config, label scheme) of a train.py checkpoint; img_size overrides the tile
-    size."""
+    """(model in eval mode on device, config, label scheme) of a train.py checkpoint or a portable model.pt;
+    img_size overrides the tile size."""
     checkpoint = load_checkpoint(path)
+    normalisation = checkpoint["config"].get("normalisation")
+    if normalisation is not None and (tuple(normalisation["mean"]), tuple(normalisation["std"])) != (MEAN, STD):
+        raise UserError(f"--checkpoint {path}: its model expects another input normalisation ({normalisation}) "
+                        "than this version applies; predict with the version that exported it")
     img_size = img_size or checkpoint["config"].get("img_size", 384)
     check_img_size(checkpoint["config"]["encoder"], img_size)
     model = model_from_checkpoint(checkpoint, path, img_size)
@@ -254,53 +150,105 @@ def _progress_printer(name):
     return tiles
 
 
-CSV_FIELDS = ["image", "class_id", "class_name", "pixels", "percent", "iou"]
+def _map_strips(labels, size, pairs, shown_shape, scheme, tally):
+    """The full-size label strips to write (the ignore id outside the object), counting as they pass: class
+    pixels (tally["counts"]), the confusion matrix against the truth (tally["cm"]) and the rows and columns of
+    the reduced overlay's label map (tally["shown"])."""
+    height, width = size
+    ys, xs = nearest_positions(shown_shape[0], height), nearest_positions(shown_shape[1], width)
+    for (row0, strip), (inside, truth) in zip(label_strips(labels, height, width, strip_rows(width)), pairs):
+        if inside is not None:
+            strip[~inside] = scheme.ignore
+        tally["counts"] += label_counts(strip)
+        if truth is not None:
+            target = np.where(inside, truth, scheme.ignore)
+            tally["cm"] += confusion(torch.from_numpy(strip.astype(np.int64)), torch.from_numpy(target.astype(np.int64)),
+                                     scheme.num_classes, scheme.ignore)
+        tally["shown"].append(strip[ys[(ys >= row0) & (ys < row0 + len(strip))] - row0][:, xs])
+        yield strip
+    # The object mask's last checks run when it is read to its end.
+    for _ in pairs:
+        pass
 
 
-def predict_file(model, path, args, tile, writer):
-    image = read_image(path)
-    height, width = image.shape[:2]
-    truth = None
-    if args.masks:
-        mask_path = find_mask(args.masks, path)
-        truth = read_mask(mask_path, args.scheme)
-        if truth.shape != image.shape[:2]:
-            raise UserError(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]} but {path} is "
-                            f"{width}x{height}; pass masks of the same size as their images")
-    large = tile_count(*scaled_shape(height, width, tile, args.work_size), tile, args.overlap) >= PROGRESS_MIN_TILES
-    progress = _progress_printer(path.name) if large else None
-    # At the checkpoint's working scale, then back to the photograph's own size for the map and the report.
-    labels = predict_at_scale(model, image, tile, args.work_size, overlap=args.overlap, batch_size=args.batch_size,
-                              tta=args.tta, device=args.device, precision=args.precision, progress=progress,
-                              hierarchy=args.scheme if args.consistency else None)
-    if truth is not None:
-        labels[truth == args.scheme.ignore] = args.scheme.ignore
-    report = area_report(labels, args.scheme, truth)
-    out = Path(args.out)
-    mask_path_out = out / f"{path.stem}_mask.png"
-    overlay_ext = ".jpg" if height * width > HUGE_OVERLAY_PIXELS else ".png"
+def _predict_working(model, path, header, args, keep_alpha):
+    """(label map at the working scale, the image reduced for the overlay) of one image."""
+    working_shape = scaled_shape(header.height, header.width, args.tile, args.work_size)
+    working, shown = scaled_copies(path, working_shape, overlay_factor(header.height, header.width), keep_alpha)
+    large = tile_count(*working_shape, args.tile, args.overlap) >= PROGRESS_MIN_TILES
+    labels = predict_image(model, working, args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
+                           device=args.device, precision=args.precision,
+                           progress=_progress_printer(path.name) if large else None,
+                           hierarchy=args.scheme if args.consistency else None)
+    return labels, shown
+
+
+def map_image(model, path, args):
+    """Predicts one image and writes its mask; returns (report numbers, shown image, shown label map)."""
+    header = image_header(path)
+    size = (header.height, header.width)
+    source = {flag: find_mask(folder, path, f"--{flag}") if folder else None
+              for flag, folder in (("object", args.object), ("truth", args.truth))}
+    scheme, out = args.scheme, Path(args.out)
+    tally = {"counts": np.zeros(256, np.int64), "shown": [],
+             "cm": torch.zeros(scheme.num_classes, scheme.num_classes, dtype=torch.long)}
+    with contextlib.ExitStack() as stack:
+        alpha = header.alpha and not source["object"]
+        keep, alpha_strips = stack.enter_context(alpha_on_disk(out, header.width)) if alpha else (None, None)
+        labels, shown = _predict_working(model, path, header, args, keep)
+        pairs = object_and_truth(source, scheme, size, strip_rows(header.width), alpha_strips)
+        strips = _map_strips(labels, size, pairs, shown.shape[:2], scheme, tally)
+        mask_path = out / f"{path.stem}_mask.png"
+        atomic_write(mask_path, lambda tmp: _write_strips(tmp, header.width, header.height, strips, scheme),
+                     fix=WRITE_FIX)
+    report = {"file": path.name, "image": str(path), "width": header.width, "height": header.height,
+              "object_source": object_source(source, alpha, scheme),
+              "truth": str(source["truth"]) if source["truth"] else None,
+              "scale": pixel_scale(header.dpi, args.px_per_mm)}
+    report.update(measured(tally["counts"], scheme, report["scale"], tally["cm"] if source["truth"] else None))
+    report["scale"].pop("mm2_per_pixel")
+    return report, shown, np.concatenate(tally["shown"]), mask_path
+
+
+def _write_strips(path, width, height, strips, scheme):
+    with open(path, "wb") as f:
+        write_png(f, width, height, strips, colour_table(scheme))
+
+
+def predict_file(model, path, args):
+    """Maps, overlay, gallery pictures and report of one image; returns (report, gallery pictures)."""
+    report, shown, shown_labels, mask_path = map_image(model, path, args)
+    out, scheme = Path(args.out), args.scheme
+    factor = overlay_factor(report["height"], report["width"])
+    overlay_ext = ".png" if shown_labels.size <= PNG_OVERLAY_PIXELS else ".jpg"
     overlay_path = out / f"{path.stem}_overlay{overlay_ext}"
-    write_mask(mask_path_out, labels, args.scheme)
-    render_overlay(image, labels, report, args.scheme).save(overlay_path,
-                                                           **({"quality": 90} if overlay_ext == ".jpg" else {}))
-    report = {"image": str(path), "width": width, "height": height,
-              "object": str(mask_path) if truth is not None else "whole image", **report,
-              "mask": str(mask_path_out), "overlay": str(overlay_path),
-              "settings": {"checkpoint": str(args.checkpoint), "tile": tile, "work_size": args.work_size,
-                           "overlap": args.overlap,
-                           "tta": args.tta, "precision": args.precision, "consistency": args.consistency}}
-    (out / f"{path.stem}_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    for entry in report["classes"]:
-        writer.writerow({"image": path.name, "class_id": entry["id"], "class_name": entry["name"],
-                         "pixels": entry["pixels"], "percent": entry["percent"],
-                         "iou": "" if entry["iou"] is None else entry["iou"]})
+    overlay = render_overlay(shown, shown_labels, report, scheme)
+    atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="PNG" if overlay_ext == ".png" else "JPEG",
+                                                         **({} if overlay_ext == ".png" else {"quality": 90})),
+                 fix=WRITE_FIX)
+    report["outputs"] = {"mask": mask_path.name, "overlay": overlay_path.name, "overlay_reduced_by": factor,
+                         "report": f"{path.stem}_report.json"}
+    report["settings"] = {"checkpoint": str(args.checkpoint), "tile": args.tile, "work_size": args.work_size,
+                          "overlap": args.overlap, "tta": args.tta, "precision": args.precision,
+                          "consistency": args.consistency, "px_per_mm": args.px_per_mm}
+    pictures = card_pictures(out, path.stem, shown, shown_labels, scheme)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(out / report["outputs"]["report"], lambda tmp: tmp.write_text(text), fix=WRITE_FIX)
     line = f"{path.name}: {report['damaged_percent']:.2f} % of the object damaged"
-    if truth is not None and report["miou"] is not None:
-        line += f", mIoU vs mask {100 * report['miou']:.1f} %"
-    print(line + f" -> {mask_path_out}")
+    if report["damaged_mm2"] is not None:
+        line += f" ({report['damaged_mm2']:.1f} mm²)"
+    if report.get("miou") is not None:
+        line += f", mIoU vs truth {100 * report['miou']:.1f} %"
+    print(f"{line}; object: {report['object_source']} -> {mask_path}", flush=True)
+    return report, pictures
 
 
-def run(args):
+def _write_error(out, exc):
+    """The one line for an OSError met writing into --out (a CSV row, the page), or None for any other error."""
+    return write_error(exc.filename or Path(out) / "its files", exc, fix=WRITE_FIX)
+
+
+def _setup(args):
     try:
         args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -311,39 +259,75 @@ def run(args):
         torch.set_num_threads(args.threads)
     if args.precision is None:
         args.precision = auto_precision(args.device)
-    images = list_images(args.images)
-    model, config, args.scheme = load_model(args.checkpoint, args.device, args.img_size)
-    tile = args.img_size or config.get("img_size", 384)
-    # Checkpoints from before --work-size were trained on whole images squashed to the tile.
-    args.work_size = config.get("work_size", 0)
-    if args.consistency and config.get("heads", "fine") != "hierarchical":
-        print("note: --consistency needs a --heads hierarchical checkpoint; using the fine head", file=sys.stderr)
-        args.consistency = False
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror}); pass a writable folder") from None
-    with open(out / "report.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        failed = 0
+
+
+def export(args):
+    """--export FILE: the portable model of --checkpoint, and how much smaller it is."""
+    source = Path(args.checkpoint)
+    size = save_model(load_checkpoint(source), source, args.export, (MEAN, STD))
+    print(f"wrote {args.export}: {size / 2**20:.1f} MiB ({source.name}: {source.stat().st_size / 2**20:.1f} MiB; "
+          "the optimizer state and training progress are left out)")
+
+
+def predict_all(model, images, args, out):
+    """Maps every image (one that cannot be read is skipped, named, and counted); writes areas.csv, scores.csv
+    and index.html as it goes. Returns the number of images that failed."""
+    scheme, cards, failed = args.scheme, [], 0
+    tables = [("areas.csv", areas_fields(scheme), areas_row)] + ([("scores.csv", scores_fields(scheme), scores_row)]
+                                                                  if args.truth else [])
+    with contextlib.ExitStack() as stack:
+        writers = []
+        for name, fields, row in tables:
+            handle = stack.enter_context(open(out / name, "w", newline="", encoding="utf-8"))
+            writers.append((handle, csv.DictWriter(handle, fieldnames=fields), row))
+            writers[-1][1].writeheader()
         folder = progress("image", len(images), every=0)
         for done, path in enumerate(images, 1):
+            claim(out, outputs_of(path, scheme))
             try:
-                predict_file(model, path, args, tile, writer)
+                report, pictures = predict_file(model, path, args)
             except UserError as exc:
                 if len(images) == 1:
                     raise
                 # One unreadable photo must not cost the maps of the rest of the folder.
                 failed += 1
                 print(f"error: {exc} (skipped)", file=sys.stderr, flush=True)
-            handle.flush()
+            else:
+                cards.append((report, pictures))
+                for handle, writer, row in writers:
+                    writer.writerow(row(report, scheme))
+                    handle.flush()
             if len(images) > 1:
                 folder(done, f" {path.name}")
+        write_page(out, cards, scheme, f"Damage maps: {len(cards)} images ({Path(args.checkpoint).name})")
+    return failed
+
+
+def run(args):
+    _setup(args)
+    if args.export:
+        return export(args)
+    out = Path(args.out)
+    images = list_images(args.images, out)
+    model, config, args.scheme = load_model(args.checkpoint, args.device, args.img_size)
+    args.tile = args.img_size or config.get("img_size", 384)
+    # Checkpoints from before --work-size were trained on whole images squashed to the tile.
+    args.work_size = config.get("work_size", 0)
+    if args.consistency and config.get("heads", "fine") != "hierarchical":
+        print("note: --consistency needs a --heads hierarchical checkpoint; using the fine head", file=sys.stderr)
+        args.consistency = False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        claim_outputs(out, images, args.scheme, bool(args.truth))
+        failed = predict_all(model, images, args, out)
+    except OSError as exc:
+        error = _write_error(out, exc)
+        if error is None:
+            raise
+        raise error from None
     if failed:
-        raise UserError(f"{failed} of {len(images)} images failed (lines above); the report covers the other "
-                        f"{len(images) - failed} in {out}")
+        raise UserError(f"{failed} of {len(images)} images failed (lines above); the maps and areas.csv cover the "
+                        f"other {len(images) - failed} in {out}")
 
 
 def main(argv=None):

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from files import (EXIF_ORIENTATION, INGEST_MARKER, SCHEME_FILE, atomic_write, dataset_scheme, list_samples,
+from files import (INGEST_MARKER, SCHEME_FILE, atomic_write, dataset_scheme, list_samples,
                    open_image, read_mask, read_metadata, rgb_array, write_error, write_metadata, write_scheme)
 from labels import UserError, artefact_scheme, progress, run_cli, scheme_summary
+from strips import exif_orientation
 
 HF_DATASET = "danielaivanova/damaged-media"
 
@@ -62,7 +63,7 @@ def _png_bytes(payload, where, is_mask):
     """PNG bytes as stored, or re-encoded losslessly; images are turned upright by their EXIF orientation
     (masks are ids as stored), so image and mask line up in every later reader."""
     image = Image.open(io.BytesIO(payload))
-    upright = is_mask or image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    upright = is_mask or exif_orientation(image) == 1
     if image.format == "PNG" and upright:
         return payload
     if is_mask and image.format == "JPEG":

@@ -5,14 +5,18 @@ probabilities are weighted by a separable sin^2 window that is largest in the ti
 zero at its edges, summed, and divided by the summed weights, so seams from tile borders fade out and every
 pixel (image borders included) has a prediction. Tiles are taken one row of tiles at a time and the running
 sums keep only the rows that a later tile row can still reach (``C x tile x width`` floats), so memory stays
-bounded for images of 100+ megapixels; finished rows are turned into class ids at once. One function serves
-evaluation and predict.py, at the working scale the model trained at (predict_at_scale).
+bounded for images of 100+ megapixels; finished rows are turned into class ids at once.
+
+One prediction for evaluation and predict.py: both give predict_image the image at its working size (the long
+side the model trained at, files.scaled_shape) without any padding, and predict_image alone pads an image
+smaller than a tile (reflecting its border); label_strips takes the label map back to the image's own size.
 """
 import numpy as np
 import torch
 
 from data import normalize
 from files import resize_image, resize_labels, scaled_shape
+from strips import nearest_positions
 from model import autocast
 
 # Share of a tile its neighbours overlap: 25 % costs ~1.8x the tiles of none and hides tile borders.
@@ -163,3 +167,11 @@ def predict_at_scale(model, image, tile, work_size, **options):
     scaled_h, scaled_w = scaled_shape(height, width, tile, work_size)
     labels = predict_image(model, resize_image(image, scaled_h, scaled_w), tile, **options)
     return resize_labels(labels, height, width)
+
+
+def label_strips(labels, height, width, rows):
+    """(row0, uint8 (n, width)) strips of up to rows rows of a working-scale label map resized to height x width
+    (nearest, files.resize_labels' pixels: the same whether taken whole or a strip at a time)."""
+    ys, xs = nearest_positions(height, labels.shape[0]), nearest_positions(width, labels.shape[1])
+    for row0 in range(0, height, rows):
+        yield row0, labels[ys[row0:row0 + rows]][:, xs]

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from autobatch import find_batch_size
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_model
 from config import with_batch
 from distributed import (MAX, PeerLost, Preemption, all_reduce, broadcast_buffers, broadcast_module,
                          setup_distributed, teardown)
@@ -297,6 +297,10 @@ def train(cfg, rank, world, local_rank, local_world, device):
         prepare_run_dir(cfg, run_dir, resume, rank)
         with logged_to(run_dir / "train.log", rank):
             result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
+            if result is not None and rank == 0:
+                # The selected model, small, for predict.py and for handing over (README "Damage maps").
+                save_model(load_checkpoint(run_dir / "best.pt"), run_dir / "best.pt", run_dir / "model.pt",
+                           (data.MEAN, data.STD))
             if result is not None and rank == 0 and not cfg["no_report"]:
                 write_report(run_dir)
     return result

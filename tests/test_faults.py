@@ -228,8 +228,8 @@ def test_predict_skips_a_bad_file_continues_and_fails_at_the_end(tmp_path):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "b.png" in errors[0] and "1 of 3 images failed" in errors[1]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
-    assert {row["image"] for row in rows} == {"a.png", "c.png"}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "areas.csv")))
+    assert {row["file"] for row in rows} == {"a.png", "c.png"}
 
 
 def test_sigterm_to_one_of_two_ranks_checkpoints_within_a_step_and_resume_matches(synthetic_root, tmp_path):

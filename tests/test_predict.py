@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from PIL import Image
 from conftest import ROOT, run_script
 from data import MEAN, STD
 from labels import UserError, artefact_scheme, scheme_from_dict, scheme_to_dict
-from predict import _progress_printer, area_report, main, parse_args, render_overlay, write_mask
+from areas import area_report
+from overlay import render_overlay
+from predict import _progress_printer, main, parse_args, write_mask
 from tiles import predict_image
 
 ARTEFACT = artefact_scheme()
@@ -186,8 +189,8 @@ def test_mask_png_holds_ids_with_the_artefact_palette_and_overlay_blends_class_c
 
     render_overlay(image, labels, area_report(labels, ARTEFACT), ARTEFACT).save(tmp_path / "o.png")
     overlay = np.array(Image.open(tmp_path / "o.png").convert("RGB"))
-    assert overlay.shape[1] == 80 and overlay.shape[0] > 48
-    top, legend = overlay[:48], overlay[48:]
+    assert overlay.shape[1] >= 80 and overlay.shape[0] > 48
+    top, legend = overlay[:48, :80], overlay[48:]
     colours = np.array(PALETTE + [BACKGROUND_COLOUR] * 240, dtype=np.float64)
     padded = np.pad(labels, 1, mode="edge")
     border = ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels) | (padded[1:-1, :-2] != labels)
@@ -275,19 +278,32 @@ def test_large_image_runs_in_memory_bounded_by_tile_rows_not_image_area():
     assert result["peak_growth_mb"] < whole_image_probabilities_mb / 8
 
 
-def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carries_scheme=True):
-    """A checkpoint dict as train.py writes it (carries_scheme=False: as it did before checkpoints carried their
-    label scheme), for a tiny randomly initialised model."""
+def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carries_scheme=True, work_size=None,
+                     varied=False, name="best.pt"):
+    """A checkpoint dict as train.py writes it (with an optimizer state as large as AdamW's, carries_scheme=False:
+    as it did before checkpoints carried their label scheme), for a tiny randomly initialised model; varied
+    scales its classifier up so that its labels change with the picture (random weights alone predict one
+    class everywhere)."""
     from model import build_model
     config = {"encoder": "mit_b0", "decoder": decoder, "heads": heads, "norm": "bn", "img_size": 64,
               "num_classes": scheme.num_classes}
+    if work_size is not None:
+        config["work_size"] = work_size
     if carries_scheme:
         config["classes"] = scheme_to_dict(scheme)
     torch.manual_seed(42)
     model = build_model(config["encoder"], scheme.num_classes, decoder=decoder, heads=heads, img_size=64, norm="bn",
                         num_groups=len(scheme.groups) if scheme.groups else None)
-    path = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0, "best_miou": 0.0}, path)
+    if varied:
+        with torch.no_grad():
+            model.heads.fine.bias.zero_()
+            model.heads.fine.weight.mul_(50)
+    state = model.state_dict()
+    moments = {k: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for k, v in state.items()
+               if v.is_floating_point()}
+    path = folder / name
+    torch.save({"model": state, "optimizer": {"state": moments}, "config": config, "epoch": 3, "step": 12,
+                "best_miou": 0.25}, path)
     return path
 
 
@@ -296,46 +312,36 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("run"))
 
 
-def test_cli_writes_mask_overlay_and_reports_for_every_image(tmp_path, checkpoint):
-    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+def test_cli_writes_maps_reports_areas_and_a_page_for_every_image(tmp_path, checkpoint):
+    images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
-    masks.mkdir()
     Image.fromarray(random_image(97, 131)).save(images / "fresco.png")
     Image.fromarray(random_image(50, 70, seed=1)).save(images / "film.jpg")
-    truths = {"fresco": np.zeros((97, 131), np.uint8), "film": np.full((50, 70), 4, np.uint8)}
-    truths["fresco"][:10] = 255
-    truths["fresco"][40:60, 30:90] = 2
-    for stem, truth in truths.items():
-        Image.fromarray(truth).save(masks / f"{stem}.png")
-
-    done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--masks", masks,
-                      "--overlap", "0.5", "--tile-batch", "3", "--threads", "1")
+    done = run_script("predict.py", "--checkpoint", checkpoint, images, "--out", out, "--overlap", "0.5",
+                      "--tile-batch", "3", "--threads", "1")
     assert done.returncode == 0, done.stderr
     # The folder's progress: one plain line per image with the ETA of the rest (SLURM logs have no \r).
     assert [line.split(",")[0] for line in done.stderr.splitlines() if line.startswith("image ")] == \
         ["image 1/2 film.jpg", "image 2/2 fresco.png"]
     assert "\r" not in done.stderr
-
-    rows = list(csv.DictReader(open(out / "report.csv")))
-    assert len(rows) == 2 * 16
-    for stem, truth in truths.items():
-        image = np.array(Image.open(next(images.glob(stem + ".*"))))
-        mask = Image.open(out / f"{stem}_mask.png")
+    rows = list(csv.DictReader(open(out / "areas.csv", encoding="utf-8")))
+    assert [row["file"] for row in rows] == ["film.jpg", "fresco.png"]
+    for row in rows:
+        image = np.array(Image.open(images / row["file"]))
+        mask = Image.open(out / f"{Path(row['file']).stem}_mask.png")
         labels = np.array(mask)
-        assert mask.mode == "P" and labels.shape == truth.shape
-        assert ((labels == 255) == (truth == 255)).all() and labels[truth != 255].max() < 16
-        overlay = Image.open(out / f"{stem}_overlay.png")
-        assert overlay.width == image.shape[1] and overlay.height > image.shape[0]
-        report = json.loads((out / f"{stem}_report.json").read_text())
-        assert (report["width"], report["height"]) == (truth.shape[1], truth.shape[0])
-        assert report["object_pixels"] == (truth != 255).sum()
-        assert [e["pixels"] for e in report["classes"]] == [((labels == k)).sum() for k in range(16)]
-        assert report["miou"] is not None and 0 <= report["miou"] <= 1
-        mine = [r for r in rows if r["image"].startswith(stem + ".")]
-        assert [int(r["class_id"]) for r in mine] == list(range(16))
-        assert [r["class_name"] for r in mine] == CLASS_NAMES
-        assert sum(int(r["pixels"]) for r in mine) == (truth != 255).sum()
-        assert sum(float(r["percent"]) for r in mine) == pytest.approx(100, abs=0.01)
+        assert mask.mode == "P" and labels.shape == image.shape[:2] and labels.max() < 16
+        assert (int(row["width"]), int(row["height"])) == (image.shape[1], image.shape[0])
+        assert int(row["object_pixels"]) == labels.size and row["object_source"] == "whole image"
+        assert [int(row[f"{name} px"]) for name in CLASS_NAMES] == [int((labels == k).sum()) for k in range(16)]
+        assert sum(float(row[f"{name} %"]) for name in CLASS_NAMES) == pytest.approx(100, abs=0.01)
+        assert int(row["damage_px"]) == int((labels > 0).sum())
+        assert float(row["damage_%"]) == pytest.approx(100 * (labels > 0).mean(), abs=1e-4)
+        report = json.loads((out / f"{Path(row['file']).stem}_report.json").read_text())
+        assert report["damaged_pixels"] == int(row["damage_px"]) and "miou" not in report
+        overlay = Image.open(out / report["outputs"]["overlay"])
+        assert overlay.width >= image.shape[1] and overlay.height > image.shape[0]
+    assert (out / "index.html").is_file() and not (out / "scores.csv").exists()
 
 
 def test_cli_consistency_with_a_hierarchical_upernet_checkpoint(tmp_path, capsys):
@@ -378,6 +384,14 @@ def test_cli_user_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys, 
 
     assert "--overlap" in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
                                             "--overlap", "1"])
+    for flag in ("--object", "--truth"):
+        assert flag in error_of(capsys, ["--checkpoint", checkpoint, tmp_path / "a.png", "--out", tmp_path / "o",
+                                         flag, tmp_path / "nowhere"])
+
+
+def test_masks_which_meant_two_things_is_refused_naming_object_and_truth(tmp_path, capsys, checkpoint):
+    err = error_of(capsys, ["--checkpoint", checkpoint, tmp_path, "--out", tmp_path / "o", "--masks", tmp_path])
+    assert "--object DIR" in err and "--truth DIR" in err
 
 
 # Clean is id 2 and the outside of the object 9: nothing in the maps may take 0 for clean or 255 for outside.
@@ -411,5 +425,124 @@ def test_a_checkpoint_from_before_schemes_travelled_is_read_as_artefact_with_a_n
     Image.fromarray(random_image(40, 40)).save(tmp_path / "a.png")
     assert main([str(a) for a in ["--checkpoint", old, tmp_path / "a.png", "--out", tmp_path / "out"]]) == 0
     assert f"note: --checkpoint {old} records no label scheme" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
-    assert [r["class_name"] for r in rows] == CLASS_NAMES
+    header = next(csv.reader(open(tmp_path / "out" / "areas.csv", encoding="utf-8")))
+    assert [column[:-3] for column in header if column.endswith(" px")] == CLASS_NAMES
+
+
+def test_areas_are_in_mm2_from_the_files_resolution_or_the_flag_and_say_where_the_scale_came_from(tmp_path, checkpoint):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(random_image(40, 50)).save(tmp_path / "in" / "scan.png", dpi=(300, 300))
+    Image.fromarray(random_image(30, 20, seed=1)).save(tmp_path / "in" / "cm.tif",
+                                                       tiffinfo={282: 40.0, 283: 40.0, 296: 3})
+    Image.fromarray(random_image(30, 20, seed=2)).save(tmp_path / "in" / "camera.jpg", dpi=(72, 72))
+    Image.fromarray(random_image(30, 20, seed=3)).save(tmp_path / "in" / "bare.png")
+    assert main([str(a) for a in ["--checkpoint", checkpoint, tmp_path / "in", "--out", tmp_path / "a"]]) == 0
+    rows = {row["file"]: row for row in csv.DictReader(open(tmp_path / "a" / "areas.csv", encoding="utf-8"))}
+    # 300 dpi: a pixel is 25.4/300 mm wide; 40 per cm (ResolutionUnit 3): 0.25 mm.
+    for name, pixel_mm in (("scan.png", 25.4 / 300), ("cm.tif", 0.25)):
+        row = rows[name]
+        assert "file resolution" in row["scale_source"]
+        assert float(row["damage_mm2"]) == pytest.approx(int(row["damage_px"]) * pixel_mm ** 2, rel=1e-3)
+        for class_name in CLASS_NAMES:
+            assert float(row[f"{class_name} mm2"]) == pytest.approx(int(row[f"{class_name} px"]) * pixel_mm ** 2,
+                                                                    rel=1e-3, abs=1e-3)
+    assert rows["camera.jpg"]["damage_mm2"] == "" and "72 dpi is a software default" in rows["camera.jpg"]["scale_source"]
+    assert rows["bare.png"]["damage_mm2"] == "" and "states no resolution" in rows["bare.png"]["scale_source"]
+    report = json.loads((tmp_path / "a" / "scan_report.json").read_text())
+    assert report["scale"]["px_per_mm"] == pytest.approx([300 / 25.4] * 2, rel=1e-4)
+
+    assert main([str(a) for a in ["--checkpoint", checkpoint, tmp_path / "in", "--out", tmp_path / "b",
+                                  "--px-per-mm", "4"]]) == 0
+    for row in csv.DictReader(open(tmp_path / "b" / "areas.csv", encoding="utf-8")):
+        assert row["scale_source"] == "--px-per-mm 4" and row["px_per_mm"] == "4.0 x 4.0"
+        assert float(row["damage_mm2"]) == pytest.approx(int(row["damage_px"]) / 16, abs=1e-3)
+
+
+def test_a_folder_names_what_it_skips_and_reads_every_format_pillow_reads(tmp_path, capsys, checkpoint):
+    photos = tmp_path / "photos"
+    (photos / "old").mkdir(parents=True)
+    Image.fromarray(random_image(20, 30)).save(photos / "a.bmp")
+    Image.fromarray(random_image(20, 30, seed=1)).save(photos / "b.webp", lossless=True)
+    (photos / "notes.txt").write_text("condition notes")
+    assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos / "maps"]]) == 0
+    assert "note: skipped notes.txt (not an image format Pillow reads), old/ (a folder: pass it on its own to read " \
+           "it)" in capsys.readouterr().err
+    assert [row["file"] for row in csv.DictReader(open(photos / "maps" / "areas.csv"))] == ["a.bmp", "b.webp"]
+    assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos / "maps"]]) == 0
+    assert "note: skipped maps/ (the --out folder), notes.txt" in capsys.readouterr().err
+
+
+def test_out_in_the_images_folder_never_reads_back_its_outputs_or_replaces_a_users_file(tmp_path, capsys, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(random_image(20, 30)).save(photos / "a.png")
+    Image.fromarray(random_image(20, 30, seed=1)).save(photos / "b.png")
+    for _ in range(2):
+        assert main([str(a) for a in ["--checkpoint", checkpoint, photos, "--out", photos]]) == 0
+    assert [row["file"] for row in csv.DictReader(open(photos / "areas.csv"))] == ["a.png", "b.png"]
+    outputs = [p for p in photos.iterdir() if not p.name.startswith(".") and p.name not in ("a.png", "b.png")]
+    assert f"skipped {len(outputs)} files predict.py wrote there earlier" in capsys.readouterr().err
+
+    # A user's own a_mask.png (say, a hand-drawn mask) beside a.png is an image, and never overwritten.
+    user = tmp_path / "mine"
+    user.mkdir()
+    Image.fromarray(random_image(20, 30)).save(user / "a.png")
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(user / "a_mask.png")
+    before = (user / "a_mask.png").read_bytes()
+    err = error_of(capsys, ["--checkpoint", checkpoint, user, "--out", user])
+    assert f"{user / 'a_mask.png'} exists and was not written by predict.py" in err
+    assert (user / "a_mask.png").read_bytes() == before and not (user / "areas.csv").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 160 KiB tmpfs (needs root to mount), unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_predict_on_a_full_disk_ends_in_one_line_naming_the_out_folder(tmp_path, small_disk, checkpoint):
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.fromarray(random_image(150, 200, seed=i)).save(tmp_path / "in" / f"p{i}.png")
+    done = run_script("predict.py", "--checkpoint", checkpoint, tmp_path / "in", "--out", small_disk, "--threads", "1")
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {small_disk}: disk full writing ") and "Traceback" not in done.stderr
+    assert last.endswith("pass another --out (the maps of the images before it are complete, in areas.csv)")
+    finished = [row["file"] for row in csv.DictReader(open(small_disk / "areas.csv"))]
+    assert 0 < len(finished) < 6, "the disk holds the first maps and runs out before the last"
+    for name in finished:
+        Image.open(small_disk / f"{Path(name).stem}_mask.png").load()
+    assert not list(small_disk.glob(".*.tmp*")), "no half-written file is left behind"
+
+
+def test_the_portable_model_is_small_predicts_the_same_maps_and_carries_the_ema_weights(tmp_path, checkpoint):
+    model_file = tmp_path / "model.pt"
+    done = run_script("predict.py", "--checkpoint", checkpoint, "--export", model_file)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {model_file}" in done.stdout
+    portable = torch.load(model_file, weights_only=True)
+    assert set(portable) == {"format", "model", "config", "trained"} and portable["format"] == "artdamage-model"
+    assert portable["config"]["classes"] == scheme_to_dict(ARTEFACT)
+    assert portable["config"]["normalisation"] == {"mean": list(MEAN), "std": list(STD)}
+    assert model_file.stat().st_size < checkpoint.stat().st_size / 2
+    Image.fromarray(random_image(70, 90)).save(tmp_path / "a.png")
+    masks = []
+    for source in (checkpoint, model_file):
+        assert main([str(a) for a in ["--checkpoint", source, tmp_path / "a.png", "--out", tmp_path / source.stem]]) == 0
+        masks.append(np.asarray(Image.open(tmp_path / source.stem / "a_mask.png")))
+    np.testing.assert_array_equal(*masks)
+
+    # A run that kept a weight average predicts with it, and so does its model.pt.
+    saved = torch.load(checkpoint, weights_only=True)
+    averaged = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in saved["model"].items()}
+    torch.save({**saved, "ema": averaged}, tmp_path / "ema.pt")
+    assert run_script("predict.py", "--checkpoint", tmp_path / "ema.pt", "--export", tmp_path / "m2.pt").returncode == 0
+    weights = torch.load(tmp_path / "m2.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[k], averaged[k]) for k in averaged)

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from PIL import Image
 from timm.optim import param_groups_weight_decay
 
 from conftest import ROOT, run_script
@@ -237,16 +238,21 @@ class Stored:
         return self.masks[row]
 
 
-def test_flip_tta_evaluation_is_the_hand_flipped_average():
+def test_flip_tta_evaluation_is_the_hand_flipped_average(tmp_path):
     rng = np.random.default_rng(0)
     # One tile (32 x 32), several tiles with overlap (odd sizes), and a strip narrower than a tile (padded).
     shapes = [(32, 32), (45, 70), (77, 33), (20, 50)]
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
     masks = [rng.integers(0, 16, (h, w)).astype(np.uint8) for h, w in shapes]
     masks[1][:10] = 255
-    part = data.Part([None] * len(images), Stored(images, masks), {})
+    # evaluate reads each image's displayed size from its file (to cut the preload's padding off).
+    samples = []
+    for k, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{k}.png")
+        samples.append(files.Sample(str(k), tmp_path / f"{k}.png", None))
+    part = data.Part(samples, Stored(images, masks), {})
     model = NotFlipInvariant().eval()
-    cfg = dict(heads="fine", img_size=32, micro_batch=4, precision="fp32", eval_tta="flip")
+    cfg = dict(heads="fine", img_size=32, work_size=1024, micro_batch=4, precision="fp32", eval_tta="flip")
     tta = evaluation.evaluate(model, part, cfg, CPU)["fine"]
     plain = evaluation.evaluate(model, part, dict(cfg, eval_tta="none"), CPU)["fine"]
     averaged = evaluation.evaluate(FlipAveraged(model), part, dict(cfg, eval_tta="none"), CPU)["fine"]
@@ -256,7 +262,7 @@ def test_flip_tta_evaluation_is_the_hand_flipped_average():
     with torch.no_grad():
         x = data.normalize(torch.tensor(images[0])[None])
         hand = FlipAveraged(model)(x)[0].argmax(0)
-    one = evaluation.evaluate(model, data.Part([None], Stored(images[:1], masks[:1]), {}), cfg, CPU)["fine"]
+    one = evaluation.evaluate(model, data.Part(samples[:1], Stored(images[:1], masks[:1]), {}), cfg, CPU)["fine"]
     expected = torch.bincount(torch.from_numpy(masks[0].astype(np.int64)).flatten() * 16 + hand.flatten(),
                               minlength=256).reshape(16, 16)
     assert torch.equal(one, expected)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import predict
+import overlay
+from areas import area_report
 from conftest import ROOT, run_script
 from labels import artefact_scheme, scheme_to_dict
-from predict import area_report, legend_entries, render_overlay
+from overlay import legend_entries, render_overlay
 from report import DPI, FIGSIZE, PANEL_ROW, build_report, class_iou_bars, main, read_records
 
 ARTEFACT = artefact_scheme()
@@ -123,7 +124,7 @@ def test_legend_has_no_clean_swatch_and_tiny_classes_read_below_a_hundredth_of_a
     labels[:100] = 1
     labels[150, 300] = 11
     texts = [text for _, text in legend_entries(area_report(labels, ARTEFACT), False, ARTEFACT)]
-    assert texts == ["Material loss 50.00 %", "Stamp <0.01 %"]
+    assert texts == ["Damaged 50.00 %", "Material loss 50.00 %", "Stamp <0.01 %"]
     assert not any(text.startswith("Clean") for text in texts)
 
 
@@ -145,7 +146,7 @@ def test_outlines_do_not_depend_on_where_row_chunks_are_cut(monkeypatch):
     labels = rng.choice([0, 0, 0, 3, 11, 255], size=(50, 40)).astype(np.uint8)
     report = area_report(labels, ARTEFACT, truth=labels)
     whole = np.asarray(render_overlay(image, labels, report, ARTEFACT))
-    monkeypatch.setattr(predict, "ROWS_PER_CHUNK", 7)
+    monkeypatch.setattr(overlay, "ROWS_PER_CHUNK", 7)
     np.testing.assert_array_equal(np.asarray(render_overlay(image, labels, report, ARTEFACT)), whole)
 
 

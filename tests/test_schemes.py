@@ -25,7 +25,7 @@ MURAL_NAMES = [c["name"] for c in MURAL["classes"]]
 BINARY = {"classes": [{"id": 0, "name": "no crack", "colour": "#000000"},
                       {"id": 1, "name": "crack", "colour": "#FFFFFF"}], "ignore": 7, "ignore_colour": "#808080"}
 ARTEFACT_ONLY_NAMES = [n for n in artefact_scheme().names if n.lower() not in MURAL_NAMES]
-TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".md", ".log")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".md", ".log", ".html")
 
 
 def paint_dataset(root, scheme, count=12, size=64, seed=0, rgb_masks=False):
@@ -115,11 +115,21 @@ def test_five_class_dataset_check_train_eval_predict_report_name_its_own_classes
 
     out = tmp_path / "maps"
     predicted = run_script("predict.py", "--checkpoint", run / "best.pt", root / "images" / "wall_01.png",
-                           root / "images" / "wall_02.png", "--out", out, "--masks", root / "annotations")
+                           root / "images" / "wall_02.png", "--out", out, "--truth", root / "annotations")
     assert predicted.returncode == 0, predicted.stderr
-    rows = list(csv.DictReader(open(out / "report.csv")))
-    assert [r["class_name"] for r in rows] == MURAL_NAMES * 2
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    assert len(rows) == 2 and [column[:-3] for column in rows[0] if column.endswith(" px")] == MURAL_NAMES
+    scored = next(csv.reader(open(out / "scores.csv")))
+    assert [column[:-4] for column in scored if column.endswith(" IoU")] == MURAL_NAMES
     palette = Image.open(out / "wall_01_mask.png").getpalette()
+    # train.py leaves the small model.pt beside best.pt; it maps as best.pt does.
+    from_model = run_script("predict.py", "--checkpoint", run / "model.pt", root / "images" / "wall_01.png", "--out",
+                            tmp_path / "from_model")
+    assert from_model.returncode == 0, from_model.stderr
+    ours, scored = (np.asarray(Image.open(folder / "wall_01_mask.png")) for folder in (tmp_path / "from_model", out))
+    inside = scored != scheme_from_dict(MURAL, "x").ignore  # the --truth run left its ignore id outside
+    assert inside.mean() > 0.5
+    np.testing.assert_array_equal(ours[inside], scored[inside])
     assert [tuple(palette[3 * k:3 * k + 3]) for k in range(5)] == list(scheme_from_dict(MURAL, "x").colours)
 
     report = (run / "report.md").read_text()
