@@ -3,6 +3,7 @@
     python bench.py --encoder mit_b3 --img-size 384 --bench-steps 50      # one row; bash bench.sh runs the table
     python bench.py --loader --img-size 384                                 # loader img/s and shared-memory PSS
     python bench.py --encoder convnext_tiny --img-size 64 --reference       # + smp's Unet, timed interleaved
+    python bench.py --encoder convnext_tiny --img-size 128 --profile        # where the step's time and FLOPs go
 
 Takes train.py's flags, so a row measures exactly what training would run.
 """
@@ -33,6 +34,9 @@ def build_bench_parser():
                             "batch, precision, AdamW, loss), alternating with ours; needs segmentation-models-pytorch")
     group.add_argument("--bench-rounds", type=int, default=3,
                        help="with --reference: alternating ours/reference rounds; img/s are their medians")
+    group.add_argument("--profile", action="store_true",
+                       help="instead: the step's parts timed apart (--bench-steps repeats), FLOPs per part and "
+                            "torch.profiler's top operators (profile_step.py)")
     group.add_argument("--loader", action="store_true",
                        help="instead: loader img/s (preloaded vs PNG decoding) and shared-memory PSS at --img-size")
     group.add_argument("--loader-count", type=int, default=64, help="generated images for --loader")
@@ -49,6 +53,7 @@ import torch
 from PIL import Image
 
 import data
+import profile_step
 from files import dataset_scheme, list_samples
 from labels import artefact_scheme
 from preload import cores, preload
@@ -150,6 +155,10 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     micro = [data.to_device_batch(images, masks, device, flips[index[:len(images)]],
                                   channels_last=cfg["channels_last"])
              for images, masks in data.batches(train_pre, index, cfg["micro_batch"], pin=device.type == "cuda")]
+    if cfg["profile"]:
+        if rank == 0:
+            print(profile_step.report(parts, micro, cfg, device, steps), flush=True)
+        return None
     model, x = parts.raw_model, micro[0][0]
     ref_name, ref_model, ref_step, ref_reason = _reference(cfg, parts, device, world) if cfg["reference"] else (None,) * 4
     rounds = rounds if ref_model is not None else 1
@@ -228,16 +237,19 @@ def _reference_fields(result, ref_name, ref_model, ref_reason, times, steps, inf
                 train_x_ref=result["train_img_s"] / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
 
 
+# The first key found in the card's name wins: the PCIe/NVL variants before their SXM names, A100 before A10.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
 def _peak_tflops(device, precision):
-    """Dense tensor-core peak of known cards (vendor datasheets); None means MFU is not reported."""
-    if device.type != "cuda":
+    """Dense bf16/fp16 tensor-core peak of known cards (vendor datasheets, half their sparse figures); None
+    means MFU is not reported: a CPU, an unknown card, or --precision fp32, which runs without TF32
+    (train.set_backends), so no tensor-core peak applies to it."""
+    if device.type != "cuda" or precision == "fp32":
         return None
     name = torch.cuda.get_device_name(device)
-    table = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
-    for key, bf16 in table.items():
-        if key in name:
-            return bf16 if precision in ("bf16", "fp16") else bf16 / 2
-    return None
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def mapped_pss(path, pid="self"):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depthwise import use_depthwise
 from encoders import ENCODERS
 from hub import loaded, weights_file
 from labels import UserError
@@ -201,15 +202,21 @@ class SegmentationModel(nn.Module):
                             f"of {self.input_multiple}; nearest valid is "
                             f"{_nearest(height, self.input_multiple)}x{_nearest(width, self.input_multiple)}")
 
-    def forward(self, x):
-        size = x.shape[-2:]
-        self.check_input(*size)
+    def encode(self, x):
+        """The encoder's features, NCHW."""
         features = self.encoder(x)
-        if self.nhwc:
-            features = [f.permute(0, 3, 1, 2) for f in features]
+        return [f.permute(0, 3, 1, 2) for f in features] if self.nhwc else features
+
+    def decode(self, features, size):
+        """Decoder and heads: logits at size, a tensor (one head) or a dict of them."""
         y = self.decoder(features, size)
         logits = {name: _resize(head(y), size) for name, head in self.heads.items()}
         return logits if len(logits) > 1 else logits["fine"]
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        self.check_input(*size)
+        return self.decode(self.encode(x), size)
 
 
 def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=False, img_size=384,
@@ -230,6 +237,7 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
     from_hub = pretrained and weights is None
     mit = encoder in ENCODERS and encoder.startswith("mit_b")
     features = _create_encoder(encoder, spec, img_size, from_hub and not mit, drop_path)
+    use_depthwise(features)  # the same convolutions and parameters, a faster CPU backward
     channels, reductions = features.feature_info.channels(), features.feature_info.reduction()
     if decoder == "unet":
         body = UNetDecoder(channels, reductions, norm)

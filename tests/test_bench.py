@@ -90,3 +90,26 @@ def test_missing_torch_stops_bench_with_one_line(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: bench.sh: {no_torch} cannot import torch; run 'pip install -r requirements.txt' "
         "or set PYTHON=/path/to/venv/bin/python"]
+
+
+@pytest.mark.parametrize("card,precision,peak", [("NVIDIA H200", "bf16", 989.0), ("NVIDIA H100 80GB HBM3", "fp16", 989.0),
+                                                 ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A10", "bf16", 125.0),
+                                                 ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200 NVL", "bf16", 835.0),
+                                                 ("NVIDIA H200", "fp32", None), ("Some Future GPU", "bf16", None)])
+def test_mfu_peak_is_the_cards_dense_bf16_peak_and_none_for_fp32_or_unknown_cards(monkeypatch, card, precision, peak):
+    import torch
+    import bench as bench_module
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    assert bench_module._peak_tflops(torch.device("cuda", 0), precision) == peak
+    assert bench_module._peak_tflops(torch.device("cpu"), precision) is None
+
+
+def test_mfu_is_three_forward_flops_per_image_over_the_given_peak(tmp_path):
+    out = tmp_path / "row.json"
+    done = subprocess.run([sys.executable, "bench.py", "--encoder", "mit_b0", "--img-size", "32", "--batch-size", "2",
+                           "--bench-steps", "2", "--data", "synthetic", "--peak-tflops", "0.5", "--bench-out", str(out)],
+                          cwd=ROOT, text=True, capture_output=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["mfu"] == pytest.approx(3 * row["gflops"] * 1e9 * row["train_img_s"] / 0.5e12, rel=1e-12)
