@@ -46,6 +46,7 @@ from config import METHODS, build_parser, parse_args
 from files import displayed_size, list_samples, read_mask, resize_labels, scaled_shape
 from labels import UserError, run_cli
 from writes import atomic_write
+
 DEFAULT_METHOD = "inverse_sqrt_log_scaled"
 DEFAULT_MAX_RATIO = 36.0
 _CHUNK = 1 << 24
@@ -236,12 +237,12 @@ def _write_for_dataset(args):
                         "or 'synthetic'")
     cfg = dict(vars(args), data=args.data or "synthetic", run_dir=args.run_dir or "runs/class_weights")
     root = data.resolve_data(cfg["data"], args.synthetic_count, args.synthetic_size)
+    # The folder is checked first: one that is not a dataset is refused before any note about its scheme.
+    samples, images = list_samples(root), None
     scheme, source = data.data_scheme(cfg["data"], args.classes_file)
     copies = 4 if args.offline_aug else 1
     if "fold" in args.given_flags:
         samples, images = data.part_samples(cfg, "train"), {key: cfg[key] for key in FOLD_KEYS}
-    else:
-        samples, images = list_samples(root), None
     counts = working_counts(samples, args.img_size, args.work_size, scheme, copies)
     max_ratio = None if np.isinf(args.max_ratio) else args.max_ratio
     weights = compute_weights(counts, args.method, max_ratio)
