@@ -208,8 +208,11 @@ def test_a_run_folder_belongs_to_one_process_and_a_dead_holders_lock_does_not_bl
 def test_ctrl_c_prints_one_line_and_exits_130_with_finished_epochs_kept(synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
     # Six epochs: the interrupt sent after the first must land before the run could finish on a loaded machine.
+    # A shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: the
+    # child gets the default disposition back, as in the terminal a user presses Ctrl-C in.
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(synthetic_root, run_dir, "--epochs", "6")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     printed = []
     for line in proc.stdout:
         if "epoch 1/6 loss" in line:
