@@ -1,5 +1,6 @@
 """Label schemes: ARTeFACT's default as ARTEFACT.md and DESIGN.md give it, classes.json checked in one line naming
 the file and the key, where a dataset's scheme comes from, and masks read (never relabelled) by the scheme."""
+import copy
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import files
 import prepare
 from labels import (UserError, artefact_scheme, read_scheme, scheme_difference, scheme_from_dict, scheme_summary,
                     scheme_to_dict)
+from test_schemes import MURAL
 
 # ARTEFACT.md's table and DESIGN.md's coarse groups, written out again here.
 ARTEFACT_TABLE = [("Clean", "#000000"), ("Material loss", "#1CE6FF"), ("Peel", "#FF34FF"), ("Dust", "#FF4A46"),
@@ -22,14 +24,7 @@ ARTEFACT_GROUPS = [("Clean", [0]), ("Structural loss", [1, 2, 4, 7, 9, 13, 14]),
 
 def five_classes(**changes):
     """README's 5-class example: clean, crack, flaking, loss, stain."""
-    scheme = {"classes": [{"id": 0, "name": "clean", "colour": "#000000"},
-                          {"id": 1, "name": "crack", "colour": "#E6194B"},
-                          {"id": 2, "name": "flaking", "colour": "#3CB44B"},
-                          {"id": 3, "name": "loss", "colour": "#FFE119"},
-                          {"id": 4, "name": "stain", "colour": "#4363D8"}],
-              "clean": 0, "ignore": 255, "ignore_colour": "#5A0007",
-              "groups": [{"name": "clean", "ids": [0]}, {"name": "structural", "ids": [1, 2, 3]},
-                         {"name": "surface", "ids": [4]}]}
+    scheme = copy.deepcopy(MURAL)
     scheme.update(changes)
     return scheme
 
