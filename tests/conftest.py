@@ -1,7 +1,9 @@
 """Shared fixtures: the repository root on sys.path and one small synthetic damage set per test session."""
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def synthetic_root(tmp_path_factory):
     from synthetic import make_synthetic
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "set", count=24, size=96, seed=42)
+
+
+@contextmanager
+def module_folder(request, tmp_path_factory, name):
+    """A fresh folder for a module-scoped fixture, removed once the module's tests end (pytest.ini's retention
+    policy covers tmp_path only); kept when one of them failed, to look at."""
+    folder = tmp_path_factory.mktemp(name)
+    failed_before = request.session.testsfailed
+    yield folder
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_script(*args, env=None, timeout=300, cwd=None):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import prepare
+from conftest import module_folder
 from files import write_scheme
 from labels import UserError, artefact_scheme
 
@@ -169,23 +170,23 @@ def denied_file(name, root):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(request, tmp_path_factory):
     """Every broken dataset, with the real CLI started on the marked ones side by side."""
-    base = tmp_path_factory.mktemp("corpus")
-    roots, runs = {}, {}
-    for i, (name, build, _, _, cli) in enumerate(CASES):
-        roots[name] = root = base / f"case{i:02d}"
-        build(root)
-        if cli:
-            deny = denied_file(name, root)
-            command = [sys.executable, "-c", DENY_AS_ROOT, str(deny)] if deny else [sys.executable, "prepare.py"]
-            runs[name] = subprocess.Popen(command + ["check", str(root)], cwd=REPO, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    finished = {}
-    for name, process in runs.items():
-        _, stderr = process.communicate(timeout=120)
-        finished[name] = stderr, process.returncode
-    return roots, finished
+    with module_folder(request, tmp_path_factory, "corpus") as base:
+        roots, runs = {}, {}
+        for i, (name, build, _, _, cli) in enumerate(CASES):
+            roots[name] = root = base / f"case{i:02d}"
+            build(root)
+            if cli:
+                deny = denied_file(name, root)
+                command = [sys.executable, "-c", DENY_AS_ROOT, str(deny)] if deny else [sys.executable, "prepare.py"]
+                runs[name] = subprocess.Popen(command + ["check", str(root)], cwd=REPO, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        finished = {}
+        for name, process in runs.items():
+            _, stderr = process.communicate(timeout=120)
+            finished[name] = stderr, process.returncode
+        yield roots, finished
 
 
 def deny_reading(monkeypatch, path):

@@ -10,7 +10,7 @@ import torch
 
 import compare
 import train
-from conftest import run_script
+from conftest import module_folder, run_script
 from files import list_samples, load_working, read_metadata
 from grid import main as grid_main
 from labels import artefact_scheme, scheme_to_dict
@@ -28,21 +28,23 @@ TINY = ["--lr", "0.3", "--work-size", "48", "--img-size", "32", "--batch-size", 
 
 
 @pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
+def tiny_set(request, tmp_path_factory):
     """12 synthetic images of 64 px: 6 test images per fold, the fewest that still hold several materials."""
     from synthetic import make_synthetic
-    return make_synthetic(tmp_path_factory.mktemp("tiny") / "set", count=12, size=64, seed=42)
+    with module_folder(request, tmp_path_factory, "tiny") as base:
+        yield make_synthetic(base / "set", count=12, size=64, seed=42)
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, tiny_set):
+def grid(request, tmp_path_factory, tiny_set):
     """The grid's folder, once per module: 2 encoders x 2 folds, each fold also scored at full resolution."""
-    grid_dir = tmp_path_factory.mktemp("grid") / "grid"
-    done = run_script("grid.py", "--grid-dir", grid_dir, "--full-res", "--encoder", "|".join(ENCODERS), "--folds", FOLDS,
-                      "--data", tiny_set, *TINY, "--epochs", "2", env={"OMP_NUM_THREADS": "1"},
-                      timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return grid_dir, done
+    with module_folder(request, tmp_path_factory, "grid") as base:
+        grid_dir = base / "grid"
+        done = run_script("grid.py", "--grid-dir", grid_dir, "--full-res", "--encoder", "|".join(ENCODERS),
+                          "--folds", FOLDS, "--data", tiny_set, *TINY, "--epochs", "2", env={"OMP_NUM_THREADS": "1"},
+                          timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        yield grid_dir, done
 
 
 def run_dirs(grid_dir):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from areas import area_report, pixel_scale
+from conftest import module_folder
 from gallery import VIEW_SIDE
 from overlay import legend, legend_entries, render_overlay, text_runs
 from predict import main
@@ -73,21 +74,21 @@ def test_every_character_of_the_legend_is_drawn_with_a_glyph_the_font_has():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(request, tmp_path_factory):
     """A prediction folder over three images: one wider than a card (shown from a downscaled copy), one with
     an alpha channel (an outside-object layer), one small."""
-    root = tmp_path_factory.mktemp("gallery")
-    checkpoint = write_checkpoint(root, work_size=96, varied=True)
-    (root / "in").mkdir()
-    wide = random_image(700, 1500)
-    wide[:, :700] //= 3
-    Image.fromarray(wide).save(root / "in" / "altarpiece.png")
-    rgba = np.concatenate([random_image(120, 90, seed=1), np.full((120, 90, 1), 255, np.uint8)], axis=2)
-    rgba[:, :15, 3] = 0
-    Image.fromarray(rgba).save(root / "in" / "icon.png")
-    Image.fromarray(random_image(60, 80, seed=2)).save(root / "in" / "fragment.jpg")
-    assert main([str(a) for a in ["--checkpoint", checkpoint, root / "in", "--out", root / "out"]]) == 0
-    return root / "out"
+    with module_folder(request, tmp_path_factory, "gallery") as root:
+        checkpoint = write_checkpoint(root, work_size=96, varied=True)
+        (root / "in").mkdir()
+        wide = random_image(700, 1500)
+        wide[:, :700] //= 3
+        Image.fromarray(wide).save(root / "in" / "altarpiece.png")
+        rgba = np.concatenate([random_image(120, 90, seed=1), np.full((120, 90, 1), 255, np.uint8)], axis=2)
+        rgba[:, :15, 3] = 0
+        Image.fromarray(rgba).save(root / "in" / "icon.png")
+        Image.fromarray(random_image(60, 80, seed=2)).save(root / "in" / "fragment.jpg")
+        assert main([str(a) for a in ["--checkpoint", checkpoint, root / "in", "--out", root / "out"]]) == 0
+        yield root / "out"
 
 
 class PageParser(html.parser.HTMLParser):

@@ -13,7 +13,7 @@ import data
 import evaluation
 import files
 import preload
-from conftest import run_script
+from conftest import module_folder, run_script
 from metrics import confusion
 from predict import load_model, main
 from test_predict import ARTEFACT, CLASS_NAMES, random_image, write_checkpoint
@@ -21,8 +21,9 @@ from tiles import predict_image
 
 
 @pytest.fixture(scope="module")
-def varied(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("varied"), work_size=96, varied=True)
+def varied(request, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "varied") as base:
+        yield write_checkpoint(base, work_size=96, varied=True)
 
 
 def one_error(capsys, argv):
@@ -126,18 +127,19 @@ THIN = {"band": (250, 50), "scroll": (50, 400), "strip": (3000, 10)}
 
 
 @pytest.fixture(scope="module")
-def thin_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("thin") / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    rng = np.random.default_rng(7)
-    for name, (width, height) in THIN.items():
-        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        image[:, : width // 2] //= 4
-        Image.fromarray(image).save(root / "images" / f"{name}.png")
-        truth = rng.choice([0, 0, 1, 5, 9, 255], (height, width)).astype(np.uint8)
-        Image.fromarray(truth).save(root / "annotations" / f"{name}.png")
-    return root
+def thin_set(request, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "thin") as base:
+        root = base / "ds"
+        (root / "images").mkdir(parents=True)
+        (root / "annotations").mkdir()
+        rng = np.random.default_rng(7)
+        for name, (width, height) in THIN.items():
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            image[:, : width // 2] //= 4
+            Image.fromarray(image).save(root / "images" / f"{name}.png")
+            truth = rng.choice([0, 0, 1, 5, 9, 255], (height, width)).astype(np.uint8)
+            Image.fromarray(truth).save(root / "annotations" / f"{name}.png")
+        yield root
 
 
 def test_eval_full_res_and_predict_truth_give_identical_labels_on_thin_images(thin_set, varied, tmp_path):

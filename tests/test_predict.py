@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, module_folder, run_script
 from data import MEAN, STD
 from labels import UserError, artefact_scheme, scheme_from_dict, scheme_to_dict
 from areas import area_report
@@ -308,8 +308,9 @@ def write_checkpoint(folder, heads="fine", decoder="unet", scheme=ARTEFACT, carr
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("run"))
+def checkpoint(request, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "run") as base:
+        yield write_checkpoint(base)
 
 
 def test_cli_writes_maps_reports_areas_and_a_page_for_every_image(tmp_path, checkpoint):

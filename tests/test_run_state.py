@@ -15,7 +15,7 @@ import torch
 import files
 import runs
 import train
-from conftest import ROOT, run_script, tiny_flags
+from conftest import ROOT, module_folder, run_script, tiny_flags
 
 # torch.save as train.py calls it, except that the kill_at-th write of best.pt stops half-way: the process
 # SIGKILLs itself with half the file on disk, as a kill (OOM, node failure) inside the write would leave it.
@@ -114,18 +114,18 @@ def test_resume_refuses_a_best_pt_that_disagrees_with_last_pt(synthetic_root, fi
 
 
 @pytest.fixture(scope="module")
-def own_data_run(synthetic_root, finished_run, tmp_path_factory):
+def own_data_run(request, synthetic_root, finished_run, tmp_path_factory):
     """A copy of the finished run whose checkpoint records a dataset of its own (a copy of the synthetic set),
     which a test may then change under the same path."""
-    base = tmp_path_factory.mktemp("own")
-    data_root, run_dir = base / "data", base / "run"
-    shutil.copytree(synthetic_root, data_root)
-    shutil.copytree(finished_run, run_dir)
-    state = torch.load(run_dir / "last.pt", weights_only=True)
-    state["config"] = dict(state["config"], data=str(data_root), data_fingerprint=files.fingerprint(data_root))
-    torch.save(state, run_dir / "last.pt")
-    torch.save(state, run_dir / "best.pt")
-    return data_root, run_dir
+    with module_folder(request, tmp_path_factory, "own") as base:
+        data_root, run_dir = base / "data", base / "run"
+        shutil.copytree(synthetic_root, data_root)
+        shutil.copytree(finished_run, run_dir)
+        state = torch.load(run_dir / "last.pt", weights_only=True)
+        state["config"] = dict(state["config"], data=str(data_root), data_fingerprint=files.fingerprint(data_root))
+        torch.save(state, run_dir / "last.pt")
+        torch.save(state, run_dir / "best.pt")
+        yield data_root, run_dir
 
 
 # Each flag that changes what is trained or evaluated, changed on --resume: (flags, the words of the refusal).

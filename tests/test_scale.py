@@ -9,7 +9,7 @@ from PIL import Image
 import data
 import files
 import preload
-from conftest import run_script
+from conftest import module_folder, run_script
 from labels import scheme_from_dict
 from test_data import ARTEFACT, write_dataset
 
@@ -116,8 +116,9 @@ def tiny_crop_run(synthetic_root, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def crop_run(synthetic_root, tmp_path_factory):
-    return tiny_crop_run(synthetic_root, tmp_path_factory.mktemp("crop") / "run")
+def crop_run(request, synthetic_root, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "crop") as base:
+        yield tiny_crop_run(synthetic_root, base / "run")
 
 
 def test_the_checkpoint_records_the_working_scale_and_full_res_scores_at_the_original_one(crop_run, synthetic_root):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, module_folder, run_script
 from labels import artefact_scheme, scheme_from_dict, scheme_to_dict
 
 MURAL = {"classes": [{"id": 0, "name": "clean", "colour": "#000000"},
@@ -80,15 +80,15 @@ def one_error_line(result):
 
 
 @pytest.fixture(scope="module")
-def mural(tmp_path_factory):
+def mural(request, tmp_path_factory):
     """The 5-class set (classes.json in the folder), trained 2 epochs, with the outputs of check and training."""
-    base = tmp_path_factory.mktemp("mural")
-    root = paint_dataset(base / "mural", scheme_from_dict(MURAL, "mural"))
-    (root / "classes.json").write_text(json.dumps(MURAL, indent=1))
-    check = run_script("prepare.py", "check", root)
-    trained = run_script(*train_flags(root, base / "run"))
-    assert trained.returncode == 0, trained.stderr
-    return root, base / "run", check, trained
+    with module_folder(request, tmp_path_factory, "mural") as base:
+        root = paint_dataset(base / "mural", scheme_from_dict(MURAL, "mural"))
+        (root / "classes.json").write_text(json.dumps(MURAL, indent=1))
+        check = run_script("prepare.py", "check", root)
+        trained = run_script(*train_flags(root, base / "run"))
+        assert trained.returncode == 0, trained.stderr
+        yield root, base / "run", check, trained
 
 
 def text_outputs(*folders):

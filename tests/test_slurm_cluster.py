@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, module_folder
 
 # Tiny synthetic runs; 20 epochs of 2 steps leave a few seconds to interrupt one mid-run.
 DATA_ARGS = ["--data", "synthetic", "--synthetic-count", "16", "--synthetic-size", "64", "--img-size", "64",
@@ -196,14 +196,15 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm(request, tmp_path_factory):
     install_slurm()
-    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    with module_folder(request, tmp_path_factory, "slurm") as base:
+        cluster = Cluster(base)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 def metrics(run_dir):

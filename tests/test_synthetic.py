@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import module_folder
 from labels import UserError, artefact_scheme, read_scheme
 from synthetic import make_synthetic
 
@@ -23,11 +24,12 @@ def metadata(root):
 
 
 @pytest.fixture(scope="module")
-def full_set(tmp_path_factory):
-    root = make_synthetic(tmp_path_factory.mktemp("synthetic") / "set", count=64, size=96, seed=42)
-    names = sorted(p.stem for p in (root / "annotations").glob("*.png"))
-    masks = np.stack([np.asarray(Image.open(root / "annotations" / f"{n}.png")) for n in names])
-    return root, names, masks
+def full_set(request, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "synthetic") as base:
+        root = make_synthetic(base / "set", count=64, size=96, seed=42)
+        names = sorted(p.stem for p in (root / "annotations").glob("*.png"))
+        masks = np.stack([np.asarray(Image.open(root / "annotations" / f"{n}.png")) for n in names])
+        yield root, names, masks
 
 
 def test_same_arguments_give_byte_identical_files_in_different_folders(tmp_path):
