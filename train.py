@@ -4,8 +4,9 @@
     python train.py --eval-only --checkpoint runs/NAME/best.pt [--full-res]
     python train.py --summary runs/cv-mit_b3/fold*
 
-`main` orchestrates; `train` -> `fit` -> `fit_epoch` -> `train_one_epoch` runs one epoch of `train_step`s;
-evaluation.py's `evaluate` scores a split; `test_selected` scores the selected checkpoint once.
+`main` orchestrates; `train` -> `fit` (after `prepare_fit`) -> `fit_epoch` -> `train_one_epoch` runs one
+epoch of `train_step`s; evaluation.py's `evaluate` scores a split; `test_selected` scores the selected
+checkpoint once.
 """
 import collections
 import contextlib
@@ -45,6 +46,9 @@ from weights import METHODS, check_images, resolve_class_weights
 # number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group); ema is the
 # weight average (optim.EMA) or None.
 Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion world ema")
+# This process's place in the run, built once by train and passed whole: the config, its rank among world
+# ranks (local_rank among local_world on its node) and its device.
+Run = collections.namedtuple("Run", "cfg rank world local_rank local_world device")
 
 
 def make_criterion(cfg, class_weights, device):
@@ -167,11 +171,13 @@ def train_step(parts, micro_batches, cfg, device):
     return loss_sum
 
 
-def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, device, preemption, run_state):
-    """Steps step0.. of one epoch; returns its loss sum (device tensor), the steps done, skipped steps and
-    whether a pre-emption stopped it early. Non-finite losses raise at the logging points; with
-    --skip-nonfinite, more than --max-skipped consecutive skipped steps (counted in run_state across epochs)
-    raise."""
+def train_one_epoch(parts, pre, epoch, start, run, run_state):
+    """Steps start = (step0, the loss carried over from step0's pre-empted part).. of one epoch; returns its
+    loss sum (device tensor), the steps done, skipped steps and whether a pre-emption stopped it early.
+    Non-finite losses raise at the logging points; with --skip-nonfinite, more than --max-skipped consecutive
+    skipped steps (counted in run_state across epochs) raise."""
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    step0, carried_loss = start
     steps_per_epoch = len(pre) // cfg["batch_size"]
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
     first_bad = torch.tensor(-1, device=device)
@@ -211,7 +217,7 @@ def train_one_epoch(parts, pre, epoch, step0, carried_loss, cfg, rank, world, de
         if rank == 0 and step < steps_per_epoch and (step % cfg["log_every"] == 0
                                                       or time.time() - timing["logged"] >= PROGRESS_SECONDS):
             progress_line(epoch, step, steps_per_epoch, loss_sum, timing, cfg, parts, device)
-        if preemption.poll():
+        if run_state["preemption"].poll():
             return loss_sum, step, skipped, True
         tick = time.time()
     check_finite(first_bad, epoch, cfg)
@@ -233,18 +239,18 @@ def check_finite(first_bad, epoch, cfg):
                         "--precision fp32, or pass --skip-nonfinite")
 
 
-def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, device, preemption, run_state):
-    """Trains one epoch and scores the inner validation part; returns its record (with its val confusion
-    matrices under "_cms"), or None after writing last.pt when a pre-emption stopped it."""
+def fit_epoch(parts, split, epoch, start, run, run_state):
+    """Trains one epoch from start = (step, carried loss) and scores the inner validation part; returns its
+    record, or None after writing last.pt when a pre-emption stopped it."""
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
     steps_per_epoch = len(split["train"].pre) // cfg["batch_size"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.time()
-    loss_sum, step, skipped, preempted = train_one_epoch(parts, split["train"].pre, epoch, step0, carried, cfg,
-                                                         rank, world, device, preemption, run_state)
+    began = time.time()
+    loss_sum, step, skipped, preempted = train_one_epoch(parts, split["train"].pre, epoch, start, run, run_state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_time = time.time() - start
+    train_time = time.time() - began
     # Each rank's last forward updated its own BatchNorm statistics (and its EMA's average of them); rank 0's
     # are evaluated and saved.
     broadcast_buffers(parts.raw_model)
@@ -252,22 +258,23 @@ def fit_epoch(parts, split, epoch, step0, carried, best, cfg, rank, world, devic
         broadcast_buffers(parts.ema.model)
     cms = None
     if not preempted and split["val"].samples:
-        cms = evaluate(evaluated(parts), split["val"], cfg, device, rank, world, preemption)
+        cms = evaluate(evaluated(parts), split["val"], cfg, device, rank, world, run_state["preemption"])
         preempted = cms is None
     loss = float(all_reduce(loss_sum.clone())) / world
     if preempted:
-        save_preempted(parts, cfg, Path(cfg["run_dir"]), epoch, step, best, loss * world, rank)
+        save_preempted(parts, cfg, Path(cfg["run_dir"]), epoch, step, run_state["best"], loss * world, rank)
         return None
     record = {"epoch": epoch + 1, "train_loss": loss / max(steps_per_epoch, 1),
-              "img_s": (step - step0) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - start,
+              "img_s": (step - start[0]) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - began,
               "peak_mem_mb": peak_memory_mb(device), "lr": schedule_lr(parts.optimizer), "skipped_steps": skipped}
     if cms is not None:
         record["val"] = scores(cms, cfg)
     return record
 
 
-def test_selected(parts, split, cfg, rank, world, device, preemption):
+def test_selected(parts, split, run, preemption):
     """Scores the selected checkpoint (best.pt) once on the test fold; None when a pre-emption came first."""
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
     run_dir = Path(cfg["run_dir"])
     selected = load_checkpoint(run_dir / "best.pt") if rank == 0 else None
     if selected is not None:
@@ -299,7 +306,7 @@ def train(cfg, rank, world, local_rank, local_world, device):
             cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
         prepare_run_dir(cfg, run_dir, resume, rank)
         with logged_to(run_dir / "train.log", rank):
-            result = fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device)
+            result = fit(Run(cfg, rank, world, local_rank, local_world, device), resume)
             if result is not None and rank == 0:
                 # The selected model, small, for predict.py and for handing over (README "Damage maps").
                 save_model(load_checkpoint(run_dir / "best.pt"), run_dir / "best.pt", run_dir / "model.pt",
@@ -318,13 +325,16 @@ def write_report(run_dir):
         print(f"note: no report ({exc}); the run itself is complete", file=sys.stderr, flush=True)
 
 
-def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
-    """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
+def prepare_fit(run, resume):
+    """Everything the epochs need, fresh or from --resume's checkpoint: (parts, split, start = (epoch, step,
+    carried loss), run_state). Prints the run's header on rank 0."""
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    run_dir = Path(cfg["run_dir"])
     scheme = data.run_scheme(cfg)
     log(rank, f"label scheme: {scheme_summary(scheme)} ({cfg['classes_source']})")
     # The network comes first: a --pretrained download that cannot happen fails before minutes of preloading.
     network = build_network(cfg, device, world, cfg["pretrained"] and not resume, cfg["weights"])
-    split = data.load_split(cfg, local_rank, local_world)
+    split = data.load_split(cfg, run.local_rank, run.local_world)
     n_train = len(split["train"].pre)
     if cfg["batch_auto"] and not resume and device.type == "cuda":
         cfg.update(with_batch(cfg, find_batch_size(probe_step(cfg, device), device, n_train // world, world),
@@ -348,22 +358,29 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
     if rank == 0:
         sizes = n_train, len(split["val"].samples), len(split["test"].samples)
         print("\n".join(header_lines(cfg, parts, sizes, device, world)), flush=True)
-    # Run state the epochs share: consecutive skipped steps, the weights that pick rare-damage crops, and the
-    # training rows on the device (--device-data).
+    # Run state the epochs share: the selection so far, consecutive skipped steps, the weights that pick
+    # rare-damage crops and the training rows on the device (--device-data); fit adds the SIGTERM watcher.
     rows = data.rows_on_device(split["train"].pre, device) if cfg["device_data"] else None
+    run_state = {"best": best, "consecutive": 0, "class_weights": class_weights, "device_rows": rows}
+    return parts, split, (start_epoch, start_step, carried), run_state
+
+
+def fit(run, resume):
+    """Trains, selects and tests; returns the test record, or None when a pre-emption stopped it."""
+    parts, split, (start_epoch, start_step, carried), run_state = prepare_fit(run, resume)
+    cfg, rank, run_dir = run.cfg, run.rank, Path(run.cfg["run_dir"])
     preemption, run_start = Preemption(), time.time()
-    run_state = {"consecutive": 0, "class_weights": class_weights, "device_rows": rows}
+    run_state["preemption"] = preemption
     writer = tensorboard_writer(cfg, run_dir, rank, start_epoch)
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
-            record = fit_epoch(parts, split, epoch, start_step if epoch == start_epoch else 0,
-                               carried if epoch == start_epoch else 0.0, best, cfg, rank, world, device, preemption,
-                               run_state)
+            start = (start_step, carried) if epoch == start_epoch else (0, 0.0)
+            record = fit_epoch(parts, split, epoch, start, run, run_state)
             if record is None:
                 return None
-            last = epoch + 1 == cfg["epochs"]
+            best, last = run_state["best"], epoch + 1 == cfg["epochs"]
             if (record["val"]["miou"] > best[0] if cfg["select"] == "inner" else last):
-                best = (record["val"]["miou"] if "val" in record else best[0], record["epoch"])
+                run_state["best"] = best = (record["val"]["miou"] if "val" in record else best[0], record["epoch"])
             record["best_val_miou"] = best[0]
             if rank == 0:
                 save_epoch(parts, cfg, record, best, run_dir)
@@ -371,7 +388,7 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
                 eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1)
                 print(epoch_line(cfg, record, eta), flush=True)
         test_start = time.time()
-        result = test_selected(parts, split, cfg, rank, world, device, preemption)
+        result = test_selected(parts, split, run, preemption)
         if result is not None:
             write_scalars(writer, result)
     finally:
@@ -380,7 +397,7 @@ def fit(cfg, run_dir, resume, rank, world, local_rank, local_world, device):
             writer.close()
     if result is not None:
         if rank == 0:
-            save_run_summary(run_dir, parts.raw_model, cfg, world, time.time() - test_start)
+            save_run_summary(run_dir, parts.raw_model, cfg, run.world, time.time() - test_start)
         log(rank, f"test mIoU {result['test']['miou']:.4f} damage IoU {result['test'].get('binary_iou') or 0:.4f} "
                   f"(epoch {result['selected_epoch']}, --select {cfg['select']}); run folder {run_dir}")
     return result
