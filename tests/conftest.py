@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root on sys.path and one small synthetic damage set per test session."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -42,6 +43,41 @@ def run_script(*args, env=None, timeout=300, cwd=None):
 def tiny_flags(data_root, run_dir, *extra):
     return ["--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4", "--epochs", "2",
             "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", "--no-report", *extra]
+
+
+def sigterm_at_step(args, step=2):
+    """Runs a project script (args, with --log-every 1) and sends it SIGTERM once it prints "step {step}/", as
+    Slurm pre-empts a job; returns the CompletedProcess of what followed (text mode)."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONHASHSEED="0"))
+    for line in proc.stdout:
+        if f"step {step}/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def apt_install(packages, installed):
+    """Installs Debian packages for a test that needs the real component (installed() says when they are
+    there); skips, naming why, where that cannot happen."""
+    if installed():
+        return
+    names = " and ".join(packages)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"{names} not installed and cannot be installed here (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    try:
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            # A fresh machine has no package lists yet.
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=300)
+            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        pytest.skip(f"could not install {names} with apt-get: `{' '.join(exc.cmd)}` timed out")
+    if result.returncode != 0 or not installed():
+        pytest.skip(f"could not install {names} with apt-get: {result.stderr.strip()[-500:]}")
 
 
 @pytest.fixture(scope="session")

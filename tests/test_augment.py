@@ -1,9 +1,6 @@
 """Scale and colour augmentation and the device-side data path: labels land where the geometry says, the ignore id
 (255 or the scheme's) survives, colours never reach the masks, and every world size, a resumed run and
 --device-data train on the same batches."""
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ import data
 import files
 import preload
 from data import MEAN, STD
-from conftest import ROOT, run_script
+from conftest import run_script, sigterm_at_step
 from labels import UserError, artefact_scheme, scheme_from_dict
 import test_data
 from test_data import write_dataset
@@ -336,14 +333,8 @@ def test_an_augmented_run_stopped_mid_epoch_resumes_on_device_data_to_the_uninte
     straight = run_script(*tiny(synthetic_root, tmp_path / "straight", *flags))
     assert straight.returncode == 0, straight.stderr
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, *map(str, tiny(synthetic_root, run_dir, *flags, "--log-every", "1"))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM: saved" in out, err
+    stopped = sigterm_at_step(tiny(synthetic_root, run_dir, *flags, "--log-every", "1"))
+    assert stopped.returncode == 0 and "SIGTERM: saved" in stopped.stdout, stopped.stderr
     # --device-data may change on resume: on a CPU it cuts the same crops as the host.
     resumed = run_script(*tiny(synthetic_root, run_dir, *flags, "--device-data", "--resume"))
     assert resumed.returncode == 0, resumed.stderr

@@ -2,7 +2,6 @@
 self-contained page over a prediction folder, opened in a real headless Chromium."""
 import html.parser
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from areas import area_report, pixel_scale
-from conftest import module_folder
+from conftest import apt_install, module_folder
 from gallery import VIEW_SIDE
 from overlay import legend, legend_entries, render_overlay, text_runs
 from predict import main
@@ -148,21 +147,7 @@ def test_each_card_shows_a_downscaled_copy_with_one_layer_per_class_drawn_where_
 
 
 def install_chromium():
-    if shutil.which("chromium"):
-        return shutil.which("chromium")
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    try:
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=300)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        pytest.skip(f"could not install chromium with apt-get: `{' '.join(exc.cmd)}` timed out")
-    if result.returncode != 0 or not shutil.which("chromium"):
-        pytest.skip(f"could not install chromium with apt-get: {result.stderr.strip()[-500:]}")
+    apt_install(["chromium"], lambda: shutil.which("chromium"))
     return shutil.which("chromium")
 
 

@@ -4,9 +4,6 @@ drop-path reaches the encoder, summary.csv and TensorBoard hold what metrics.jso
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -18,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.optim import param_groups_weight_decay
 
-from conftest import ROOT, run_script
+from conftest import run_script, sigterm_at_step
 import checkpoint
 import config
 import data
@@ -33,6 +30,7 @@ import train
 from encoders import ENCODERS
 from labels import UserError, artefact_scheme
 from model import build_model
+from test_train import tiny
 
 CPU = torch.device("cpu")
 
@@ -320,12 +318,6 @@ RECIPE = ("--ema", "--eval-tta", "flip", "--no-decay-norms", "--head-lr-mult", "
           "--drop-path", "0.1")
 
 
-def tiny(data_root, run_dir, *extra):
-    return ["train.py", "--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4",
-            "--epochs", "2", "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000",
-            "--no-report", *extra]
-
-
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -368,15 +360,8 @@ def test_ema_and_drop_path_resume_mid_epoch_exactly(synthetic_root, tmp_path):
     straight = run_script(*tiny(synthetic_root, tmp_path / "straight", *flags))
     assert straight.returncode == 0, straight.stderr
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, *map(str, tiny(synthetic_root, run_dir, *flags, "--log-every", "1"))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONHASHSEED="0"))
-    for line in proc.stdout:
-        if "step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM: saved" in out, err
+    stopped = sigterm_at_step(tiny(synthetic_root, run_dir, *flags, "--log-every", "1"))
+    assert stopped.returncode == 0 and "SIGTERM: saved" in stopped.stdout, stopped.stderr
     assert 2 <= torch.load(run_dir / "last.pt", weights_only=True)["step"] < 7
     resumed = run_script(*tiny(synthetic_root, run_dir, *flags, "--resume"))
     assert resumed.returncode == 0, resumed.stderr

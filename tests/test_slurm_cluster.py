@@ -6,7 +6,6 @@ throw-away slurm.conf with private ports and state under a pytest tmp folder, an
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, module_folder
+from conftest import ROOT, apt_install, module_folder
 
 # Tiny synthetic runs; 20 epochs of 2 steps leave a few seconds to interrupt one mid-run.
 DATA_ARGS = ["--data", "synthetic", "--synthetic-count", "16", "--synthetic-size", "64", "--img-size", "64",
@@ -32,22 +31,7 @@ UNSTABLE = {"img_s", "epoch_time_s", "peak_mem_mb"}
 def install_slurm():
     if os.geteuid() != 0:
         pytest.skip("needs root to install slurm-wlm/munge and start munged, slurmctld and slurmd")
-    if all(path.exists() for path in DAEMONS):
-        return
-    if not shutil.which("apt-get"):
-        pytest.skip("slurm-wlm and munge are not installed and there is no apt-get to install them")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]
-    try:
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=300)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        pytest.skip(f"could not install slurm-wlm and munge with apt-get: `{' '.join(exc.cmd)}` timed out")
-    if result.returncode != 0 or not all(path.exists() for path in DAEMONS):
-        pytest.skip(f"could not install slurm-wlm and munge with apt-get: {result.stderr.strip()[-500:]}")
+    apt_install(["slurm-wlm", "munge"], lambda: all(path.exists() for path in DAEMONS))
 
 
 def free_ports(count):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, sigterm_at_step, tiny_flags
 import config
 import data
 import files
@@ -26,9 +26,7 @@ CLASS_NAMES = list(ARTEFACT.names)
 
 
 def tiny(data_root, run_dir, *extra):
-    return ["train.py", "--encoder", "mit_b0", "--img-size", "64", "--norm", "gn", "--batch-size", "4",
-            "--epochs", "2", "--data", str(data_root), "--run-dir", str(run_dir), "--log-every", "1000", "--no-report",
-            *extra]
+    return ["train.py", *tiny_flags(data_root, run_dir, *extra)]
 
 
 def torchrun(*args, timeout=400, nproc=2):
@@ -150,16 +148,9 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(synthetic_root, tmp_
     straight = run_script(*tiny(synthetic_root, tmp_path / "straight", "--batch-size", "2", "--epochs", "1"))
     assert straight.returncode == 0, straight.stderr
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, *map(str, tiny(synthetic_root, run_dir, "--batch-size", "2",
-                                                            "--epochs", "1", "--log-every", "1"))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "SIGTERM: saved" in out
+    stopped = sigterm_at_step(tiny(synthetic_root, run_dir, "--batch-size", "2", "--epochs", "1", "--log-every", "1"))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM: saved" in stopped.stdout
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and 2 <= ckpt["step"] < 8
     resumed = run_script(*tiny(synthetic_root, run_dir, "--batch-size", "2", "--epochs", "1", "--resume"))
