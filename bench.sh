@@ -21,6 +21,9 @@
 #                       timed in the same process alternating with ours; the table adds ours/reference.
 #                       Default: on when segmentation_models_pytorch imports; --no-reference [REFERENCE=0]
 #   --rounds N          [ROUNDS] alternating ours/reference rounds, img/s are medians; default 3
+#   --compiled          [COMPILED=1] give each main row a compiled one (--compile: training and
+#                       inference torch.compiled, against the same eager reference); default on a
+#                       GPU, off on a CPU (minutes of compiling per row there); --no-compiled [COMPILED=0]
 #   --peak-tflops X     [PEAK_TFLOPS] the device's peak TFLOP/s for MFU, passed to bench.py
 #   --ablations LIST    [ABLATIONS] any of clip,channels_last,compile,precision, or none; default
 #                       all on a GPU, all but compile on a CPU (compile is slow to start there); the
@@ -48,6 +51,7 @@ ablations=${ABLATIONS:-}
 ablate_encoder=${ABLATE_ENCODER:-}
 out=${BENCH_OUT:-}
 reference=${REFERENCE:-auto}
+compiled=${COMPILED:-auto}
 rounds=${ROUNDS:-3}
 quick=0
 extra=()
@@ -56,6 +60,8 @@ while [ $# -gt 0 ]; do
         --quick) quick=1; shift; continue ;;
         --reference) reference=1; shift; continue ;;
         --no-reference) reference=0; shift; continue ;;
+        --compiled) compiled=1; shift; continue ;;
+        --no-compiled) compiled=0; shift; continue ;;
         --) shift; extra=("$@"); break ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --encoders | --decoders | --img-size | --batch-size | --steps | --peak-tflops | --ablations | --ablate-encoder | --out | --rounds)
@@ -104,6 +110,12 @@ case $reference in
             || die "--reference needs segmentation_models_pytorch; run 'pip install -r requirements-dev.txt'" ;;
     0) ;;
     *) die "REFERENCE must be auto, 1 or 0" ;;
+esac
+
+case $compiled in
+    auto) [ "$cuda" = True ] && compiled=1 || compiled=0 ;;
+    0 | 1) ;;
+    *) die "COMPILED must be auto, 1 or 0" ;;
 esac
 
 # The header: what the numbers depend on. Native bf16 on a CPU means avx512_bf16 or AMX (Linux flags).
@@ -181,6 +193,8 @@ PY
 for row in "${rows[@]}"; do
     # shellcheck disable=SC2086
     run_bench main $row "${main_extra[@]}"
+    # shellcheck disable=SC2086
+    [ "$compiled" = 0 ] || run_bench compiled $row --compile "${main_extra[@]}"
 done
 
 if [ "$ablations" != none ]; then
@@ -194,7 +208,12 @@ if [ "$ablations" != none ]; then
         case $ablation in
             clip) run_bench clip "$ablate_encoder" "$ablate_decoder" --clip 1.0 ;;
             channels_last) run_bench no-channels-last "$ablate_encoder" "$ablate_decoder" --no-channels-last ;;
-            compile) run_bench compile "$ablate_encoder" "$ablate_decoder" --compile ;;
+            compile)
+                if [ "$compiled" = 1 ]; then
+                    skipped+=("compile ablation row skipped: every main row has its compiled row above")
+                else
+                    run_bench compile "$ablate_encoder" "$ablate_decoder" --compile
+                fi ;;
             precision)
                 for precision in bf16 fp32; do
                     if [ "$precision" = bf16 ] && [ "$cuda" != True ] && [ "$native_bf16" = no ]; then
@@ -235,7 +254,7 @@ def table(header, lines):
     print()
 
 
-main = [r for r in rows if r["run"] == "main"]
+main = [r for r in rows if r["run"] in ("main", "compiled")]
 if main:
     devices = sorted({str(r.get("device", "?")) for r in main})
     print(f"`{invocation}` on {', '.join(devices)}: synthetic data, {main[0].get('img_size')} px")
@@ -246,7 +265,7 @@ if main:
     print()
     lines = []
     for r in main:
-        line = [r["encoder"], r["decoder"], cell(r, "batch", 0), cell(r, "precision"),
+        line = [r["encoder"], r["decoder"], cell(r, "batch", 0), cell(r, "precision"), cell(r, "compile"),
                 cell(r, "train_img_s"), cell(r, "infer_img_s"), cell(r, "peak_mem_mb", 0),
                 cell(r, "params_m"), cell(r, "gflops"), cell(r, "mfu", 1, 100.0), cell(r, "loader_img_s", 0)]
         if referenced:
@@ -256,16 +275,16 @@ if main:
             decoder = {"unet": "Unet", "upernet": "UPerNet"}.get(r["decoder"], r["decoder"])
             if r.get("ref_train_img_s") is None:
                 lines.append([f"ref smp {r['ref_encoder']}", f"smp {decoder}", cell(r, "batch", 0),
-                              cell(r, "precision"), r.get("ref_note", "n/a")] + ["n/a"] * 8)
+                              cell(r, "precision"), "False", r.get("ref_note", "n/a")] + ["n/a"] * 8)
             else:
                 lines.append([f"ref smp {r['ref_encoder']}", f"smp {decoder}", cell(r, "batch", 0),
-                              cell(r, "precision"), cell(r, "ref_train_img_s"), cell(r, "ref_infer_img_s"), "-",
+                              cell(r, "precision"), "False", cell(r, "ref_train_img_s"), cell(r, "ref_infer_img_s"), "-",
                               cell(r, "ref_params_m"), "-", "-", "-", "1.00", "1.00"])
-    table(["encoder", "decoder", "batch", "precision", "train img/s", "infer img/s", "peak MB",
+    table(["encoder", "decoder", "batch", "precision", "compile", "train img/s", "infer img/s", "peak MB",
            "params M", "GFLOPs/img", "MFU %", "loader img/s"] + (["train x ref", "infer x ref"] if referenced else []),
           lines)
 
-ablated = [r for r in rows if r["run"] != "main"]
+ablated = [r for r in rows if r["run"] not in ("main", "compiled")]
 if ablated:
     first = ablated[0]
     base = next((r for r in rows if r["run"] in ("main", "baseline")

@@ -13,7 +13,8 @@ if __name__ == "__main__":
     sys.exit(2)
 
 import collections
-import queue
+import concurrent.futures
+import contextlib
 import threading
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from writes import size_text, write_error
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SYNTHETIC_DIR = Path(__file__).resolve().parent / "data"
+# Host buffers that finished generators handed back, by what they hold: on a CPU a fresh 20-100 MB tensor is
+# mapped anew and pays its page faults on first use, every epoch (a fifth of the loader's time at 384 px).
+_SPARE, _SPARE_LOCK = collections.defaultdict(list), threading.Lock()
 
 
 def resolve_data(data, synthetic_count=64, synthetic_size=192):
@@ -207,10 +211,21 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
     return corners
 
 
-def _batch_buffers(size, pin, ring_size):
+@contextlib.contextmanager
+def _borrowed(key, make):
+    """A spare of key's buffers, else make()'s; one holder at a time, handed back when the block ends."""
+    with _SPARE_LOCK:
+        held = _SPARE[key].pop() if _SPARE[key] else make()
+    try:
+        yield held
+    finally:
+        with _SPARE_LOCK:
+            _SPARE[key].append(held)
+
+
+def _batch_buffers(size, pin, ring_size, ring):
     """buffers(k, n): uint8 image and mask tensors for the k-th batch of n crops; fresh ones, or with ring_size
-    the (k mod ring_size)-th of a ring, reused."""
-    ring = {}
+    the (k mod ring_size)-th of a ring (a dict), reused."""
 
     def fresh(n):
         return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
@@ -226,16 +241,18 @@ def _batch_buffers(size, pin, ring_size):
     return buffers
 
 
-def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False, sides=None):
+def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False, sides=None,
+            workers=2):
     """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
     corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
     flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied; sides
     (row-aligned, default S) are the windows' sides, resized to S (see preload.gather).
 
-    A background thread gathers the next batches into fresh (pinned, when CUDA is there) tensors, so
-    a yielded batch stays valid however long the caller keeps it. With reuse, a ring of prefetch + 2
-    buffers is filled in turn instead (fresh ~20 MB tensors cost their page faults every batch on a CPU): a
-    batch is then valid until the caller takes prefetch + 1 more, enough for a loop that converts it at once.
+    workers background threads gather the next prefetch batches into fresh (pinned, when CUDA is there)
+    tensors, so a yielded batch stays valid however long the caller keeps it. With reuse, a ring of prefetch + 2
+    buffers is filled in turn instead (fresh ~20 MB tensors cost their page faults every batch on a CPU), and
+    handed to the next call once this one ends: a batch is then valid until the caller takes the second one
+    after it or the call ends, enough for a loop that converts it at once.
     """
     indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= len(pre)):
@@ -244,44 +261,37 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
     corners = np.zeros((len(indices), 2), np.int64) if corners is None else np.asarray(corners, np.int64)
     flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
     sides = np.full(len(indices), size, np.int64) if sides is None else np.asarray(sides, np.int64)
-    stops = list(range(0, len(indices), batch_size))
     pin = pin and torch.cuda.is_available()
-    done, ready = threading.Event(), queue.Queue(maxsize=max(1, prefetch))
+    ring_size = prefetch + 2 if reuse else 0
+    with _borrowed(("ring", size, pin, ring_size), dict) as ring:
+        yield from _gathered(pre, indices, batch_size, (corners, flips, sides), _batch_buffers(size, pin, ring_size,
+                                                                                               ring), prefetch, workers)
 
-    def offer(item):
-        while not done.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
 
-    buffers = _batch_buffers(size, pin, prefetch + 2 if reuse else 0)
+def _gathered(pre, indices, batch_size, plan, buffers, prefetch, workers):
+    """batches' body: workers threads gather the batches at plan (corners, flips, sides) into buffers(k, n),
+    up to prefetch of them ahead of the one the caller holds (numpy's copies and torch's resize release the GIL,
+    so the threads run in parallel)."""
+    corners, flips, sides = plan
 
-    def produce():
+    def fill(k, start):
+        part = slice(start, start + batch_size)
+        images, masks = buffers(k, len(indices[part]))
+        pre.gather(indices[part], corners[part], images.numpy(), masks.numpy(), flips[part], sides[part])
+        return images, masks
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="batches") as pool:
+        pending = collections.deque()
         try:
-            for k, start in enumerate(stops):
-                idx = indices[start:start + batch_size]
-                images, masks = buffers(k, len(idx))
-                pre.gather(idx, corners[start:start + batch_size], images.numpy(), masks.numpy(),
-                           flips[start:start + batch_size], sides[start:start + batch_size])
-                if not offer((images, masks)):
-                    return
-        except BaseException as exc:
-            offer(exc)
-
-    worker = threading.Thread(target=produce, daemon=True, name="batches")
-    worker.start()
-    try:
-        for _ in stops:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        done.set()
-        worker.join()
+            for k, start in enumerate(range(0, len(indices), batch_size)):
+                pending.append(pool.submit(fill, k, start))
+                if len(pending) > prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def device_batches(rows, indices, batch_size, plan, size):
@@ -338,8 +348,8 @@ def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=Non
     over the ranks, so every world size and a resumed run train on the same crops.
 
     rows (--device-data, rows_on_device): the crops are cut on the device. Otherwise a host thread cuts them
-    from the shared buffer (flips on the way), then one copy per batch; on a CPU into reused buffers, valid
-    until the next step's micro-batches are made (train_step is done with them by then).
+    from the shared buffer (flips on the way), then one copy per batch; on a CPU into buffers reused across
+    steps and epochs, valid until the next step's micro-batches are made (train_step is done with them by then).
     """
     device = torch.device(device)
     plan = epoch_plan(pre, cfg, epoch, class_weights)
@@ -350,16 +360,17 @@ def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=Non
                         sides=plan.sides[mine])
     else:
         crops = device_batches(rows, mine, micro, plan, cfg["img_size"])
-    outputs = [None] * cfg["accum_steps"]
-    try:
-        for k, (images, masks) in enumerate(crops):
-            slot, part = k % cfg["accum_steps"], mine[k * micro:(k + 1) * micro]
-            if on_cpu and outputs[slot] is None:
-                outputs[slot] = new_outputs(images)
-            yield to_device_batch(images, masks, device, channels_last=cfg["channels_last"], out=outputs[slot],
-                                  photometric=None if plan.photometric is None else plan.photometric[part])
-    finally:
-        crops.close()
+    with _borrowed(("outputs", cfg["accum_steps"]), lambda: [None] * cfg["accum_steps"]) as outputs:
+        try:
+            for k, (images, masks) in enumerate(crops):
+                slot, part = k % cfg["accum_steps"], mine[k * micro:(k + 1) * micro]
+                if on_cpu and (outputs[slot] is None or outputs[slot][1].shape != images.shape[:3]):
+                    outputs[slot] = new_outputs(images)
+                yield to_device_batch(images, masks, device, channels_last=cfg["channels_last"],
+                                      out=outputs[slot] if on_cpu else None,
+                                      photometric=None if plan.photometric is None else plan.photometric[part])
+        finally:
+            crops.close()
 
 
 def _flags(batch, augment, generator):

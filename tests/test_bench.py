@@ -15,7 +15,7 @@ FIELDS = {"encoder", "decoder", "img_size", "batch", "precision", "channels_last
 def bench(*args, cwd, python=sys.executable):
     env = dict(os.environ, PYTHON=str(python), CUDA_VISIBLE_DEVICES="")
     for name in ("ENCODERS", "DECODERS", "IMG_SIZE", "BATCH", "STEPS", "ABLATIONS", "ABLATE_ENCODER", "BENCH_OUT",
-                 "REFERENCE", "ROUNDS"):
+                 "REFERENCE", "ROUNDS", "COMPILED"):
         env.pop(name, None)
     return subprocess.run(["bash", str(ROOT / "bench.sh"), *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=300)
@@ -43,32 +43,40 @@ def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
     assert abs(main["params_m"] - params / 1e6) < 1e-9
 
     lines = result.stdout.splitlines()
-    assert any(line.startswith("| encoder | decoder | batch | precision | train img/s |") for line in lines)
-    assert f"| mit_b0 | unet | 2 | {main['precision']} | {main['train_img_s']:,.1f} |" in result.stdout
+    assert any(line.startswith("| encoder | decoder | batch | precision | compile | train img/s |") for line in lines)
+    assert f"| mit_b0 | unet | 2 | {main['precision']} | False | {main['train_img_s']:,.1f} |" in result.stdout
     ablation_rows = [line.split(" | ")[0] for line in lines if line.startswith(("| baseline", "| clip", "| no-"))]
     assert ablation_rows == ["| baseline", "| clip", "| no-channels-last"]
 
 
-def test_reference_row_appears_with_ratios_when_smp_is_importable(tmp_path):
+def test_reference_and_compiled_rows_appear_with_ratios_when_smp_is_importable(tmp_path):
     try:
         import segmentation_models_pytorch  # noqa: F401  (test-only oracle, requirements-dev.txt)
     except ImportError as err:
         pytest.skip(f"segmentation_models_pytorch not importable ({err}); pip install -r requirements-dev.txt")
-    result = bench("--quick", "--reference", "--rounds", "2", "--encoders", "mit_b0", "--decoders", "unet",
-                   "--ablations", "none", "--out", "bench.json", cwd=tmp_path)
+    # resnet10t: the encoder that compiles fastest here (56 s for both rows against 86 s for mit_b0).
+    result = bench("--quick", "--reference", "--compiled", "--rounds", "2", "--encoders", "resnet10t", "--decoders",
+                   "unet", "--ablations", "compile", "--out", "bench.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
-    (row,) = [json.loads(line) for line in (tmp_path / "bench.json").read_text().splitlines()]
-    assert row["ref_encoder"] == "mit_b0" and row["rounds"] == 2
-    for field in ("ref_train_img_s", "ref_infer_img_s", "train_x_ref", "infer_x_ref"):
-        assert row[field] > 0, field
-    assert abs(row["train_x_ref"] - row["train_img_s"] / row["ref_train_img_s"]) < 1e-9
-    assert abs(row["ref_params_m"] - row["params_m"]) / row["params_m"] < 0.05, "the same encoder and decoder"
+    row, compiled = [json.loads(line) for line in (tmp_path / "bench.json").read_text().splitlines()]
+    assert (row["run"], row["compile"], compiled["run"], compiled["compile"]) == ("main", False, "compiled", True)
+    for r in (row, compiled):
+        assert r["ref_encoder"] == "tu-resnet10t" and r["rounds"] == 2
+        for field in ("ref_train_img_s", "ref_infer_img_s", "train_x_ref", "infer_x_ref"):
+            assert r[field] > 0, field
+        assert abs(r["train_x_ref"] - r["train_img_s"] / r["ref_train_img_s"]) < 1e-9
+        assert abs(r["infer_x_ref"] - r["infer_img_s"] / r["ref_infer_img_s"]) < 1e-9
+        assert abs(r["ref_params_m"] - r["params_m"]) / r["params_m"] < 0.05, "the same encoder and decoder"
+        assert r["params_m"] == row["params_m"], "compiling changes no parameter"
+    assert f"| resnet10t | unet | 2 | {compiled['precision']} | True | {compiled['train_img_s']:,.1f} |" in result.stdout
+    assert "compile ablation row skipped: every main row has its compiled row above" in result.stdout
 
     assert "train x ref | infer x ref |" in result.stdout
-    assert (f"| mit_b0 | unet | 2 | {row['precision']} | {row['train_img_s']:,.1f} |" in result.stdout
+    assert (f"| resnet10t | unet | 2 | {row['precision']} | False | {row['train_img_s']:,.1f} |" in result.stdout
             and f"| {row['train_x_ref']:,.2f} | {row['infer_x_ref']:,.2f} |" in result.stdout)
-    assert f"| ref smp mit_b0 | smp Unet | 2 | {row['precision']} | {row['ref_train_img_s']:,.1f} |" in result.stdout
+    assert (f"| ref smp tu-resnet10t | smp Unet | 2 | {row['precision']} | False | {row['ref_train_img_s']:,.1f} |"
+            in result.stdout)
     assert "native bf16" in result.stdout.splitlines()[0] and "intra-op threads" in result.stdout.splitlines()[0]
 
 

@@ -476,6 +476,54 @@ def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(t
         assert x_host.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_gather_raises(tmp_path, shm):
+    root = write_dataset(tmp_path / "ds", count=9, size=(70, 50))
+    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+        rows = np.array([8, 1, 4, 4, 0, 7, 2, 5, 3, 6, 1])
+        corners = data.epoch_crops(pre, 32, 5, 0, 0.5, None)[rows]
+        flips = np.random.default_rng(5).random((len(rows), 3)) < 0.5
+        expected = [(pre.image(r), pre.mask(r)) for r in rows.tolist()]
+        for workers in (1, 2, 3):
+            got = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, corners, flips, workers=workers)]
+            assert [len(i) for i, _ in got] == [2, 2, 2, 2, 2, 1]
+            # The same crops, flipped by hand (dihedral) from the rows at the corners, batch after batch.
+            images, masks = torch.cat([i for i, _ in got]).numpy(), torch.cat([m for _, m in got]).numpy()
+            for j, ((image, mask), (top, left), turn) in enumerate(zip(expected, corners.tolist(), flips.tolist())):
+                np.testing.assert_array_equal(images[j], dihedral(image[top:top + 32, left:left + 32], turn))
+                np.testing.assert_array_equal(masks[j], dihedral(mask[top:top + 32, left:left + 32], turn))
+
+        def fail(*args):
+            raise OSError("read error")
+        broken = type("Broken", (), {"size": pre.size, "__len__": lambda self: len(pre), "gather": fail})()
+        with pytest.raises(OSError, match="read error"):
+            list(data.batches(broken, rows, 2, corners, flips, workers=2))
+
+
+def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_two_loaders(tmp_path, shm):
+    root = write_dataset(tmp_path / "ds", count=8, size=(70, 50))
+    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+        rows = np.arange(8)[::-1].copy()
+        corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
+        flips = np.random.default_rng(4).random((8, 3)) < 0.5
+        fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, corners, flips)]
+        # The batch before the one just taken is still intact, however fast the gather threads run ahead.
+        previous = None
+        for k, (images, masks) in enumerate(data.batches(pre, rows, 2, corners, flips, reuse=True)):
+            time.sleep(0.05)
+            if previous is not None:
+                assert torch.equal(previous[0], fresh[k - 1][0]) and torch.equal(previous[1], fresh[k - 1][1])
+            previous = images, masks
+        # Two loaders at once (here interleaved) fill buffers of their own; once they end, the next call reuses them.
+        first = data.batches(pre, rows, 2, corners, flips, reuse=True)
+        second = data.batches(pre, rows, 2, corners, flips, reuse=True)
+        pointers = set()
+        for (a, _), (b, _), (i, _) in zip(first, second, fresh):
+            assert a.data_ptr() != b.data_ptr() and torch.equal(a, i) and torch.equal(b, i)
+            pointers |= {a.data_ptr(), b.data_ptr()}
+        again = {images.data_ptr() for images, _ in data.batches(pre, rows, 2, corners, flips, reuse=True)}
+        assert again <= pointers
+
+
 def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=7, size=(70, 50))
     with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
