@@ -400,6 +400,7 @@ def chart(table, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
     summaries, names = table["rows"], table["classes"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(names) + 2), 9), layout="constrained",
                                       height_ratios=(1, 1.3))
@@ -421,10 +422,13 @@ def chart(table, path):
     top.set_xticks(range(len(summaries)), [s["label"] for s in summaries], rotation=15, ha="right")
     top.set_xlim(-0.75, len(summaries) - 0.25)
     top.set_ylim(0, 1.25 * max(s["miou"]["mean"] + (s["miou"]["std_n1"] or 0) for s in summaries) or 1)
-    top.set(ylabel="test mIoU", title="test mIoU per configuration: mean over folds, error bar std (n-1), dots: folds")
+    top.set(ylabel="test mIoU (%)", title="test mIoU per configuration: mean over folds, error bar std (n-1), dots: "
+            "folds")
     bottom.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    bottom.set(ylim=(0, 1), ylabel="IoU", title="per-class test IoU: mean over folds, error bar std (n-1)")
+    bottom.set(ylim=(0, 1), ylabel="IoU (%)", title="per-class test IoU: mean over folds, error bar std (n-1)")
     for ax in (top, bottom):
+        # The values are fractions; the axes read in % like the bar labels and the tables.
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=min(len(summaries), 4), fontsize=9)
     fig.savefig(path, dpi=100)

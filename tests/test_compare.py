@@ -78,6 +78,21 @@ def test_the_grid_trains_every_configuration_and_fold_then_writes_the_comparison
     assert (out / "comparison.md").read_text() in done.stdout, "the Markdown table is printed too"
 
 
+def test_the_chart_reads_in_percent_like_its_bar_labels_and_tables(grid, tmp_path, monkeypatch):
+    import matplotlib.figure
+    table = json.loads((grid[0] / "comparison" / "comparison.json").read_text())
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    compare.chart(table, tmp_path / "chart.png")
+    top, bottom = saved[0].axes
+    for ax in (top, bottom):
+        assert ax.get_ylabel().endswith("(%)")
+        assert ax.yaxis.get_major_formatter()(0.5, 0) == "50%"
+    best = max(row["miou"]["mean"] for row in table["rows"])
+    labels = [text.get_text() for text in top.texts]
+    assert f"{100 * best:.2f} %" in labels, "each bar is labelled with its mean in %"
+
+
 def test_per_image_matrices_are_each_test_image_counted_once(grid, tiny_set):
     grid_dir, _ = grid
     scheme = artefact_scheme()
