@@ -1,7 +1,7 @@
 """The training-time data path: dataset folder -> split -> node-shared preload -> an epoch's plan -> batches on
 the device.
 
-Crops (scaled, flipped) are cut from the shared buffer by a host thread or on the device (--device-data); the
+Crops (scaled, flipped) are cut from the shared buffer by host threads or on the device (--device-data); the
 photometric distortion and the normalisation run on the uint8 batch on the device; nothing per-pixel runs in
 Python. A library without a command line (ARTeFACT is ingested by prepare.py).
 """
@@ -36,6 +36,11 @@ SYNTHETIC_DIR = Path(__file__).resolve().parent / "data"
 # Host buffers that finished generators handed back, by what they hold: on a CPU a fresh 20-100 MB tensor is
 # mapped anew and pays its page faults on first use, every epoch (a fifth of the loader's time at 384 px).
 _SPARE, _SPARE_LOCK = collections.defaultdict(list), threading.Lock()
+# Batches gathered ahead of the one the loop holds, by this many threads.
+PREFETCH, GATHER_THREADS = 2, 2
+# Where batches cuts each row's crop, row-aligned with its indices: (n, 2) top-left corners, (n, 3) (hflip, vflip,
+# rot90) flags and (n,) window sides; a field left None means the top-left corner, no flip, the crop's own side.
+Crops = collections.namedtuple("Crops", "corners flips sides", defaults=(None, None, None))
 
 
 def resolve_data(data, synthetic_count=64, synthetic_size=192):
@@ -241,15 +246,14 @@ def _batch_buffers(size, pin, ring_size, ring):
     return buffers
 
 
-def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefetch=2, reuse=False, sides=None,
-            workers=2):
-    """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) at
-    corners (row-aligned with indices; default the top-left corner) of pre's rows at indices, in order,
-    flipped by flips (row-aligned (hflip, vflip, rot90) flags; default none) while they are copied; sides
-    (row-aligned, default S) are the windows' sides, resized to S (see preload.gather).
+def batches(pre, indices, batch_size, crops=Crops(), pin=True, reuse=False):
+    """Yields (images uint8 (B,S,S,3), masks uint8 (B,S,S)) CPU tensors: the S x S crops (S = pre.size) of pre's
+    rows at indices, in order, as crops (a Crops, row-aligned with indices) says: at its corners (default the
+    top-left corner), flipped by its flips while they are copied, its windows' sides resized to S (see
+    preload.gather).
 
-    workers background threads gather the next prefetch batches into fresh (pinned, when CUDA is there)
-    tensors, so a yielded batch stays valid however long the caller keeps it. With reuse, a ring of prefetch + 2
+    GATHER_THREADS background threads gather the next PREFETCH batches into fresh (pinned, when CUDA is there)
+    tensors, so a yielded batch stays valid however long the caller keeps it. With reuse, a ring of PREFETCH + 2
     buffers is filled in turn instead (fresh ~20 MB tensors cost their page faults every batch on a CPU), and
     handed to the next call once this one ends: a batch is then valid until the caller takes the second one
     after it or the call ends, enough for a loop that converts it at once.
@@ -257,22 +261,21 @@ def batches(pre, indices, batch_size, corners=None, flips=None, pin=True, prefet
     indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= len(pre)):
         raise IndexError(f"batches: indices {indices.min()}..{indices.max()} outside 0..{len(pre) - 1}")
-    size = pre.size
-    corners = np.zeros((len(indices), 2), np.int64) if corners is None else np.asarray(corners, np.int64)
-    flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
-    sides = np.full(len(indices), size, np.int64) if sides is None else np.asarray(sides, np.int64)
+    size, n = pre.size, len(indices)
+    crops = Crops(np.zeros((n, 2), np.int64) if crops.corners is None else np.asarray(crops.corners, np.int64),
+                  np.zeros((n, 3), bool) if crops.flips is None else np.asarray(crops.flips, bool),
+                  np.full(n, size, np.int64) if crops.sides is None else np.asarray(crops.sides, np.int64))
     pin = pin and torch.cuda.is_available()
-    ring_size = prefetch + 2 if reuse else 0
+    ring_size = PREFETCH + 2 if reuse else 0
     with _borrowed(("ring", size, pin, ring_size), dict) as ring:
-        yield from _gathered(pre, indices, batch_size, (corners, flips, sides), _batch_buffers(size, pin, ring_size,
-                                                                                               ring), prefetch, workers)
+        yield from _gathered(pre, indices, batch_size, crops, _batch_buffers(size, pin, ring_size, ring))
 
 
-def _gathered(pre, indices, batch_size, plan, buffers, prefetch, workers):
-    """batches' body: workers threads gather the batches at plan (corners, flips, sides) into buffers(k, n),
-    up to prefetch of them ahead of the one the caller holds (numpy's copies and torch's resize release the GIL,
-    so the threads run in parallel)."""
-    corners, flips, sides = plan
+def _gathered(pre, indices, batch_size, crops, buffers):
+    """batches' body: GATHER_THREADS threads gather the batches of crops into buffers(k, n), up to PREFETCH of
+    them ahead of the one the caller holds (numpy's copies and torch's resize release the GIL, so the threads
+    run in parallel)."""
+    corners, flips, sides = crops
 
     def fill(k, start):
         part = slice(start, start + batch_size)
@@ -280,12 +283,12 @@ def _gathered(pre, indices, batch_size, plan, buffers, prefetch, workers):
         pre.gather(indices[part], corners[part], images.numpy(), masks.numpy(), flips[part], sides[part])
         return images, masks
 
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="batches") as pool:
+    with concurrent.futures.ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="batches") as pool:
         pending = collections.deque()
         try:
             for k, start in enumerate(range(0, len(indices), batch_size)):
                 pending.append(pool.submit(fill, k, start))
-                if len(pending) > prefetch:
+                if len(pending) > PREFETCH:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -356,8 +359,8 @@ def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=Non
     per_rank, micro, on_cpu = cfg["per_rank_batch"], cfg["micro_batch"], device.type == "cpu"
     mine = plan.order[rank::world][step0 * per_rank: len(pre) // cfg["batch_size"] * per_rank]
     if rows is None:
-        crops = batches(pre, mine, micro, plan.corners[mine], plan.flips[mine], pin=not on_cpu, reuse=on_cpu,
-                        sides=plan.sides[mine])
+        crops = batches(pre, mine, micro, Crops(plan.corners[mine], plan.flips[mine], plan.sides[mine]),
+                        pin=not on_cpu, reuse=on_cpu)
     else:
         crops = device_batches(rows, mine, micro, plan, cfg["img_size"])
     with _borrowed(("outputs", cfg["accum_steps"]), lambda: [None] * cfg["accum_steps"]) as outputs:

@@ -95,6 +95,13 @@ class PeerLost(RuntimeError):
     """A collective that did not complete: another rank died, was stopped or hung past --dist-timeout."""
 
 
+def _peer_lost(exc):
+    """The PeerLost that a collective's failure exc means."""
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return PeerLost(f"a collective did not complete ({cause.split('] ')[-1]}): another rank died, was stopped or "
+                    "hung longer than --dist-timeout; its own log says why")
+
+
 def _completed(collective, *args, **kwargs):
     """collective(*args, **kwargs), whose failure (gloo raises RuntimeError, NCCL DistBackendError, both after
     --dist-timeout or when a peer's connection closes) becomes PeerLost, which the entry point reports in one
@@ -104,9 +111,15 @@ def _completed(collective, *args, **kwargs):
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerLost(f"a collective did not complete ({cause.split('] ')[-1]}): another rank died, was stopped or "
-                       "hung longer than --dist-timeout; its own log says why") from None
+        raise _peer_lost(exc) from None
+
+
+def as_peer_lost(exc):
+    """PeerLost for a failure of the collectives this file does not run (DistributedDataParallel's gradient
+    all-reduce in the backward and its buffer broadcast in the forward): NCCL's DistBackendError, or a
+    RuntimeError out of gloo's transport (its message names gloo's source file); None for any other error."""
+    gloo = isinstance(exc, RuntimeError) and "/gloo/" in str(exc).split("\n", 1)[0]
+    return _peer_lost(exc) if isinstance(exc, dist.DistBackendError) or gloo else None
 
 
 def _in_place(tensor, collective):

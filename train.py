@@ -29,7 +29,7 @@ import data
 from autobatch import find_batch_size
 from checkpoint import load_checkpoint, save_model
 from config import with_batch
-from distributed import (MAX, PeerLost, Preemption, all_reduce, broadcast_buffers, broadcast_module,
+from distributed import (MAX, PeerLost, Preemption, all_reduce, as_peer_lost, broadcast_buffers, broadcast_module,
                          setup_distributed, teardown)
 from evaluation import eval_only, evaluate, scores, test_full_res
 from labels import UserError, run_cli, scheme_summary
@@ -473,16 +473,19 @@ def run_main(args, job):
     except UserError as exc:
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
-    except PeerLost as exc:
-        kept = ("" if cfg is None or cfg["eval_only"]
-                else f"; finished epochs are in {Path(cfg['run_dir']) / 'last.pt'}, rerun with --resume")
-        print(f"error (rank {rank}): {exc}{kept}", file=sys.stderr, flush=True)
-        return 1
     except torch.OutOfMemoryError:
         print(f"error: out of device memory at --batch-size {args.batch_size or 'default'}; lower --batch-size, "
               "pass --micro-batch to accumulate, or use --batch-size auto (finished epochs are in last.pt)",
               file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:  # PeerLost, or a collective of DDP's own (as_peer_lost); anything else goes on
+        lost = exc if isinstance(exc, PeerLost) else as_peer_lost(exc)
+        if lost is None:
+            raise
+        kept = ("" if cfg is None or cfg["eval_only"]
+                else f"; finished epochs are in {Path(cfg['run_dir']) / 'last.pt'}, rerun with --resume")
+        print(f"error (rank {rank}): {lost}{kept}", file=sys.stderr, flush=True)
+        return 1
     finally:
         teardown()
 

@@ -46,7 +46,7 @@ def pattern_set(tmp_path, count=3, size=(96, 80)):
 def crops(pre, corners, sides, flips=None):
     """The crops of rows 0, 1, ... (cycling) at corners with window sides, flipped by flips."""
     indices = np.arange(len(corners)) % len(pre)
-    (images, masks), = data.batches(pre, indices, len(corners), np.array(corners), flips, sides=np.array(sides))
+    (images, masks), = data.batches(pre, indices, len(corners), data.Crops(np.array(corners), flips, np.array(sides)))
     return images.numpy(), masks.numpy()
 
 
@@ -185,7 +185,7 @@ def test_without_augmentation_the_batches_are_the_plain_crops(tmp_path, shm):
         assert (plan.sides == SIZE).all() and plan.photometric is None
         np.testing.assert_array_equal(plan.corners, data.epoch_crops(pre, SIZE, 3, 1, 0.5, None))
         rows = plan.order[:4]
-        (images, masks), = data.batches(pre, rows, 4, plan.corners[rows], plan.flips[rows])
+        (images, masks), = data.batches(pre, rows, 4, data.Crops(plan.corners[rows], plan.flips[rows]))
         x, y = torch.cat([x for x, _ in epoch(pre, cfg)]), torch.cat([y for _, y in epoch(pre, cfg)])
         expected_x, expected_y = data.to_device_batch(images, masks, "cpu")
         assert torch.equal(x, expected_x) and torch.equal(y, expected_y)

@@ -468,23 +468,25 @@ def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(t
         rows = np.array([3, 0, 4, 1, 2, 0])
         corners = data.epoch_crops(pre, 32, 42, 0, 0.5, None)[rows]
         flags = torch.rand(len(rows), 3, generator=torch.Generator().manual_seed(1)) < 0.5
-        (images, masks), = data.batches(pre, rows, len(rows), corners, flags.numpy())
-        (plain_images, plain_masks), = data.batches(pre, rows, len(rows), corners)
+        (images, masks), = data.batches(pre, rows, len(rows), data.Crops(corners, flags.numpy()))
+        (plain_images, plain_masks), = data.batches(pre, rows, len(rows), data.Crops(corners))
         x_host, y_host = data.to_device_batch(images, masks, "cpu")
         x_device, y_device = data.to_device_batch(plain_images, plain_masks, "cpu", augment=flags)
         assert torch.equal(x_host, x_device) and torch.equal(y_host, y_device)
         assert x_host.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_gather_raises(tmp_path, shm):
+def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_gather_raises(tmp_path, shm,
+                                                                                            monkeypatch):
     root = write_dataset(tmp_path / "ds", count=9, size=(70, 50))
     with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
         rows = np.array([8, 1, 4, 4, 0, 7, 2, 5, 3, 6, 1])
         corners = data.epoch_crops(pre, 32, 5, 0, 0.5, None)[rows]
         flips = np.random.default_rng(5).random((len(rows), 3)) < 0.5
         expected = [(pre.image(r), pre.mask(r)) for r in rows.tolist()]
-        for workers in (1, 2, 3):
-            got = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, corners, flips, workers=workers)]
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(data, "GATHER_THREADS", threads)
+            got = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, data.Crops(corners, flips))]
             assert [len(i) for i, _ in got] == [2, 2, 2, 2, 2, 1]
             # The same crops, flipped by hand (dihedral) from the rows at the corners, batch after batch.
             images, masks = torch.cat([i for i, _ in got]).numpy(), torch.cat([m for _, m in got]).numpy()
@@ -496,7 +498,7 @@ def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_ga
             raise OSError("read error")
         broken = type("Broken", (), {"size": pre.size, "__len__": lambda self: len(pre), "gather": fail})()
         with pytest.raises(OSError, match="read error"):
-            list(data.batches(broken, rows, 2, corners, flips, workers=2))
+            list(data.batches(broken, rows, 2, data.Crops(corners, flips)))
 
 
 def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_two_loaders(tmp_path, shm):
@@ -505,22 +507,22 @@ def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_tw
         rows = np.arange(8)[::-1].copy()
         corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
         flips = np.random.default_rng(4).random((8, 3)) < 0.5
-        fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, corners, flips)]
+        fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, data.Crops(corners, flips))]
         # The batch before the one just taken is still intact, however fast the gather threads run ahead.
         previous = None
-        for k, (images, masks) in enumerate(data.batches(pre, rows, 2, corners, flips, reuse=True)):
+        for k, (images, masks) in enumerate(data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)):
             time.sleep(0.05)
             if previous is not None:
                 assert torch.equal(previous[0], fresh[k - 1][0]) and torch.equal(previous[1], fresh[k - 1][1])
             previous = images, masks
         # Two loaders at once (here interleaved) fill buffers of their own; once they end, the next call reuses them.
-        first = data.batches(pre, rows, 2, corners, flips, reuse=True)
-        second = data.batches(pre, rows, 2, corners, flips, reuse=True)
+        first = data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)
+        second = data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)
         pointers = set()
         for (a, _), (b, _), (i, _) in zip(first, second, fresh):
             assert a.data_ptr() != b.data_ptr() and torch.equal(a, i) and torch.equal(b, i)
             pointers |= {a.data_ptr(), b.data_ptr()}
-        again = {images.data_ptr() for images, _ in data.batches(pre, rows, 2, corners, flips, reuse=True)}
+        again = {images.data_ptr() for images, _ in data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)}
         assert again <= pointers
 
 
@@ -530,9 +532,9 @@ def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
         rows = np.arange(7)[::-1].copy()
         corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
         flips = np.random.default_rng(3).random((7, 3)) < 0.5
-        fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, corners, flips)]
+        fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, data.Crops(corners, flips))]
         outputs, reused = None, []
-        for images, masks in data.batches(pre, rows, 2, corners, flips, reuse=True):
+        for images, masks in data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True):
             outputs = data.new_outputs(images) if outputs is None or len(outputs[0]) != len(images) else outputs
             x, y = data.to_device_batch(images, masks, "cpu", out=outputs)
             reused.append((x.clone(), y.clone()))

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -260,6 +261,61 @@ def test_the_preemption_polls_own_group_fails_after_dist_timeout_not_torchs_30_m
     kind, message = json.loads((tmp_path / "outcome.json").read_text())
     assert kind == "PeerLost" and message.startswith("a collective did not complete (Timed out waiting 3000ms")
     assert "another rank died, was stopped or hung longer than --dist-timeout" in message
+
+
+DYING_RANK = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import train
+step, calls = train.train_step, []
+
+
+def dies_in_its_second_step(*args):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        os._exit(9)  # as a node that fails: no message, no goodbye to the process group
+    return step(*args)
+
+
+train.train_step = dies_in_its_second_step
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_a_rank_dying_inside_ddps_gradient_all_reduce_ends_the_survivor_in_one_line(synthetic_root, tmp_path):
+    # Two ranks started as srun starts them (no torchrun to stop the survivor): rank 0 meets the loss inside
+    # DistributedDataParallel's own all-reduce in the backward, not in a collective of distributed.py.
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_RANK)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = tiny_flags(synthetic_root, tmp_path / "run", "--log-every", "1", "--dist-timeout", "60")
+    ranks = [subprocess.Popen([sys.executable, str(script), str(ROOT), *map(str, flags)], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       OMP_NUM_THREADS="1"))
+             for r in (0, 1)]
+    (out, err), _ = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 9]
+    assert "step 1/" in out and "step 2/" not in out, "rank 0 stopped in the step rank 1 died in"
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error (rank 0): a collective did not complete (") and "Connection" in last, last
+    assert last.endswith("another rank died, was stopped or hung longer than --dist-timeout; its own log says "
+                         f"why; finished epochs are in {tmp_path / 'run' / 'last.pt'}, rerun with --resume")
+
+
+def test_only_a_collectives_failure_is_called_a_lost_peer():
+    reset = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                         "[127.0.0.1]:21386: Connection reset by peer. This is typically caused by a remote worker")
+    assert str(distributed.as_peer_lost(reset)).startswith(
+        "a collective did not complete (Read error [127.0.0.1]:21386: Connection reset by peer. This is")
+    nccl = torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1935, remote process exited")
+    assert isinstance(distributed.as_peer_lost(nccl), distributed.PeerLost)
+    assert distributed.as_peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x8)")) is None
+    assert distributed.as_peer_lost(ValueError("[../third_party/gloo/gloo/x.cc:1] not a RuntimeError")) is None
 
 
 def test_a_lost_peer_ends_each_surviving_rank_in_one_line_naming_what_is_kept(synthetic_root, tmp_path, capsys):
