@@ -501,40 +501,44 @@ def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_ga
             list(data.batches(broken, rows, 2, data.Crops(corners, flips)))
 
 
+def reversed_crops(pre, seed):
+    """Every row of pre, last first, with seeded crop corners (half on damage) and flips: the batches the
+    buffer tests cut."""
+    rows = np.arange(len(pre))[::-1].copy()
+    corners = data.epoch_crops(pre, pre.size, seed, 1, 0.5, None)[rows]
+    return rows, data.Crops(corners, np.random.default_rng(seed + 1).random((len(rows), 3)) < 0.5)
+
+
 def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_two_loaders(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=8, size=(70, 50))
     with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
-        rows = np.arange(8)[::-1].copy()
-        corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
-        flips = np.random.default_rng(4).random((8, 3)) < 0.5
-        fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, data.Crops(corners, flips))]
+        rows, crops = reversed_crops(pre, 3)
+        fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, crops)]
         # The batch before the one just taken is still intact, however fast the gather threads run ahead.
         previous = None
-        for k, (images, masks) in enumerate(data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)):
+        for k, (images, masks) in enumerate(data.batches(pre, rows, 2, crops, reuse=True)):
             time.sleep(0.05)
             if previous is not None:
                 assert torch.equal(previous[0], fresh[k - 1][0]) and torch.equal(previous[1], fresh[k - 1][1])
             previous = images, masks
         # Two loaders at once (here interleaved) fill buffers of their own; once they end, the next call reuses them.
-        first = data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)
-        second = data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)
+        first = data.batches(pre, rows, 2, crops, reuse=True)
+        second = data.batches(pre, rows, 2, crops, reuse=True)
         pointers = set()
         for (a, _), (b, _), (i, _) in zip(first, second, fresh):
             assert a.data_ptr() != b.data_ptr() and torch.equal(a, i) and torch.equal(b, i)
             pointers |= {a.data_ptr(), b.data_ptr()}
-        again = {images.data_ptr() for images, _ in data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True)}
+        again = {images.data_ptr() for images, _ in data.batches(pre, rows, 2, crops, reuse=True)}
         assert again <= pointers
 
 
 def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=7, size=(70, 50))
     with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
-        rows = np.arange(7)[::-1].copy()
-        corners = data.epoch_crops(pre, 32, 3, 1, 0.5, None)[rows]
-        flips = np.random.default_rng(3).random((7, 3)) < 0.5
-        fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, data.Crops(corners, flips))]
+        rows, crops = reversed_crops(pre, 2)
+        fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, crops)]
         outputs, reused = None, []
-        for images, masks in data.batches(pre, rows, 2, data.Crops(corners, flips), reuse=True):
+        for images, masks in data.batches(pre, rows, 2, crops, reuse=True):
             outputs = data.new_outputs(images) if outputs is None or len(outputs[0]) != len(images) else outputs
             x, y = data.to_device_batch(images, masks, "cpu", out=outputs)
             reused.append((x.clone(), y.clone()))
