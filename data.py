@@ -182,11 +182,13 @@ def _span(extent, side):
     return min(extent - side, 0), max(extent - side, 0)
 
 
-def _valid_share(mask, top, left, side, ignore):
-    """Share of the side x side window at (top, left) inside the object (not the ignore id); pixels off the row
-    count as outside."""
-    inside = mask[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)]
-    return (inside != ignore).sum() / (side * side)
+def _valid_share(pre, row, top, left, side):
+    """Share of the side x side window at (top, left) of a row inside the object (not the ignore id); pixels off
+    the row count as outside. A row without ignored pixels needs only the window's overlap with it."""
+    inside = pre.mask(row)[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)]
+    if not pre.counts[row, -1]:
+        return inside.size / (side * side)
+    return np.count_nonzero(inside != pre.scheme.ignore) / (side * side)
 
 
 def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
@@ -211,7 +213,7 @@ def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
                 top = min(max(int(centre[0]) - side // 2, top_low), top_high)
                 left = min(max(int(centre[1]) - side // 2, left_low), left_high)
             corners[row] = top, left
-            if _valid_share(pre.mask(row), top, left, side, pre.scheme.ignore) >= MIN_VALID:
+            if _valid_share(pre, row, top, left, side) >= MIN_VALID:
                 break
     return corners
 

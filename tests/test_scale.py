@@ -106,6 +106,29 @@ def test_crops_almost_all_outside_the_object_are_drawn_again(tmp_path):
     assert drawn > 2 * once and abs(drawn - (1 - (1 - once) ** data.REDRAWS)) < 0.1
 
 
+
+def test_rows_without_ignored_pixels_get_the_crops_counting_their_pixels_gives(tmp_path):
+    # Set "clean" has no ignored pixel, set "one" the same 40 x 60 rows with one ignored pixel each, so its shares
+    # are counted pixel by pixel. A window wider than 155 px holds under MIN_VALID of the row and is drawn again;
+    # the one pixel moves no share across MIN_VALID at any side, so both sets must draw the same crops, zoomed
+    # in, inside the row, or zoomed out past its edges. (Uniform crops: the ignored pixel would move the
+    # damage-centred ones' stored points.)
+    sides = [np.random.default_rng(epoch).permutation([10, 30, 40, 50, 60, 61, 120, 155, 156, 200])
+             for epoch in range(12)]
+    crops = {}
+    for name in ("clean", "one"):
+        root = write_dataset(tmp_path / name, count=10, size=(60, 40))
+        for k, sample in enumerate(files.list_samples(root)):
+            mask = np.random.default_rng(k).choice([0, 1, 5, 15], (40, 60)).astype(np.uint8)
+            if name == "one":
+                mask[20, 30] = 255
+            Image.fromarray(mask).save(sample.mask)
+        pre = preload.preload(files.list_samples(root), 40, ARTEFACT, work_size=60, mode="disk")
+        assert pre.shapes.tolist() == [[40, 60]] * 10 and (pre.counts[:, -1] == (name == "one")).all()
+        crops[name] = np.stack([data.epoch_crops(pre, sides[epoch], seed, epoch, 0.0, None)
+                                for seed in (1, 42) for epoch in range(12)])
+    np.testing.assert_array_equal(crops["clean"], crops["one"])
+
 def tiny_crop_run(synthetic_root, run_dir, *extra):
     args = ["train.py", "--encoder", "mit_b0", "--img-size", "64", "--work-size", "96", "--norm", "gn",
             "--batch-size", "4", "--epochs", "2", "--data", synthetic_root, "--run-dir", run_dir, "--log-every", "1000",
