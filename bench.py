@@ -7,6 +7,7 @@
 
 Takes train.py's flags, so a row measures exactly what training would run.
 """
+import collections
 import json
 import multiprocessing
 import re
@@ -54,11 +55,14 @@ from PIL import Image
 
 import data
 import profile_step
+from distributed import Run
 from files import dataset_scheme, list_samples
 from labels import artefact_scheme
-from preload import cores, preload
+from logs import peak_memory_mb
 from model import autocast
-from train import build_network, build_training, make_criterion, peak_memory_mb, run_main, train_step
+from preload import cores, preload
+from step import build_network, build_training, make_criterion, train_step
+from train import run_main
 
 # Our encoder names -> segmentation_models_pytorch encoder names of the same network ("tu-" = timm inside
 # smp); other timm models are tried as "tu-NAME". Encoders that smp cannot build get the reference "n/a".
@@ -66,6 +70,11 @@ SMP_ENCODERS = {"convnext_tiny": "tu-convnext_tiny", **{f"mit_b{i}": f"mit_b{i}"
                 "maxvit_tiny": "tu-maxvit_tiny_tf_384", "swin_tiny": "tu-swin_tiny_patch4_window7_224",
                 "coatnet_0": "tu-coatnet_0_rw_224"}
 SMP_DECODERS = {"unet": "Unet", "upernet": "UPerNet"}
+# The reference of a bench run (_reference): smp's encoder name, its model and train step, or model None and the
+# reason there is no equivalent.
+Reference = collections.namedtuple("Reference", "name model step reason")
+# How a bench run is timed: rounds of steps calls each, after warmup untimed calls in the first round.
+Timing = collections.namedtuple("Timing", "rounds steps warmup")
 
 
 def _sync(device):
@@ -85,29 +94,30 @@ def _timed(fn, steps, warmup, device):
     return time.perf_counter() - start
 
 
-def _loader_img_s(pre, cfg, device, rank=0, world=1, epochs=None):
+def _loader_img_s(pre, run, epochs=None):
     """Images per second of the training data path as train.py runs it (data.train_batches: this rank's crops
     and flips, the --scale-aug/--colour-aug/--blur-aug augmentation, normalised on the device; --device-data
     cuts them there), over whole epochs of about 512 images; None when an epoch has no full batch."""
-    device = torch.device(device)
-    rows = data.rows_on_device(pre, device) if cfg.get("device_data") else None
+    device = run.device
+    rows = data.rows_on_device(pre, device) if run.cfg.get("device_data") else None
     epochs = epochs or max(1, 512 // len(pre))
     start, loaded = time.perf_counter(), 0
     for epoch in range(epochs):
-        for x, _ in data.train_batches(pre, cfg, epoch, 0, rank, world, device, rows=rows):
+        for x, _ in data.train_batches(pre, run, epoch, 0, rows=rows):
             loaded += len(x)
     _sync(device)
     return round(loaded / (time.perf_counter() - start), 1) if loaded else None
 
 
-def _reference(cfg, parts, device, world):
-    """(smp encoder name, model, train step, reason): segmentation_models_pytorch's model of the same encoder
-    and decoder, trained with our AdamW settings and our loss module; model None with the reason when there is
-    no equivalent. smp is imported here only (a test-only dependency, never used by training)."""
+def _reference(run, parts):
+    """A Reference: segmentation_models_pytorch's model of the same encoder and decoder, trained with our AdamW
+    settings and our loss module; model None with the reason when there is no equivalent. smp is imported here
+    only (a test-only dependency, never used by training)."""
     import segmentation_models_pytorch as smp
+    cfg, device = run.cfg, run.device
     name = SMP_ENCODERS.get(cfg["encoder"], "tu-" + cfg["encoder"])
-    if cfg["heads"] != "fine" or cfg["decoder"] not in SMP_DECODERS or world > 1:
-        return name, None, None, "smp has no equivalent of --heads/--decoder/multi-rank here"
+    if cfg["heads"] != "fine" or cfg["decoder"] not in SMP_DECODERS or run.world > 1:
+        return Reference(name, None, None, "smp has no equivalent of --heads/--decoder/multi-rank here")
     try:
         kwargs = {"img_size": cfg["img_size"]} if name.startswith("tu-") else {}
         classes = cfg["num_classes"]
@@ -119,7 +129,8 @@ def _reference(cfg, parts, device, world):
         if cfg["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
     except Exception as err:  # smp lacks this encoder or cannot build it at this size
-        return name, None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return Reference(name, None, None,
+                         f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
     defaults = parts.optimizer.defaults
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults["lr"], weight_decay=defaults["weight_decay"],
                                   fused=defaults["fused"])
@@ -133,18 +144,19 @@ def _reference(cfg, parts, device, world):
             criterion(outputs, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return name, model, step, None
+    return Reference(name, model, step, None)
 
 
-def bench(cfg, rank, world, local_rank, local_world, device):
+def bench(run):
     """Times the real train_step and inference after warm-up; one JSON line with throughput, memory, FLOPs, MFU.
 
     With --reference, segmentation_models_pytorch's model of the same encoder is timed in the same process,
     alternating with ours for --bench-rounds rounds; img/s are then medians over the rounds, for both."""
     from torch.utils.flop_counter import FlopCounterMode
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
     cfg["data"] = "synthetic"
     cfg.update(label_scheme("synthetic", None, cfg["heads"]))
-    train_pre = data.load_split(cfg, local_rank, local_world, needed=("train",))["train"].pre
+    train_pre = data.load_split(cfg, run.local_rank, run.local_world, needed=("train",))["train"].pre
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
     parts = build_training(dict(cfg, epochs=1), build_network(cfg, device, world), world, device,
@@ -160,9 +172,8 @@ def bench(cfg, rank, world, local_rank, local_world, device):
             print(profile_step.report(parts, micro, cfg, device, steps), flush=True)
         return None
     model, x = parts.raw_model, micro[0][0]
-    ref_name, ref_model, ref_step, ref_reason = _reference(cfg, parts, device, world) if cfg["reference"] else (None,) * 4
-    rounds = rounds if ref_model is not None else 1
-    times, peak = _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, warmup)
+    ref = _reference(run, parts) if cfg["reference"] else Reference(None, None, None, None)
+    times, peak = _time_rounds(parts, micro, ref, run, Timing(rounds if ref.model is not None else 1, steps, warmup))
     with torch.no_grad():
         flops = FlopCounterMode(display=False)
         with flops:
@@ -176,14 +187,14 @@ def bench(cfg, rank, world, local_rank, local_world, device):
               "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
               "clip": cfg["clip"], "train_img_s": train_img_s, "infer_img_s": steps * len(x) * world / infer_s,
               "peak_mem_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, cfg, device, rank, world),
+              "gflops": gflops, "loader_img_s": _loader_img_s(train_pre, run),
               # Training costs ~3x the forward FLOPs (forward + two backward matmuls per forward one).
               "mfu": 3 * gflops * 1e9 * train_img_s / (peak_tflops * 1e12 * world) if peak_tflops else None,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "fused_adamw": bool(parts.optimizer.defaults.get("fused")),
-              "rounds": rounds}
+              "rounds": len(times["train"])}
     if cfg["reference"]:
-        result.update(_reference_fields(result, ref_name, ref_model, ref_reason, times, steps, len(x) * world))
+        result.update(_reference_fields(result, ref, times, steps, len(x) * world))
     if rank == 0:
         print(json.dumps(result), flush=True)
         if cfg["bench_out"]:
@@ -192,8 +203,10 @@ def bench(cfg, rank, world, local_rank, local_world, device):
     return result
 
 
-def _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, warmup):
-    """Seconds per round of ours and the reference, alternating (train, then inference), and our peak memory."""
+def _time_rounds(parts, micro, ref, run, timing):
+    """Seconds per round of ours and the reference (a Reference), alternating (train, then inference), and our
+    peak memory."""
+    cfg, device, (rounds, steps, warmup), ref_model = run.cfg, run.device, timing, ref.model
     x = micro[0][0]
     # With --compile, inference is timed compiled too (the raw model compiled on its own, as for training).
     model = torch.compile(parts.raw_model) if cfg["compile"] else parts.raw_model
@@ -216,7 +229,7 @@ def _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, 
         times["train"].append(_timed(train_ours, steps, warmup if r == 0 else 0, device))
         peak = peak if peak is not None else peak_memory_mb(device)
         if ref_model is not None:
-            times["ref_train"].append(_timed(lambda: ref_step(micro), steps, warmup if r == 0 else 0, device))
+            times["ref_train"].append(_timed(lambda: ref.step(micro), steps, warmup if r == 0 else 0, device))
         model.eval()
         times["infer"].append(_timed(infer_of(model), steps, warmup if r == 0 else 0, device))
         if ref_model is not None:
@@ -225,15 +238,15 @@ def _time_rounds(parts, micro, ref_model, ref_step, cfg, device, rounds, steps, 
     return times, peak
 
 
-def _reference_fields(result, ref_name, ref_model, ref_reason, times, steps, infer_batch):
+def _reference_fields(result, ref, times, steps, infer_batch):
     """The reference's img/s and our ratios to them, or n/a with the reason."""
-    if ref_model is None:
-        return dict(ref_encoder=ref_name, ref_train_img_s=None, ref_infer_img_s=None, train_x_ref=None,
-                    infer_x_ref=None, ref_note=f"n/a: {ref_reason}")
+    if ref.model is None:
+        return dict(ref_encoder=ref.name, ref_train_img_s=None, ref_infer_img_s=None, train_x_ref=None,
+                    infer_x_ref=None, ref_note=f"n/a: {ref.reason}")
     ref_train = steps * result["batch"] / statistics.median(times["ref_train"])
     ref_infer = steps * infer_batch / statistics.median(times["ref_infer"])
-    return dict(ref_encoder=ref_name, ref_train_img_s=ref_train, ref_infer_img_s=ref_infer,
-                ref_params_m=sum(p.numel() for p in ref_model.parameters()) / 1e6,
+    return dict(ref_encoder=ref.name, ref_train_img_s=ref_train, ref_infer_img_s=ref_infer,
+                ref_params_m=sum(p.numel() for p in ref.model.parameters()) / 1e6,
                 train_x_ref=result["train_img_s"] / ref_train, infer_x_ref=result["infer_img_s"] / ref_infer)
 
 
@@ -395,18 +408,18 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
                   "source": str(folder or f"{source_size} px PNG"), "torch_threads": torch.get_num_threads(),
                   "cores": cores(), "build_s": round(time.perf_counter() - start, 2)}
         for name, augmentation in LOADER_AUGMENTATIONS.items():
-            cfg = _loader_cfg(size, batch, augmentation)
+            run = Run(_loader_cfg(size, batch, augmentation), torch.device("cpu"))
             # Untimed: the first epoch maps the reused buffers, which a run does once, not every epoch.
-            _loader_img_s(pre, cfg, "cpu", epochs=1)
-            result[f"host_{name}_img_s"] = _loader_img_s(pre, cfg, "cpu", epochs=epochs)
+            _loader_img_s(pre, run, epochs=1)
+            result[f"host_{name}_img_s"] = _loader_img_s(pre, run, epochs=epochs)
         if torch.cuda.is_available():
             device = torch.device("cuda")
             for name in ("plain", "all"):
                 cfg = _loader_cfg(size, batch, LOADER_AUGMENTATIONS[name])
-                _loader_img_s(pre, cfg, device, epochs=1)  # CUDA context and kernels, untimed
-                result[f"cuda_host_cut_{name}_img_s"] = _loader_img_s(pre, cfg, device, epochs=epochs)
-                result[f"cuda_device_data_{name}_img_s"] = _loader_img_s(pre, dict(cfg, device_data=True), device,
-                                                                         epochs=epochs)
+                _loader_img_s(pre, Run(cfg, device), epochs=1)  # CUDA context and kernels, untimed
+                result[f"cuda_host_cut_{name}_img_s"] = _loader_img_s(pre, Run(cfg, device), epochs=epochs)
+                on_device = Run(dict(cfg, device_data=True), device)
+                result[f"cuda_device_data_{name}_img_s"] = _loader_img_s(pre, on_device, epochs=epochs)
             result["device"] = torch.cuda.get_device_name(device)
         result["torchvision_png_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 4))
         result["torchvision_aug_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 4), augmented=True)

@@ -36,8 +36,10 @@ SYNTHETIC_DIR = Path(__file__).resolve().parent / "data"
 # Host buffers that finished generators handed back, by what they hold: on a CPU a fresh 20-100 MB tensor is
 # mapped anew and pays its page faults on first use, every epoch (a fifth of the loader's time at 384 px).
 _SPARE, _SPARE_LOCK = collections.defaultdict(list), threading.Lock()
-# Batches gathered ahead of the one the loop holds, by this many threads.
+# Batches gathered ahead of the one the loop holds, by this many threads; reused buffers make a ring of those
+# ahead, the one held and the one before it.
 PREFETCH, GATHER_THREADS = 2, 2
+RING_SIZE = PREFETCH + 2
 # Where batches cuts each row's crop, row-aligned with its indices: (n, 2) top-left corners, (n, 3) (hflip, vflip,
 # rot90) flags and (n,) window sides; a field left None means the top-left corner, no flip, the crop's own side.
 Crops = collections.namedtuple("Crops", "corners flips sides", defaults=(None, None, None))
@@ -230,20 +232,20 @@ def _borrowed(key, make):
             _SPARE[key].append(held)
 
 
-def _batch_buffers(size, pin, ring_size, ring):
-    """buffers(k, n): uint8 image and mask tensors for the k-th batch of n crops; fresh ones, or with ring_size
-    the (k mod ring_size)-th of a ring (a dict), reused."""
+def _batch_buffers(size, pin, ring):
+    """buffers(k, n): uint8 image and mask tensors for the k-th batch of n crops; fresh ones when ring is None,
+    else the (k mod RING_SIZE)-th of ring (a dict), reused."""
 
     def fresh(n):
         return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
                 torch.empty((n, size, size), dtype=torch.uint8, pin_memory=pin))
 
     def buffers(k, n):
-        if not ring_size:
+        if ring is None:
             return fresh(n)
-        slot = ring.get(k % ring_size)
+        slot = ring.get(k % RING_SIZE)
         if slot is None or len(slot[0]) != n:
-            slot = ring[k % ring_size] = fresh(n)
+            slot = ring[k % RING_SIZE] = fresh(n)
         return slot
     return buffers
 
@@ -255,7 +257,7 @@ def batches(pre, indices, batch_size, crops=Crops(), pin=True, reuse=False):
     preload.gather).
 
     GATHER_THREADS background threads gather the next PREFETCH batches into fresh (pinned, when CUDA is there)
-    tensors, so a yielded batch stays valid however long the caller keeps it. With reuse, a ring of PREFETCH + 2
+    tensors, so a yielded batch stays valid however long the caller keeps it. With reuse, a ring of RING_SIZE
     buffers is filled in turn instead (fresh ~20 MB tensors cost their page faults every batch on a CPU), and
     handed to the next call once this one ends: a batch is then valid until the caller takes the second one
     after it or the call ends, enough for a loop that converts it at once.
@@ -268,9 +270,8 @@ def batches(pre, indices, batch_size, crops=Crops(), pin=True, reuse=False):
                   np.zeros((n, 3), bool) if crops.flips is None else np.asarray(crops.flips, bool),
                   np.full(n, size, np.int64) if crops.sides is None else np.asarray(crops.sides, np.int64))
     pin = pin and torch.cuda.is_available()
-    ring_size = PREFETCH + 2 if reuse else 0
-    with _borrowed(("ring", size, pin, ring_size), dict) as ring:
-        yield from _gathered(pre, indices, batch_size, crops, _batch_buffers(size, pin, ring_size, ring))
+    with (_borrowed(("ring", size, pin), dict) if reuse else contextlib.nullcontext()) as ring:
+        yield from _gathered(pre, indices, batch_size, crops, _batch_buffers(size, pin, ring))
 
 
 def _gathered(pre, indices, batch_size, crops, buffers):
@@ -347,19 +348,19 @@ def epoch_plan(pre, cfg, epoch, class_weights=None):
     return Plan(order, flips, corners, sides, photometric)
 
 
-def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=None, rows=None):
-    """This rank's micro-batches (x, y) for steps step0.. of an epoch, cropped, augmented and normalised
-    (to_device_batch) on device: the epoch's plan comes from (seed, epoch) alone, its global batches are split
+def train_batches(pre, run, epoch, step0, class_weights=None, rows=None):
+    """run's rank's micro-batches (x, y) for steps step0.. of an epoch, cropped, augmented and normalised
+    (to_device_batch) on its device: the epoch's plan comes from (seed, epoch) alone, its global batches are split
     over the ranks, so every world size and a resumed run train on the same crops.
 
     rows (--device-data, rows_on_device): the crops are cut on the device. Otherwise a host thread cuts them
     from the shared buffer (flips on the way), then one copy per batch; on a CPU into buffers reused across
     steps and epochs, valid until the next step's micro-batches are made (train_step is done with them by then).
     """
-    device = torch.device(device)
+    cfg, device = run.cfg, torch.device(run.device)
     plan = epoch_plan(pre, cfg, epoch, class_weights)
     per_rank, micro, on_cpu = cfg["per_rank_batch"], cfg["micro_batch"], device.type == "cpu"
-    mine = plan.order[rank::world][step0 * per_rank: len(pre) // cfg["batch_size"] * per_rank]
+    mine = plan.order[run.rank::run.world][step0 * per_rank: len(pre) // cfg["batch_size"] * per_rank]
     if rows is None:
         crops = batches(pre, mine, micro, Crops(plan.corners[mine], plan.flips[mine], plan.sides[mine]),
                         pin=not on_cpu, reuse=on_cpu)
@@ -372,7 +373,7 @@ def train_batches(pre, cfg, epoch, step0, rank, world, device, class_weights=Non
                 if on_cpu and (outputs[slot] is None or outputs[slot][1].shape != images.shape[:3]):
                     outputs[slot] = new_outputs(images)
                 yield to_device_batch(images, masks, device, channels_last=cfg["channels_last"],
-                                      out=outputs[slot] if on_cpu else None,
+                                      out=outputs[slot],
                                       photometric=None if plan.photometric is None else plan.photometric[part])
         finally:
             crops.close()

@@ -6,6 +6,7 @@ host tensors ("No backend type associated with device type cpu") while gloo on a
 test cannot catch a host tensor handed to a collective. Here every helper moves its tensor to the group's
 communication device itself and gives the result back on the caller's device.
 """
+import collections
 import datetime
 import os
 import signal
@@ -19,6 +20,9 @@ SUM, MAX, MIN = dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN
 # The device collectives of the default group run on, and --dist-timeout, which every group takes (set by
 # setup_distributed): torch gives a group created without a timeout its own default of 30 minutes.
 _comm = {"device": torch.device("cpu"), "timeout": None}
+# This process's place in a run, built once (train.setup) and passed whole: the resolved config, its device, its
+# rank among world ranks and local_rank among local_world on its node. Run(cfg, device) is a single process.
+Run = collections.namedtuple("Run", "cfg device rank world local_rank local_world", defaults=(0, 1, 0, 1))
 
 
 def _ranks_from_env(env):

@@ -95,47 +95,53 @@ def working_image(part, row, cfg):
     return part.pre.image(row)[:height, :width]
 
 
+def working_labels(model, part, row, run):
+    """A part's image predicted at its working size, whole, with predict.py's overlapping blended tiles at the
+    crop size (the run's micro-batch of tiles at a time, its --eval-tta and precision)."""
+    cfg = run.cfg
+    return predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
+                         tta=tta_of(cfg), device=run.device, precision=cfg["precision"])
+
+
 @torch.no_grad()
-def evaluate(model, part, cfg, device, rank=0, world=1, preemption=None, per_image=False):
+def evaluate(model, part, run, preemption=None, per_image=False):
     """{fine, coarse, binary (hierarchical heads), by_material, by_content: {group: matrix}} confusion matrices
     of a part at the working scale: each image is predicted whole with predict.py's overlapping blended tiles
     and scored pixel by pixel; summed over ranks. per_image adds "per_image": (images, C, C), each image's fine
     matrix in part.samples order. With a preemption flag it is polled after each image all ranks share; None
     means a SIGTERM came first."""
-    polls = _common_count(len(part.pre), world) if preemption else 0
+    cfg, device = run.cfg, run.device
+    polls = _common_count(len(part.pre), run.world) if preemption else 0
     scheme = part.pre.scheme
     groups, cms = _group_ids(part), _empty(cfg, part, scheme, per_image)
-    shard = data.eval_shard(len(part.pre), rank, world).tolist()
+    shard = data.eval_shard(len(part.pre), run.rank, run.world).tolist()
     # Lines only for a long evaluation (an ARTeFACT test fold); a short one is reported by its epoch line.
     show = progress("evaluation: images", len(shard)) if len(shard) >= PROGRESS_MIN_IMAGES else None
     for k, row in enumerate(shard):
         if k < polls and preemption.poll():
             return None
-        labels = predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
-                               tta=tta_of(cfg), device=device, precision=cfg["precision"])
+        labels = working_labels(model, part, row, run)
         _count(cms, groups, row, labels, part.pre.mask(row)[:labels.shape[0], :labels.shape[1]], scheme)
         if show:
             show(k + 1)
     return _reduced(cms, groups, device)
 
 
-def full_res_labels(model, part, row, cfg, device):
+def full_res_labels(model, part, row, run):
     """((height, width) of the image as displayed, its label map at the working scale): evaluate's prediction,
     which label_strips takes to full resolution as predict.py does."""
-    labels = predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
-                           tta=tta_of(cfg), device=device, precision=cfg["precision"])
-    return displayed_size(part.samples[row].image), labels
+    return displayed_size(part.samples[row].image), working_labels(model, part, row, run)
 
 
 @torch.no_grad()
-def evaluate_full_res(model, part, rank, world, cfg, device, per_image=False):
+def evaluate_full_res(model, part, run, per_image=False):
     """The same prediction at the working scale, resized back to each image's own resolution and scored over
     every original pixel (what predict.py's damage map shows), a strip of rows at a time; per_image as in
     evaluate."""
-    scheme = part.pre.scheme
+    cfg, device, scheme = run.cfg, run.device, part.pre.scheme
     groups, cms = _group_ids(part), _empty(cfg, part, scheme, per_image)
-    for row in data.eval_shard(len(part.samples), rank, world).tolist():
-        (height, width), labels = full_res_labels(model, part, row, cfg, device)
+    for row in data.eval_shard(len(part.samples), run.rank, run.world).tolist():
+        (height, width), labels = full_res_labels(model, part, row, run)
         rows = strip_rows(width)
         truths = mask_strips(part.samples[row].mask, scheme, (height, width), rows)
         for (_, strip), truth in zip(label_strips(labels, height, width, rows), truths):
@@ -165,8 +171,9 @@ def _eval_scheme(cfg, checkpoint, path):
     return {"classes": scheme_to_dict(trained), "num_classes": trained.num_classes, "classes_source": source}
 
 
-def eval_only(cfg, rank, world, local_rank, local_world, device):
+def eval_only(run):
     """Scores a checkpoint on its own fold's test part (or --eval-split val); prints and returns the record."""
+    cfg, rank, device = run.cfg, run.rank, run.device
     path = cfg["checkpoint"] or Path(cfg["run_dir"]) / "best.pt"
     checkpoint = load_checkpoint(path)
     trained = checkpoint["config"]
@@ -195,14 +202,14 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     model = model_from_checkpoint(checkpoint, path).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    part = data.load_split(cfg, local_rank, local_world, needed=(cfg["eval_split"],))[cfg["eval_split"]]
+    part = data.load_split(cfg, run.local_rank, run.local_world, needed=(cfg["eval_split"],))[cfg["eval_split"]]
     if not part.samples:
         raise UserError(f"--eval-split {cfg['eval_split']}: that part of the fold is empty (a --select last run "
                         "has no inner validation split)")
     if cfg["full_res"]:
-        cms = evaluate_full_res(model, part, rank, world, cfg, device, per_image=True)
+        cms = evaluate_full_res(model, part, run, per_image=True)
     else:
-        cms = evaluate(model, part, cfg, device, rank, world, per_image=True)
+        cms = evaluate(model, part, run, per_image=True)
     record = {"checkpoint": str(path), "full_res": cfg["full_res"], "select": trained.get("select"),
               "epoch": checkpoint.get("epoch"), "held_out": trained.get("held_out"),
               cfg["eval_split"]: scores(cms, cfg)}
@@ -214,13 +221,14 @@ def eval_only(cfg, rank, world, local_rank, local_world, device):
     return record
 
 
-def test_full_res(model, part, cfg, rank, world, device, epoch):
+def test_full_res(model, part, run, epoch):
     """train.py --full-res: the selected checkpoint (in model) scored on the test part at full resolution once
     the test is done, saved as --eval-only --full-res saves it (RUN_DIR/eval-test-fullres.json)."""
-    cms = evaluate_full_res(model, part, rank, world, cfg, device, per_image=True)
+    cfg = run.cfg
+    cms = evaluate_full_res(model, part, run, per_image=True)
     record = {"checkpoint": str(Path(cfg["run_dir"]) / "best.pt"), "full_res": True, "select": cfg["select"],
               "epoch": epoch, "held_out": cfg.get("held_out"), "test": scores(cms, cfg)}
-    if rank == 0:
+    if run.rank == 0:
         write_evaluation(Path(cfg["run_dir"]) / "eval-test-fullres.json", record, cms, part)
     return record
 

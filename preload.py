@@ -215,15 +215,12 @@ class _Rows:
     def __len__(self):
         return len(self.ids)
 
-    def gather(self, indices, corners, images, masks, flips=None, sides=None):
+    def gather(self, indices, corners, images, masks, flips, sides):
         """Copies each row's square crop at corners[j] = (top, left) into images[j] / masks[j], flipped on the
         way by flips[j] = (hflip, vflip, rot90) in that order: flipped views cost the copy little extra.
-        sides[j] (default: the crops' side) is the side of the window cut at corners[j]; a window of another
-        side is resized to the crop's (augment.resize_window), and off the row its image is 0, its mask the
-        scheme's ignore id."""
+        sides[j] is the side of the window cut at corners[j]; a window of another side than the crops' is resized
+        to theirs (augment.resize_window), and off the row its image is 0, its mask the scheme's ignore id."""
         size = images.shape[1]
-        flips = np.zeros((len(indices), 3), bool) if flips is None else np.asarray(flips, bool)
-        sides = np.full(len(indices), size) if sides is None else np.asarray(sides)
         scratch = np.empty_like(images[0]), np.empty_like(masks[0])
         for j, (row, (top, left), turn, side) in enumerate(zip(indices.tolist(), corners.tolist(), flips.tolist(),
                                                                sides.tolist())):

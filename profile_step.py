@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import autocast
-from train import train_step
+from step import train_step
 
 aten = torch.ops.aten
 

@@ -272,11 +272,12 @@ def save_epoch(parts, cfg, record, best, run_dir):
     save_checkpoint(run_dir / "last.pt", state)
 
 
-def save_preempted(parts, cfg, run_dir, epoch, step, best, partial_loss, rank):
-    """Rank 0 writes last.pt where the pre-emption hit; --resume continues from there."""
-    if rank == 0:
-        save_checkpoint(run_dir / "last.pt", training_state(parts, cfg, epoch, step, best, partial_loss))
-    log(rank, f"SIGTERM: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {step}; "
+def save_preempted(parts, run, epoch, step, best, partial_loss):
+    """Rank 0 writes last.pt in the run folder where the pre-emption hit; --resume continues from there."""
+    run_dir = Path(run.cfg["run_dir"])
+    if run.rank == 0:
+        save_checkpoint(run_dir / "last.pt", training_state(parts, run.cfg, epoch, step, best, partial_loss))
+    log(run.rank, f"SIGTERM: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {step}; "
               "rerun with --resume to continue")
 
 

@@ -11,13 +11,15 @@ One prediction for evaluation and predict.py: both give predict_image the image 
 side the model trained at, files.scaled_shape) without any padding, and predict_image alone pads an image
 smaller than a tile (reflecting its border); label_strips takes the label map back to the image's own size.
 """
+import collections
+
 import numpy as np
 import torch
 
 from data import normalize
 from files import resize_image, resize_labels, scaled_shape
-from strips import nearest_positions
 from model import autocast
+from strips import nearest_positions
 
 # Share of a tile its neighbours overlap: 25 % costs ~1.8x the tiles of none and hides tile borders.
 OVERLAP = 0.25
@@ -90,10 +92,15 @@ def accumulator_shape(num_classes, tile, width):
     return num_classes, tile_h, max(width, tile_w)
 
 
+# How predict_image tiles an image, its options travelling together (see there).
+Tiling = collections.namedtuple("Tiling", "tile overlap batch_size tta device precision hierarchy")
+
+
 @torch.inference_mode()
-def _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision, progress, hierarchy):
+def _blended_sums(model, image, tiling, progress):
     """Yield (row0, sums): window-weighted probability sums (C, rows, W) of finished image rows, a view into
     the running buffer that is valid until the next step."""
+    tile, overlap, batch_size, tta, device, precision, hierarchy = tiling
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
@@ -152,8 +159,8 @@ def predict_image(model, image, tile, overlap=OVERLAP, batch_size=8, tta=False, 
     labels = np.empty(image.shape[:2], dtype=np.uint8)
     # The per-pixel weight divides every class alike, so the argmax of the sums needs no normalised copy;
     # max(0).indices is that argmax (first maximum on ties) and on CPU several times faster than argmax(0).
-    for row0, sums in _blended_sums(model, image, tile, overlap, batch_size, tta, device, precision,
-                                       progress, hierarchy):
+    tiling = Tiling(tile, overlap, batch_size, tta, device, precision, hierarchy)
+    for row0, sums in _blended_sums(model, image, tiling, progress):
         labels[row0:row0 + sums.shape[1]] = sums.max(0).indices.to(torch.uint8).cpu().numpy()
     return labels
 

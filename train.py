@@ -5,11 +5,9 @@
     python train.py --summary runs/cv-mit_b3/fold*
 
 `main` orchestrates; `train` -> `fit` (after `prepare_fit`) -> `fit_epoch` -> `train_one_epoch` runs one
-epoch of `train_step`s; evaluation.py's `evaluate` scores a split; `test_selected` scores the selected
+epoch of step.py's `train_step`s; evaluation.py's `evaluate` scores a split; `test_selected` scores the selected
 checkpoint once.
 """
-import collections
-import contextlib
 import json
 import os
 import sys
@@ -23,152 +21,22 @@ if __name__ == "__main__":
     parse_args()
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 from autobatch import find_batch_size
 from checkpoint import load_checkpoint, save_model
 from config import with_batch
-from distributed import (MAX, PeerLost, Preemption, all_reduce, as_peer_lost, broadcast_buffers, broadcast_module,
-                         setup_distributed, teardown)
+from distributed import (MAX, PeerLost, Preemption, Run, all_reduce, as_peer_lost, broadcast_buffers,
+                         broadcast_module, setup_distributed, teardown)
 from evaluation import eval_only, evaluate, scores, test_full_res
 from labels import UserError, run_cli, scheme_summary
 from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
-from losses import HierarchicalLoss, build_loss, global_loss, sum_over_ranks
 from metrics import confusion_record, summary
-from model import autocast, build_model, sync_batchnorm
-from optim import build_optimizer, new_ema, one_cycle, update_ema
 from runs import (interrupted_line, load_resume, log, logged_to, prepare_run_dir, restore, run_folder, save_epoch,
                   save_preempted, save_run_summary, save_test, tensorboard_writer, write_config, write_scalars)
+from step import build_network, build_training, evaluated, train_step
 from weights import METHODS, check_images, resolve_class_weights
 
-# What one optimisation run consists of; built once by build_training and passed around whole. world is the
-# number of ranks whose loss sums a step adds up (1 for a local probe, whatever the process group); ema is the
-# weight average (optim.EMA) or None.
-Training = collections.namedtuple("Training", "model raw_model optimizer scheduler scaler criterion world ema")
-# This process's place in the run, built once by train and passed whole: the config, its rank among world
-# ranks (local_rank among local_world on its node) and its device.
-Run = collections.namedtuple("Run", "cfg rank world local_rank local_world device")
-
-
-def make_criterion(cfg, class_weights, device):
-    """The loss module (sums form, see losses.global_loss) over the run's label scheme, on the device."""
-    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
-    scheme = data.run_scheme(cfg)
-    if cfg["heads"] == "hierarchical":
-        return HierarchicalLoss(cfg["loss"], scheme, weight, head_weights=tuple(cfg["head_weights"])).to(device)
-    return build_loss(cfg["loss"], weight, scheme.ignore)
-
-
-def build_network(cfg, device, world, pretrained=False, encoder_weights=None):
-    """The network on the device (channels_last unless --no-channels-last). On several GPUs its BatchNorms
-    become SyncBatchNorm the timm way, which keeps timm's fused norm + activation layers (MaxViT, CoAtNet)
-    computing the same function; the state dict is unchanged, so a checkpoint loads into the plain model."""
-    groups = data.run_scheme(cfg).groups
-    model = build_model(cfg["encoder"], cfg["num_classes"], cfg["decoder"], cfg["heads"], pretrained,
-                        cfg["img_size"], cfg["norm"], encoder_weights, len(groups) if groups else None,
-                        cfg["drop_path"]).to(device)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1 and device.type == "cuda":
-        model = sync_batchnorm(model)
-    return model
-
-
-def build_training(cfg, raw_model, world, device, steps_per_epoch, class_weights=None):
-    """The network DDP-wrapped (world > 1), then compiled (--compile), AdamW over the parameter groups,
-    OneCycle, the GradScaler (active for fp16 only), the loss and the weight EMA (--ema; copied from the
-    network before any wrapping). Compiling the DDP module, not wrapping a compiled one, lets DDPOptimizer cut
-    the graph at the gradient buckets, so their all-reduce overlaps the backward."""
-    ema = new_ema(raw_model, cfg, cfg["epochs"] * steps_per_epoch)
-    model = raw_model
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        model = torch.compile(model)
-    optimizer = build_optimizer(raw_model, cfg, device)
-    return Training(model, raw_model, optimizer, one_cycle(optimizer, cfg, steps_per_epoch),
-                    torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
-                    make_criterion(cfg, class_weights, device), world, ema)
-
-
-def evaluated(parts):
-    """The network that is evaluated, selected, tested and predicted with: the EMA's when there is one."""
-    return parts.raw_model if parts.ema is None else parts.ema.model
-
-
-def batch_totals(parts, micro_batches, cfg, device):
-    """Loss sums of the whole global batch (every micro-batch, every rank), before any backward: the labels
-    alone give them for a linear loss; otherwise a forward without gradients, after which BatchNorm
-    statistics and the random state are put back, so the real forward of each micro-batch is unchanged."""
-    criterion = parts.criterion
-    if criterion.linear:
-        sums = [criterion.label_sums(y) for _, y in micro_batches]
-    else:
-        buffers = [b.clone() for b in parts.raw_model.buffers()]
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        with torch.no_grad():
-            sums = []
-            for x, y in micro_batches:
-                with autocast(cfg["precision"], device):
-                    outputs = parts.model(x)
-                sums.append(criterion.sums(outputs, y))
-        for buffer, saved in zip(parts.raw_model.buffers(), buffers):
-            buffer.copy_(saved)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
-    return sum_over_ranks({k: sum(s[k] for s in sums) for k in sums[0]}, reduce=parts.world > 1)
-
-
-def accumulate_gradients(parts, micro_batches, cfg, device):
-    """Forward and backward of every micro-batch; returns the loss of the whole global batch (a device
-    tensor). DDP syncs gradients only on the last micro-step.
-
-    The loss is that of the whole global batch (losses.global_loss), so its value and gradients do not
-    depend on how the batch is split across ranks or micro-batches (without BatchNorm, or with SyncBatchNorm
-    across ranks: a micro-batch's BatchNorm still sees its own statistics).
-    """
-    model, scaler, criterion, world = parts.model, parts.scaler, parts.criterion, parts.world
-    totals = batch_totals(parts, micro_batches, cfg, device) if len(micro_batches) > 1 else None
-    loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast(cfg["precision"], device):
-                outputs = model(x)
-            local = criterion.sums(outputs, y)
-            loss = global_loss(criterion, local, sum_over_ranks(local, reduce=world > 1) if totals is None else totals)
-            # DDP averages the ranks' gradients; the global loss wants their sum.
-            scaler.scale(loss * world).backward()
-        loss_sum += loss.detach()
-    # Each micro-step's loss is the global value, except a linear loss's, whose parts add up over the batch.
-    if totals is not None and criterion.linear:
-        return sum_over_ranks({"loss": loss_sum}, reduce=world > 1)["loss"]
-    return loss.detach()
-
-
-def train_step(parts, micro_batches, cfg, device):
-    """One optimizer step over the micro-batches (accumulate_gradients, then AdamW, the EMA and the schedule).
-    Returns the global batch's loss as a device tensor: reading it is left to the logging points, so the step
-    never syncs unless --skip-nonfinite asks to check every step (all ranks must agree on skipping)."""
-    optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
-    loss_sum = accumulate_gradients(parts, micro_batches, cfg, device)
-    if cfg["skip_nonfinite"] and not torch.isfinite(loss_sum):
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return loss_sum
-    if cfg["clip"]:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parts.raw_model.parameters(), cfg["clip"])
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    if parts.ema is not None:
-        update_ema(parts.ema, parts.raw_model)
-    scheduler.step()
-    return loss_sum
 
 
 def train_one_epoch(parts, pre, epoch, start, run, run_state):
@@ -176,7 +44,7 @@ def train_one_epoch(parts, pre, epoch, start, run, run_state):
     loss sum (device tensor), the steps done, skipped steps and whether a pre-emption stopped it early.
     Non-finite losses raise at the logging points; with --skip-nonfinite, more than --max-skipped consecutive
     skipped steps (counted in run_state across epochs) raise."""
-    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    cfg, rank, device = run.cfg, run.rank, run.device
     step0, carried_loss = start
     steps_per_epoch = len(pre) // cfg["batch_size"]
     loss_sum = torch.full((), carried_loss if rank == 0 else 0.0, device=device)
@@ -186,8 +54,7 @@ def train_one_epoch(parts, pre, epoch, start, run, run_state):
     # line, as torchvision's MetricLogger splits them; a line at least every PROGRESS_SECONDS on rank 0.
     timing = {"data": 0.0, "step": 0.0, "steps": 0, "logged": time.time()}
     tick = time.time()
-    for x, y in data.train_batches(pre, cfg, epoch, step0, rank, world, device, run_state["class_weights"],
-                                   run_state["device_rows"]):
+    for x, y in data.train_batches(pre, run, epoch, step0, run_state["class_weights"], run_state["device_rows"]):
         micro.append((x, y))
         if len(micro) < cfg["accum_steps"]:
             continue
@@ -242,7 +109,7 @@ def check_finite(first_bad, epoch, cfg):
 def fit_epoch(parts, split, epoch, start, run, run_state):
     """Trains one epoch from start = (step, carried loss) and scores the inner validation part; returns its
     record, or None after writing last.pt when a pre-emption stopped it."""
-    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    cfg, world, device = run.cfg, run.world, run.device
     steps_per_epoch = len(split["train"].pre) // cfg["batch_size"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -258,11 +125,11 @@ def fit_epoch(parts, split, epoch, start, run, run_state):
         broadcast_buffers(parts.ema.model)
     cms = None
     if not preempted and split["val"].samples:
-        cms = evaluate(evaluated(parts), split["val"], cfg, device, rank, world, run_state["preemption"])
+        cms = evaluate(evaluated(parts), split["val"], run, run_state["preemption"])
         preempted = cms is None
     loss = float(all_reduce(loss_sum.clone())) / world
     if preempted:
-        save_preempted(parts, cfg, Path(cfg["run_dir"]), epoch, step, run_state["best"], loss * world, rank)
+        save_preempted(parts, run, epoch, step, run_state["best"], loss * world)
         return None
     record = {"epoch": epoch + 1, "train_loss": loss / max(steps_per_epoch, 1),
               "img_s": (step - start[0]) * cfg["batch_size"] / train_time, "epoch_time_s": time.time() - began,
@@ -274,14 +141,14 @@ def fit_epoch(parts, split, epoch, start, run, run_state):
 
 def test_selected(parts, split, run, preemption):
     """Scores the selected checkpoint (best.pt) once on the test fold; None when a pre-emption came first."""
-    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    cfg, rank = run.cfg, run.rank
     run_dir = Path(cfg["run_dir"])
     selected = load_checkpoint(run_dir / "best.pt") if rank == 0 else None
     if selected is not None:
         evaluated(parts).load_state_dict(selected["model" if parts.ema is None else "ema"])
     broadcast_module(evaluated(parts))
     epoch = torch.tensor(selected["epoch"] if selected else 0)
-    cms = evaluate(evaluated(parts), split["test"], cfg, device, rank, world, preemption, per_image=True)
+    cms = evaluate(evaluated(parts), split["test"], run, preemption, per_image=True)
     if cms is None:
         log(rank, f"SIGTERM during the test evaluation; rerun with --resume to score {run_dir / 'best.pt'}")
         return None
@@ -291,22 +158,23 @@ def test_selected(parts, split, run, preemption):
     if rank == 0:
         save_test(run_dir, record, confusion_record(cms), [s.id for s in split["test"].samples], per_image)
     if cfg["full_res"]:
-        test_full_res(evaluated(parts), split["test"], cfg, rank, world, device, record["selected_epoch"])
+        test_full_res(evaluated(parts), split["test"], run, record["selected_epoch"])
     return record
 
 
-def train(cfg, rank, world, local_rank, local_world, device):
+def train(run):
+    cfg, rank, world = run.cfg, run.rank, run.world
     run_dir = Path(cfg["run_dir"])
     torch.manual_seed(cfg["seed"])
     with run_folder(run_dir, rank):
         # The dataset files' fingerprint joins the config, so --resume refuses a dataset changed under its path.
-        cfg["data_fingerprint"] = data.dataset_fingerprint(cfg, rank, local_rank)
+        cfg["data_fingerprint"] = data.dataset_fingerprint(cfg, rank, run.local_rank)
         resume = load_resume(cfg, run_dir, rank)
         if resume and cfg["batch_auto"]:
             cfg.update(with_batch(cfg, resume["config"]["batch_size"], world))
         prepare_run_dir(cfg, run_dir, resume, rank)
         with logged_to(run_dir / "train.log", rank):
-            result = fit(Run(cfg, rank, world, local_rank, local_world, device), resume)
+            result = fit(run, resume)
             if result is not None and rank == 0:
                 # The selected model, small, for predict.py and for handing over (README "Damage maps").
                 save_model(load_checkpoint(run_dir / "best.pt"), run_dir / "best.pt", run_dir / "model.pt",
@@ -443,7 +311,7 @@ def set_backends(cfg, device):
 
 
 def setup(args):
-    """(cfg, rank, world, local_rank, local_world, device) with the process group up."""
+    """The Run (config, device, ranks) with the process group up."""
     rank, world, local_rank, local_world, device = setup_distributed(args.dist_timeout, args.dist_backend)
     cfg = resolve_config(args, world, device)
     cfg["threads"] = use_threads(args)
@@ -455,16 +323,17 @@ def setup(args):
         log(rank, line)
         if warning and rank == 0:
             print(warning, file=sys.stderr, flush=True)
-    return cfg, rank, world, local_rank, local_world, device
+    return Run(cfg, device, rank, world, local_rank, local_world)
 
 
 def run_main(args, job):
-    """Runs job(cfg, rank, world, local_rank, local_world, device); a user error ends in one line, exit 2."""
+    """Runs job(run) on setup's Run; a user error ends in one line, exit 2."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     cfg = None
     try:
-        cfg, rank, world, local_rank, local_world, device = setup(args)
-        job(cfg, rank, world, local_rank, local_world, device)
+        run = setup(args)
+        cfg, rank = run.cfg, run.rank
+        job(run)
         return 0
     except KeyboardInterrupt:
         if rank == 0:

@@ -16,6 +16,7 @@ from conftest import ROOT
 import config
 import distributed
 import model
+import step
 import train
 from labels import UserError
 
@@ -183,8 +184,8 @@ def test_compile_wraps_ddp_so_the_all_reduce_can_overlap_the_backward(tmp_path):
                                                    "--compile"]), 1, torch.device("cpu"))
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        network = train.build_network(cfg, torch.device("cpu"), 1)
-        parts = train.build_training(cfg, network, 2, torch.device("cpu"), 10)
+        network = step.build_network(cfg, torch.device("cpu"), 1)
+        parts = step.build_training(cfg, network, 2, torch.device("cpu"), 10)
     finally:
         distributed.teardown()
     assert isinstance(parts.model._orig_mod, torch.nn.parallel.DistributedDataParallel)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+from distributed import Run
 import evaluation
 import files
 import preload
@@ -152,14 +153,14 @@ def test_eval_full_res_and_predict_truth_give_identical_labels_on_thin_images(th
     model = load_model(varied, torch.device("cpu"))[0]
     total = 0
     for row, sample in enumerate(samples):
-        (height, width), labels = evaluation.full_res_labels(model, part, row, cfg, torch.device("cpu"))
+        (height, width), labels = evaluation.full_res_labels(model, part, row, Run(cfg, torch.device("cpu")))
         full = files.resize_labels(labels, height, width)
         truth = np.asarray(Image.open(sample.mask))
         mapped = np.asarray(Image.open(tmp_path / "out" / f"{sample.id}_mask.png"))
         scored = truth != 255
         np.testing.assert_array_equal(mapped[scored], full[scored], err_msg=sample.id)
         total = total + np.array(json.loads((tmp_path / "out" / f"{sample.id}_report.json").read_text())["confusion"])
-    cms = evaluation.evaluate_full_res(model, part, 0, 1, cfg, torch.device("cpu"))
+    cms = evaluation.evaluate_full_res(model, part, Run(cfg, torch.device("cpu")))
     np.testing.assert_array_equal(cms["fine"].numpy(), total)
 
 
@@ -179,6 +180,6 @@ def test_evaluation_at_the_working_scale_pads_thin_images_as_predict_does(thin_s
                                                    torch.from_numpy(truth.astype(np.int64)), 16, 255)
         # What evaluation used to predict: the preload's image, padded with black to a whole tile.
         changed += int((predict_image(model, part.pre.image(row), 64)[:height, :width] != labels).sum())
-    cms = evaluation.evaluate(model, part, cfg, torch.device("cpu"))
+    cms = evaluation.evaluate(model, part, Run(cfg, torch.device("cpu")))
     np.testing.assert_array_equal(cms["fine"].numpy(), expected.numpy())
     assert changed > 0, "black padding changes labels, so this test can tell the two apart"

@@ -19,6 +19,7 @@ from conftest import run_script, sigterm_at_step
 import checkpoint
 import config
 import data
+from distributed import Run
 import evaluation
 import files
 import logs
@@ -26,7 +27,7 @@ import optim
 import predict
 import preload
 import runs
-import train
+import step
 from encoders import ENCODERS
 from labels import UserError, artefact_scheme
 from model import build_model
@@ -64,8 +65,8 @@ def test_every_group_gets_its_own_one_cycle_lr_and_weight_decay(encoder, depth_o
     cfg = tiny_cfg("--no-decay-norms", "--head-lr-mult", "10", "--layer-decay", "0.5", "--weight-decay", "0.05",
                    "--epochs", "2", encoder=encoder)
     torch.manual_seed(0)
-    network = train.build_network(cfg, CPU, 1)
-    parts = train.build_training(cfg, network, 1, CPU, steps_per_epoch=10)
+    network = step.build_network(cfg, CPU, 1)
+    parts = step.build_training(cfg, network, 1, CPU, steps_per_epoch=10)
     total = 20
     group_of = {id(p): g for g in parts.optimizer.param_groups for p in g["params"]}
     expected_peak, expected_decay = {}, {}
@@ -91,19 +92,19 @@ def test_every_group_gets_its_own_one_cycle_lr_and_weight_decay(encoder, depth_o
         moved = before[name] * (1 - lr * expected_decay[name]) - lr * grads[name] / (grads[name].abs() + 1e-8)
         torch.testing.assert_close(p.detach(), moved, rtol=1e-5, atol=1e-9, msg=name)
     parts.scheduler.step()
-    for step in range(1, total):
-        if step in (3, 5, 6, 12, 19):
+    for at in range(1, total):
+        if at in (3, 5, 6, 12, 19):
             for name, p in network.named_parameters():
-                assert group_of[id(p)]["lr"] == pytest.approx(one_cycle_lr(expected_peak[name], step, total),
-                                                              rel=1e-9), (name, step)
+                assert group_of[id(p)]["lr"] == pytest.approx(one_cycle_lr(expected_peak[name], at, total),
+                                                              rel=1e-9), (name, at)
         parts.optimizer.step()
         parts.scheduler.step()
 
 
 def test_defaults_keep_one_group_with_decay_on_everything_and_the_plain_schedule():
     cfg = tiny_cfg("--epochs", "3")
-    network = train.build_network(cfg, CPU, 1)
-    parts = train.build_training(cfg, network, 1, CPU, steps_per_epoch=4)
+    network = step.build_network(cfg, CPU, 1)
+    parts = step.build_training(cfg, network, 1, CPU, steps_per_epoch=4)
     (group,) = parts.optimizer.param_groups
     assert [id(p) for p in group["params"]] == [id(p) for p in network.parameters()]
     assert group["weight_decay"] == cfg["weight_decay"] and group["lr_scale"] == 1
@@ -143,14 +144,14 @@ def test_layer_decay_refuses_an_encoder_without_stages_it_can_read():
 def test_ema_is_the_hand_computed_average_of_the_weights_after_each_step(synthetic_root):
     cfg = tiny_cfg("--ema", "--ema-half-life", "0.25", "--epochs", "1", "--norm", "bn")
     torch.manual_seed(0)
-    network = train.build_network(cfg, CPU, 1)
-    parts = train.build_training(cfg, network, 1, CPU, steps_per_epoch=8)
+    network = step.build_network(cfg, CPU, 1)
+    parts = step.build_training(cfg, network, 1, CPU, steps_per_epoch=8)
     decay = 0.5 ** (1 / 2)  # half-life 0.25 x 8 steps = 2 steps
     assert parts.ema.decay == pytest.approx(decay, rel=1e-12)
     states = [{k: v.clone() for k, v in network.state_dict().items()}]
     batch = _batch(synthetic_root, cfg)
     for _ in range(3):
-        train.train_step(parts, [batch], cfg, CPU)
+        step.train_step(parts, [batch], cfg, CPU)
         states.append({k: v.clone() for k, v in network.state_dict().items()})
     for key, averaged in parts.ema.model.state_dict().items():
         if not averaged.is_floating_point():
@@ -251,16 +252,16 @@ def test_flip_tta_evaluation_is_the_hand_flipped_average(tmp_path):
     part = data.Part(samples, Stored(images, masks), {})
     model = NotFlipInvariant().eval()
     cfg = dict(heads="fine", img_size=32, work_size=1024, micro_batch=4, precision="fp32", eval_tta="flip")
-    tta = evaluation.evaluate(model, part, cfg, CPU)["fine"]
-    plain = evaluation.evaluate(model, part, dict(cfg, eval_tta="none"), CPU)["fine"]
-    averaged = evaluation.evaluate(FlipAveraged(model), part, dict(cfg, eval_tta="none"), CPU)["fine"]
+    tta = evaluation.evaluate(model, part, Run(cfg, CPU))["fine"]
+    plain = evaluation.evaluate(model, part, Run(dict(cfg, eval_tta="none"), CPU))["fine"]
+    averaged = evaluation.evaluate(FlipAveraged(model), part, Run(dict(cfg, eval_tta="none"), CPU))["fine"]
     assert torch.equal(tta, averaged)
     assert not torch.equal(tta, plain), "the model is not flip-invariant, so TTA must change something"
     # The single-tile image by hand, without the tiler: argmax of the four flipped-back softmaxes' mean.
     with torch.no_grad():
         x = data.normalize(torch.tensor(images[0])[None])
         hand = FlipAveraged(model)(x)[0].argmax(0)
-    one = evaluation.evaluate(model, data.Part(samples[:1], Stored(images[:1], masks[:1]), {}), cfg, CPU)["fine"]
+    one = evaluation.evaluate(model, data.Part(samples[:1], Stored(images[:1], masks[:1]), {}), Run(cfg, CPU))["fine"]
     expected = torch.bincount(torch.from_numpy(masks[0].astype(np.int64)).flatten() * 16 + hand.flatten(),
                               minlength=256).reshape(16, 16)
     assert torch.equal(one, expected)
@@ -289,7 +290,7 @@ def test_forward_gflops_counts_a_convolution_by_hand():
 
 def test_the_step_line_shows_times_per_step_since_the_previous_line(capsys):
     cfg = {"batch_size": 4}
-    parts = train.Training(*[None] * 2, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5), *[None] * 5)
+    parts = step.Training(*[None] * 2, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5), *[None] * 5)
     timing = {"data": 0.3, "step": 1.5, "steps": 3, "logged": time.time() - 2.0}
     logs.progress_line(0, 7, 10, torch.tensor(14.0), timing, cfg, parts, torch.device("cpu"))
     line = capsys.readouterr().out

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import data
+from distributed import Run
 import files
 import preload
 from conftest import module_folder, run_script
@@ -207,6 +208,6 @@ def test_a_long_evaluation_reports_its_progress(tmp_path, capsys):
     samples = files.list_samples(root)
     part = data.Part(samples, preload.preload(samples, 32, ARTEFACT, work_size=32, mode="disk"), {})
     cfg = {"heads": "fine", "img_size": 32, "micro_batch": 4, "precision": "fp32"}
-    cms = evaluation.evaluate(torch.nn.Conv2d(3, 16, 1), part, cfg, torch.device("cpu"))
+    cms = evaluation.evaluate(torch.nn.Conv2d(3, 16, 1), part, Run(cfg, torch.device("cpu")))
     assert int(cms["fine"].sum()) == sum(int((part.pre.mask(i) != 255).sum()) for i in range(len(samples)))
     assert f"evaluation: images {len(samples)}/{len(samples)}" in capsys.readouterr().err

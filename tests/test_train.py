@@ -14,8 +14,10 @@ import torch
 from conftest import ROOT, run_script, sigterm_at_step, tiny_flags
 import config
 import data
+from distributed import Run
 import files
 import preload
+import step
 import train
 from checkpoint import save_checkpoint
 from labels import artefact_scheme, scheme_from_dict, scheme_to_dict
@@ -180,7 +182,7 @@ def test_a_killed_rank_stops_the_other_instead_of_hanging(synthetic_root, tmp_pa
 
 def poison_loss_at_call(monkeypatch, bad_call):
     """Makes the training loss nan at its bad_call-th evaluation (counted from 1; 0: every one)."""
-    real = train.make_criterion
+    real = step.make_criterion
 
     def poisoned(*args):
         criterion = real(*args)
@@ -191,7 +193,7 @@ def poison_loss_at_call(monkeypatch, bad_call):
             return from_sums(sums) * (float("nan") if bad_call in (0, calls["n"]) else 1.0)
         criterion.from_sums = nan_once
         return criterion
-    monkeypatch.setattr(train, "make_criterion", poisoned)
+    monkeypatch.setattr(step, "make_criterion", poisoned)
 
 
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch,
@@ -236,13 +238,13 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
                                1, torch.device("cpu"))
     samples = files.list_samples(synthetic_root)[:4]
     pre = preload.preload(samples, 64, ARTEFACT)
-    parts = train.build_training(dict(cfg, epochs=1), train.build_network(cfg, torch.device("cpu"), 1), 1,
+    parts = step.build_training(dict(cfg, epochs=1), step.build_network(cfg, torch.device("cpu"), 1), 1,
                                  torch.device("cpu"), 250)
     images, masks = next(iter(data.batches(pre, torch.arange(4), 4, pin=False)))
     batch = [data.to_device_batch(images, masks, torch.device("cpu"), None)]
     for _ in range(250):
-        train.train_step(parts, batch, cfg, torch.device("cpu"))
-    cms = train.evaluate(parts.raw_model, data.Part(samples, pre, {}), cfg, torch.device("cpu"))
+        step.train_step(parts, batch, cfg, torch.device("cpu"))
+    cms = train.evaluate(parts.raw_model, data.Part(samples, pre, {}), Run(cfg, torch.device("cpu")))
     assert eval_metrics(cms, ARTEFACT)["pixel_acc"] > 0.9
     assert eval_metrics(cms, ARTEFACT)["miou"] > 0.6
     pre.close()

@@ -27,6 +27,7 @@ import data  # noqa: E402
 import distributed  # noqa: E402
 import files  # noqa: E402
 import preload  # noqa: E402
+import step  # noqa: E402
 import train  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "barrier", "reduce", "gather", "scatter")
@@ -63,11 +64,11 @@ def gradients(cfg, micro, world, rank):
     runs in float64: in float32, batch-size-dependent rounding flips ReLUs whose input is within ~1e-7 of 0,
     and each flip changes a gradient by a whole upstream value (0.16 % of the largest one, seen on mit_b0)."""
     torch.manual_seed(0)
-    network = train.build_network(cfg, torch.device("cpu"), world).double()
+    network = step.build_network(cfg, torch.device("cpu"), world).double()
     micro = [(x.double(), y) for x, y in micro]
     weights = torch.linspace(0.5, 2.0, cfg["num_classes"]).numpy()
-    parts = train.build_training(cfg, network, world, torch.device("cpu"), 10, weights)
-    loss = train.accumulate_gradients(parts, micro, cfg, torch.device("cpu"))
+    parts = step.build_training(cfg, network, world, torch.device("cpu"), 10, weights)
+    loss = step.accumulate_gradients(parts, micro, cfg, torch.device("cpu"))
     return float(loss), {n: p.grad.clone() for n, p in parts.raw_model.named_parameters() if p.grad is not None}
 
 
@@ -111,12 +112,12 @@ def check_ema(out, rank, world, data_root):
     cfg = dict(tiny_cfg("--ema", "--epochs", "1"), per_rank_batch=2)
     x, y = global_batch(data_root, cfg)
     torch.manual_seed(0)
-    network = train.build_network(cfg, torch.device("cpu"), world)
-    parts = train.build_training(cfg, network, world, torch.device("cpu"), 4)
+    network = step.build_network(cfg, torch.device("cpu"), world)
+    parts = step.build_training(cfg, network, world, torch.device("cpu"), 4)
     initial = {k: v.clone() for k, v in parts.ema.model.state_dict().items()}
     half = slice(rank * 2, rank * 2 + 2)
     for _ in range(3):
-        train.train_step(parts, [(x[half], y[half])], cfg, torch.device("cpu"))
+        step.train_step(parts, [(x[half], y[half])], cfg, torch.device("cpu"))
     torch.save({"initial": initial, "ema": parts.ema.model.state_dict()}, out / f"ema-{rank}.pt")
 
 
