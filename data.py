@@ -379,12 +379,6 @@ def train_batches(pre, run, epoch, step0, class_weights=None, rows=None):
             crops.close()
 
 
-def _flags(batch, augment, generator):
-    if isinstance(augment, torch.Tensor):
-        return augment.cpu().bool().reshape(batch, 3)
-    return torch.rand(batch, 3, generator=generator) < 0.5
-
-
 _FLIPS = (lambda t: t.flip(2), lambda t: t.flip(1), lambda t: t.rot90(1, (1, 2)))
 
 
@@ -404,23 +398,22 @@ def flip_batch(images, masks, flags):
     return images, masks
 
 
-def to_device_batch(images_u8, masks_u8, device, augment=False, generator=None, channels_last=True, out=None,
-                    photometric=None):
+def to_device_batch(images_u8, masks_u8, device, flips=None, channels_last=True, out=None, photometric=None):
     """Batch -> (x float (B,3,S,S) normalised, channels_last by default; y long (B,S,S)) on device.
 
-    augment: False, True (per-sample hflip/vflip/rot90 flags drawn from generator), or a (B,3) bool tensor
-    of those flags, applied in that order to the uint8 batch on the device (flip_batch). photometric: the
+    flips: None, or (B, 3) per-sample (hflip, vflip, rot90) flags, applied in that order to the uint8 batch on
+    the device (flip_batch); host flags cost no device sync. photometric: the
     batch's rows of augment.photometric_params (colour maps folded into the normalisation, then blur), or None.
     out: on the CPU, (x, y) tensors of the right shapes to write into (reused buffers spare the page faults of
     ~100 MB of fresh memory per batch; see new_outputs).
     """
     device = torch.device(device)
-    augmenting = isinstance(augment, torch.Tensor) or bool(augment)
+    flipping = flips is not None
     # copy=True keeps the caller's batch intact when device is the CPU and the flips below work in place.
-    images = images_u8.to(device, non_blocking=True, copy=augmenting)
-    masks = masks_u8.to(device, non_blocking=True, copy=augmenting)
-    if augmenting:
-        flip_batch(images, masks, _flags(len(images), augment, generator))
+    images = images_u8.to(device, non_blocking=True, copy=flipping)
+    masks = masks_u8.to(device, non_blocking=True, copy=flipping)
+    if flipping:
+        flip_batch(images, masks, torch.as_tensor(flips).cpu().bool().reshape(len(images), 3))
     into = out is not None and device.type == "cpu" and channels_last
     x = _photometric(images, photometric, out[0] if into else None)
     if into:
