@@ -186,11 +186,14 @@ def _span(extent, side):
 
 def _valid_share(pre, row, top, left, side):
     """Share of the side x side window at (top, left) of a row inside the object (not the ignore id); pixels off
-    the row count as outside. A row without ignored pixels needs only the window's overlap with it."""
-    inside = pre.mask(row)[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)]
+    the row count as outside. A row without ignored pixels needs only the window's overlap with it, no pixel."""
+    height, width = pre.shapes[row]
+    y0, y1, x0, x1 = max(top, 0), min(top + side, height), max(left, 0), min(left + side, width)
+    if y1 <= y0 or x1 <= x0:
+        return 0.0
     if not pre.counts[row, -1]:
-        return inside.size / (side * side)
-    return np.count_nonzero(inside != pre.scheme.ignore) / (side * side)
+        return (y1 - y0) * (x1 - x0) / (side * side)
+    return np.count_nonzero(pre.mask(row)[y0:y1, x0:x1] != pre.scheme.ignore) / (side * side)
 
 
 def epoch_crops(pre, size, seed, epoch, rare_crops, class_weights):
