@@ -3,6 +3,7 @@
     python bench.py --encoder mit_b3 --img-size 384 --bench-steps 50      # one row; bash bench.sh runs the table
     python bench.py --loader --img-size 384                                 # loader img/s and shared-memory PSS
     python bench.py --encoder convnext_tiny --img-size 64 --reference       # + smp's Unet, timed interleaved
+    python bench.py --encoder mit_b3 --img-size 128 --reference --compile --reference-compile  # compiled, both
     python bench.py --encoder convnext_tiny --img-size 128 --profile        # where the step's time and FLOPs go
 
 Takes train.py's flags, so a row measures exactly what training would run.
@@ -33,6 +34,9 @@ def build_bench_parser():
     group.add_argument("--reference", action="store_true",
                        help="also time segmentation_models_pytorch's Unet/UPerNet of the same encoder (same size, "
                             "batch, precision, AdamW, loss), alternating with ours; needs segmentation-models-pytorch")
+    group.add_argument("--reference-compile", action="store_true",
+                       help="with --reference: torch.compile the reference's training step and inference too, "
+                            "as --compile does ours (default: smp eager, as its users run it)")
     group.add_argument("--bench-rounds", type=int, default=3,
                        help="with --reference: alternating ours/reference rounds; img/s are their medians")
     group.add_argument("--profile", action="store_true",
@@ -135,16 +139,17 @@ def _reference(run, parts):
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults["lr"], weight_decay=defaults["weight_decay"],
                                   fused=defaults["fused"])
     criterion = make_criterion(cfg, np.ones(cfg["num_classes"]), device)
+    net = torch.compile(model) if cfg["reference_compile"] else model
 
     def step(micro):
-        model.train()
+        net.train()
         for x, y in micro:
             with autocast(cfg["precision"], device):
-                outputs = model(x)
+                outputs = net(x)
             criterion(outputs, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return Reference(name, model, step, None)
+    return Reference(name, net, step, None)
 
 
 def bench(run):
@@ -194,7 +199,8 @@ def bench(run):
               "threads": torch.get_num_threads(), "fused_adamw": bool(parts.optimizer.defaults.get("fused")),
               "rounds": len(times["train"])}
     if cfg["reference"]:
-        result.update(_reference_fields(result, ref, times, steps, len(x) * world))
+        result.update(_reference_fields(result, ref, times, steps, len(x) * world),
+                      ref_compile=cfg["reference_compile"])
     if rank == 0:
         print(json.dumps(result), flush=True)
         if cfg["bench_out"]:

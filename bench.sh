@@ -23,7 +23,8 @@
 #   --rounds N          [ROUNDS] alternating ours/reference rounds, img/s are medians; default 3
 #   --compiled          [COMPILED=1] give each main row a compiled one (--compile: training and
 #                       inference torch.compiled, against the same eager reference); default on a
-#                       GPU, off on a CPU (minutes of compiling per row there); --no-compiled [COMPILED=0]
+#                       GPU, off on a CPU (minutes of compiling per row there); --no-compiled [COMPILED=0].
+#                       `-- --reference-compile` compiles the reference too: every ratio is then to compiled smp
 #   --peak-tflops X     [PEAK_TFLOPS] the device's peak TFLOP/s for MFU, passed to bench.py
 #   --ablations LIST    [ABLATIONS] any of clip,channels_last,compile,precision, or none; default
 #                       all on a GPU, all but compile on a CPU (compile is slow to start there); the
@@ -278,7 +279,8 @@ if main:
                               cell(r, "precision"), "False", r.get("ref_note", "n/a")] + ["n/a"] * 8)
             else:
                 lines.append([f"ref smp {r['ref_encoder']}", f"smp {decoder}", cell(r, "batch", 0),
-                              cell(r, "precision"), "False", cell(r, "ref_train_img_s"), cell(r, "ref_infer_img_s"), "-",
+                              cell(r, "precision"), str(r.get("ref_compile", False)), cell(r, "ref_train_img_s"),
+                              cell(r, "ref_infer_img_s"), "-",
                               cell(r, "ref_params_m"), "-", "-", "-", "1.00", "1.00"])
     table(["encoder", "decoder", "batch", "precision", "compile", "train img/s", "infer img/s", "peak MB",
            "params M", "GFLOPs/img", "MFU %", "loader img/s"] + (["train x ref", "infer x ref"] if referenced else []),

@@ -49,6 +49,31 @@ def test_quick_cpu_run_writes_bench_json_and_prints_both_tables(tmp_path):
     assert ablation_rows == ["| baseline", "| clip", "| no-channels-last"]
 
 
+
+def test_reference_compile_compiles_the_references_step_and_inference_as_compile_does_ours(monkeypatch, capsys):
+    smp = pytest.importorskip("segmentation_models_pytorch", reason="test-only oracle, requirements-dev.txt")
+    import torch
+    import bench as bench_py
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        # Dynamo traces the model as the real call does; the eager backend spares the minutes of C++ codegen.
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    flags = ["--encoder", "resnet10t", "--img-size", "32", "--batch-size", "2", "--bench-steps", "2",
+             "--bench-rounds", "1", "--reference"]
+    assert bench_py.main(flags) == 0
+    eager = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert compiled == [] and eager["ref_compile"] is False
+    assert bench_py.main(flags + ["--compile", "--reference-compile"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # Ours twice (the training step's model, then the raw model for inference), the reference once.
+    assert [type(m) for m in compiled].count(smp.Unet) == 1 and len(compiled) == 3
+    assert row["compile"] is True and row["ref_compile"] is True and row["ref_encoder"] == "tu-resnet10t"
+    assert row["ref_params_m"] == eager["ref_params_m"], "compiling changes no parameter of the reference"
+    assert abs(row["train_x_ref"] - row["train_img_s"] / row["ref_train_img_s"]) < 1e-9
+
 def test_reference_and_compiled_rows_appear_with_ratios_when_smp_is_importable(tmp_path):
     try:
         import segmentation_models_pytorch  # noqa: F401  (test-only oracle, requirements-dev.txt)
