@@ -212,7 +212,7 @@ def bench(run):
 def _time_rounds(parts, micro, ref, run, timing):
     """Seconds per round of ours and the reference (a Reference), alternating (train, then inference), and our
     peak memory."""
-    cfg, device, (rounds, steps, warmup), ref_model = run.cfg, run.device, timing, ref.model
+    cfg, device, (rounds, steps, warmup) = run.cfg, run.device, timing
     x = micro[0][0]
     # With --compile, inference is timed compiled too (the raw model compiled on its own, as for training).
     model = torch.compile(parts.raw_model) if cfg["compile"] else parts.raw_model
@@ -234,13 +234,13 @@ def _time_rounds(parts, micro, ref, run, timing):
         # Ours, then the reference: the same warm-up in round 0, the same steps in every round.
         times["train"].append(_timed(train_ours, steps, warmup if r == 0 else 0, device))
         peak = peak if peak is not None else peak_memory_mb(device)
-        if ref_model is not None:
+        if ref.model is not None:
             times["ref_train"].append(_timed(lambda: ref.step(micro), steps, warmup if r == 0 else 0, device))
         model.eval()
         times["infer"].append(_timed(infer_of(model), steps, warmup if r == 0 else 0, device))
-        if ref_model is not None:
-            ref_model.eval()
-            times["ref_infer"].append(_timed(infer_of(ref_model), steps, warmup if r == 0 else 0, device))
+        if ref.model is not None:
+            ref.model.eval()
+            times["ref_infer"].append(_timed(infer_of(ref.model), steps, warmup if r == 0 else 0, device))
     return times, peak
 
 
@@ -398,11 +398,12 @@ def _shared_memory(pre, samples, size, scheme, work_size):
 
 
 def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=8, work_size=1024):
-    """Training data path throughput, measured in one run, each after an untimed epoch: the host path (data.train_batches on the CPU, what
-    CPU training runs) without augmentation, with each kind and with all (LOADER_AUGMENTATIONS); on a GPU also
-    the host-cut path (crops cut on the host, one pinned copy per batch, augmented and normalised on the GPU)
-    and --device-data (the rows on the GPU, crops cut there), plain and with all; a torchvision transforms.v2 +
-    DataLoader (2 workers) PNG loader, plain and with the equivalent augmentation; the shared file's PSS."""
+    """Training data path throughput, measured in one run, each path after an untimed epoch: the host path
+    (data.train_batches on the CPU, what CPU training runs) without augmentation, with each kind and with all
+    (LOADER_AUGMENTATIONS); on a GPU also the host-cut path (crops cut on the host, one pinned copy per batch,
+    augmented and normalised on the GPU) and --device-data (the rows on the GPU, crops cut there), plain and with
+    all; a torchvision transforms.v2 + DataLoader (2 workers) PNG loader, plain and with the equivalent
+    augmentation; the shared file's PSS."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
         samples = list_samples(root)
@@ -422,9 +423,9 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
             device = torch.device("cuda")
             for name in ("plain", "all"):
                 cfg = _loader_cfg(size, batch, LOADER_AUGMENTATIONS[name])
-                _loader_img_s(pre, Run(cfg, device), epochs=1)  # CUDA context and kernels, untimed
-                result[f"cuda_host_cut_{name}_img_s"] = _loader_img_s(pre, Run(cfg, device), epochs=epochs)
-                on_device = Run(dict(cfg, device_data=True), device)
+                host_cut, on_device = Run(cfg, device), Run(dict(cfg, device_data=True), device)
+                _loader_img_s(pre, host_cut, epochs=1)  # CUDA context and kernels, untimed
+                result[f"cuda_host_cut_{name}_img_s"] = _loader_img_s(pre, host_cut, epochs=epochs)
                 result[f"cuda_device_data_{name}_img_s"] = _loader_img_s(pre, on_device, epochs=epochs)
             result["device"] = torch.cuda.get_device_name(device)
         result["torchvision_png_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 4))

@@ -149,7 +149,8 @@ def crop_cfg(**changes):
 
 
 def epoch(pre, cfg, rank=0, world=1, step0=0, rows=None):
-    return [(x.clone(), y.clone()) for x, y in data.train_batches(pre, Run(cfg, torch.device("cpu"), rank, world), 1, step0, rows=rows)]
+    run = Run(cfg, torch.device("cpu"), rank, world)
+    return [(x.clone(), y.clone()) for x, y in data.train_batches(pre, run, 1, step0, rows=rows)]
 
 
 def test_augmented_batches_are_the_same_for_one_and_two_ranks_after_a_resume_and_on_the_device(tmp_path, shm):
