@@ -1,7 +1,10 @@
 """What a conservator looks at: overlays whose outlines and legend grow with the image, and index.html, one
 self-contained page over a prediction folder, opened in a real headless Chromium."""
+import base64
+import fcntl
 import html.parser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -172,10 +175,80 @@ def test_the_page_loads_in_chromium_without_script_errors_and_shows_every_pictur
     assert re.search(rf'<body data-images="{images}" data-loaded="{images}" data-cards="{cards}"', dom)
 
 
+def devtools(link, method, params, session=None):
+    """Sends one DevTools command over Chromium's --remote-debugging-pipe and returns its result; the page's
+    uncaught exceptions reported meanwhile go to link["exceptions"]."""
+    link["calls"] += 1
+    command = {"id": link["calls"], "method": method, "params": params}
+    if session:
+        command["sessionId"] = session
+    link["commands"].write(json.dumps(command).encode() + b"\0")
+    link["commands"].flush()
+    while True:
+        chunk = link["replies"].read1(1 << 20)
+        assert chunk, "chromium closed its DevTools pipe"
+        *replies, link["buffered"] = (link["buffered"] + chunk).split(b"\0")
+        for reply in map(json.loads, replies):
+            if reply.get("method") == "Runtime.exceptionThrown":
+                link["exceptions"].append(reply["params"]["exceptionDetails"])
+            if reply.get("id") == link["calls"]:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+
+# Resolves once the page's load handler has counted its images and every image is decoded, two frames later,
+# so the screenshot cannot catch a card half drawn however loaded the machine is.
+READY = """new Promise(function (done) {
+  (function wait() {
+    if (!document.body || !document.body.dataset.loaded) { return setTimeout(wait, 20); }
+    Promise.all(Array.from(document.images, function (i) { return i.decode(); })).then(function () {
+      requestAnimationFrame(function () {
+        requestAnimationFrame(function () { done(document.body.dataset.loaded); });
+      });
+    });
+  })();
+})"""
+
+
+def onto(fd, target):
+    """Moves fd onto target in the child, first out of the way of 3 and 4 so neither pipe end clobbers the
+    other."""
+    os.dup2(fcntl.fcntl(fd, fcntl.F_DUPFD, 10), target)
+
+
 def screenshot(tmp_path, url):
+    """The page at url as Chromium paints it once the gallery is ready, driven over DevTools: the fixed
+    --virtual-time-budget of `chromium` can end before the last image is decoded on a loaded machine."""
+    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
+    read_commands, write_commands = os.pipe()
+    read_replies, write_replies = os.pipe()
+    # Chromium reads commands on fd 3 and writes replies on fd 4; close_fds would close those two again after
+    # preexec_fn has put the pipes there.
+    process = subprocess.Popen(
+        [install_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--hide-scrollbars", "--window-size=1400,1600", "--remote-debugging-pipe", "about:blank"],
+        close_fds=False, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: (onto(read_commands, 3), onto(write_replies, 4)))
+    os.close(read_commands)
+    os.close(write_replies)
+    link = {"commands": os.fdopen(write_commands, "wb"), "replies": os.fdopen(read_replies, "rb"), "calls": 0,
+            "buffered": b"", "exceptions": []}
+    try:
+        target = devtools(link, "Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = devtools(link, "Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        devtools(link, "Runtime.enable", {}, session)
+        devtools(link, "Page.navigate", {"url": url}, session)
+        ready = devtools(link, "Runtime.evaluate", {"expression": READY, "awaitPromise": True}, session)
+        shot = devtools(link, "Page.captureScreenshot", {"format": "png"}, session)
+    finally:
+        process.kill()
+        process.wait()
+        link["commands"].close()
+        link["replies"].close()
+    assert "exceptionDetails" not in ready and not link["exceptions"], (ready, link["exceptions"])
     path = tmp_path / f"shot{len(list(tmp_path.glob('shot*')))}.png"
-    console, _ = chromium(tmp_path, url, f"--screenshot={path}")
-    assert not [line for line in console if "Uncaught" in line]
+    path.write_bytes(base64.b64decode(shot["data"]))
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
