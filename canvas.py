@@ -20,8 +20,10 @@ def noise(rng, size, cells, octaves=1):
     return np.clip(total / amplitude_sum, 0.0, 1.0)
 
 
-def blob(rng, yy, xx, cy, cx, radius, roughness=0.25, harmonics=6):
-    """Normalised distance to an irregular blob outline: < 1 inside, grows outwards."""
+def blob(rng, grid, centre, radius, roughness=0.25, harmonics=6):
+    """Normalised distance to an irregular blob outline around centre (y, x) at the points of grid (yy, xx):
+    < 1 inside, grows outwards."""
+    (yy, xx), (cy, cx) = grid, centre
     dy, dx = yy - cy, xx - cx
     angle = np.arctan2(dy, dx)
     outline = np.ones_like(angle)

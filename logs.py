@@ -77,18 +77,20 @@ def schedule_lr(optimizer):
     return group["lr"] / group["lr_scale"]
 
 
-def progress_line(epoch, step, steps_per_epoch, loss_sum, timing, cfg, parts, device):
+def progress_line(run, parts, epoch, step, loss_sum, timing):
     """Rank 0's line inside an epoch: time of day, loss so far, the current LR of each distinct group, img/s,
     data-path vs step milliseconds per step and peak memory, both since the previous line, and the epoch's
-    ETA. Reading the loss is its only sync, so the time between two lines is exact; on a GPU the data/step
-    split is host time (a step's kernels may still run while the next batch is gathered)."""
+    ETA (timing["epoch_steps"] steps in all). Reading the loss is its only sync, so the time between two lines
+    is exact; on a GPU the data/step split is host time (a step's kernels may still run while the next batch is
+    gathered)."""
+    cfg, steps_per_epoch = run.cfg, timing["epoch_steps"]
     now = time.time()
     steps = max(timing["steps"], 1)
     rate = steps * cfg["batch_size"] / max(now - timing["logged"], 1e-9)
     lrs = "/".join(dict.fromkeys(f"{g['lr']:.2e}" for g in parts.optimizer.param_groups))
     print(f"  [{timestamp()}] epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss_sum.item() / step:.4f} "
           f"lr {lrs} {rate:.1f} img/s data {1000 * timing['data'] / steps:.0f} ms/step step "
-          f"{1000 * timing['step'] / steps:.0f} ms/step peak {peak_memory_mb(device):.0f} MB epoch ETA "
+          f"{1000 * timing['step'] / steps:.0f} ms/step peak {peak_memory_mb(run.device):.0f} MB epoch ETA "
           f"{fmt_time((steps_per_epoch - step) * cfg['batch_size'] / rate)}", flush=True)
     timing.update(data=0.0, step=0.0, steps=0, logged=now)
 

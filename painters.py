@@ -13,7 +13,7 @@ def _material_loss(rng, img, mask, ctx):
     grain = noise(rng, size, size // 4)[..., None] * 0.04
     for _ in range(rng.integers(1, 4)):
         cy, cx = point_in(rng, ctx["box"], 0.05)
-        field = blob(rng, yy, xx, cy, cx, rng.uniform(0.07, 0.19) * size, 0.3)
+        field = blob(rng, (yy, xx), (cy, cx), rng.uniform(0.07, 0.19) * size, 0.3)
         inside = field < 1.0
         colour = backing if img[inside].mean() > 0.75 else ground
         img[inside] = (colour - grain)[inside]
@@ -30,7 +30,7 @@ def _peel(rng, img, mask, ctx):
     spread = rng.uniform(0.07, 0.15) * size
     for _ in range(rng.integers(8, 18)):
         fy, fx = cy + rng.normal(0, spread), cx + rng.normal(0, spread)
-        field = blob(rng, yy, xx, fy, fx, rng.uniform(0.035, 0.08) * size, 0.45, 12)
+        field = blob(rng, (yy, xx), (fy, fx), rng.uniform(0.035, 0.08) * size, 0.45, 12)
         inside = field < 1.0
         lifted = 0.45 * img + 0.55 * ground + 0.08
         img[inside] = np.clip(lifted[inside], 0, 1)
@@ -103,7 +103,7 @@ def _hair(rng, img, mask, ctx):
 def _dirt(rng, img, mask, ctx):
     yy, xx, size = ctx["yy"], ctx["xx"], ctx["size"]
     cy, cx = point_in(rng, ctx["box"])
-    field = blob(rng, yy, xx, cy, cx, rng.uniform(0.08, 0.18) * size, 0.35)
+    field = blob(rng, (yy, xx), (cy, cx), rng.uniform(0.08, 0.18) * size, 0.35)
     field = field + 0.5 * (noise(rng, size, 8, 2) - 0.5)
     inside = field < 1.0
     grain = noise(rng, size, size // 2)
@@ -210,7 +210,7 @@ def _cracks(rng, img, mask, ctx):
         d1, d2 = np.take_along_axis(dist2, two, -1).transpose(2, 0, 1)
         gap = np.maximum(np.hypot(py[two[..., 0]] - py[two[..., 1]], px[two[..., 0]] - px[two[..., 1]]), 1e-3)
         to_edge = np.abs(d2 - d1) / (2 * gap)
-        region = blob(rng, yy[ys, xs], xx[ys, xs], cy, cx, radius, 0.3)
+        region = blob(rng, (yy[ys, xs], xx[ys, xs]), (cy, cx), radius, 0.3)
         alpha = np.zeros((size, size), np.float32)
         alpha[ys, xs] = np.clip(1.2 - to_edge / (0.6 * max(u, 1.0)), 0, 1) * (region < 1.0)
     else:
@@ -238,7 +238,7 @@ def _cracks(rng, img, mask, ctx):
 def _staining(rng, img, mask, ctx):
     yy, xx, size = ctx["yy"], ctx["xx"], ctx["size"]
     cy, cx = point_in(rng, ctx["box"], 0.05)
-    field = blob(rng, yy, xx, cy, cx, rng.uniform(0.12, 0.25) * size, 0.3)
+    field = blob(rng, (yy, xx), (cy, cx), rng.uniform(0.12, 0.25) * size, 0.3)
     field = field + 0.3 * (noise(rng, size, 5) - 0.5)
     opacity = rng.uniform(0.55, 0.85)
     alpha = np.clip((1.15 - field) / 0.5, 0, 1) * opacity
@@ -345,7 +345,7 @@ def _puncture(rng, img, mask, ctx):
 def _burn(rng, img, mask, ctx):
     yy, xx, size = ctx["yy"], ctx["xx"], ctx["size"]
     cy, cx = point_in(rng, ctx["box"], 0.05)
-    field = blob(rng, yy, xx, cy, cx, rng.uniform(0.06, 0.14) * size, 0.4, 8)
+    field = blob(rng, (yy, xx), (cy, cx), rng.uniform(0.06, 0.14) * size, 0.4, 8)
     field = field + 0.4 * (noise(rng, size, 10, 2) - 0.5)
     grain = noise(rng, size, size // 3)
     char = np.clip(0.05 + 0.12 * grain, 0, 1)[..., None] * np.asarray((1.0, 0.8, 0.6), np.float32)

@@ -52,7 +52,7 @@ def train_one_epoch(parts, pre, epoch, start, run, run_state):
     skipped, step, micro = 0, step0, []
     # Seconds spent on the data path (waiting for the gather, converting) vs stepping since the last progress
     # line, as torchvision's MetricLogger splits them; a line at least every PROGRESS_SECONDS on rank 0.
-    timing = {"data": 0.0, "step": 0.0, "steps": 0, "logged": time.time()}
+    timing = {"data": 0.0, "step": 0.0, "steps": 0, "logged": time.time(), "epoch_steps": steps_per_epoch}
     tick = time.time()
     for x, y in data.train_batches(pre, run, epoch, step0, run_state["class_weights"], run_state["device_rows"]):
         micro.append((x, y))
@@ -83,7 +83,7 @@ def train_one_epoch(parts, pre, epoch, start, run, run_state):
             check_finite(first_bad, epoch, cfg)
         if rank == 0 and step < steps_per_epoch and (step % cfg["log_every"] == 0
                                                       or time.time() - timing["logged"] >= PROGRESS_SECONDS):
-            progress_line(epoch, step, steps_per_epoch, loss_sum, timing, cfg, parts, device)
+            progress_line(run, parts, epoch, step, loss_sum, timing)
         if run_state["preemption"].poll():
             return loss_sum, step, skipped, True
         tick = time.time()

@@ -291,8 +291,8 @@ def test_forward_gflops_counts_a_convolution_by_hand():
 def test_the_step_line_shows_times_per_step_since_the_previous_line(capsys):
     cfg = {"batch_size": 4}
     parts = step.Training(*[None] * 2, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5), *[None] * 5)
-    timing = {"data": 0.3, "step": 1.5, "steps": 3, "logged": time.time() - 2.0}
-    logs.progress_line(0, 7, 10, torch.tensor(14.0), timing, cfg, parts, torch.device("cpu"))
+    timing = {"data": 0.3, "step": 1.5, "steps": 3, "logged": time.time() - 2.0, "epoch_steps": 10}
+    logs.progress_line(Run(cfg, CPU), parts, 0, 7, torch.tensor(14.0), timing)
     line = capsys.readouterr().out
     assert "loss 2.0000 lr 5.00e-01 " in line and " data 100 ms/step step 500 ms/step " in line, line
     assert (timing["data"], timing["step"], timing["steps"]) == (0.0, 0.0, 0), "the next line starts afresh"
