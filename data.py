@@ -26,7 +26,7 @@ from distributed import barrier, broadcast
 from files import dataset_scheme, fingerprint, list_samples, read_metadata
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
 from preload import Preloaded, preload
-from splits import default_manifest_path, group_names, split_ids
+from splits import Protocol, default_manifest_path, group_names, split_ids
 from synthetic import make_synthetic
 from writes import size_text, write_error
 
@@ -105,17 +105,20 @@ def dataset_fingerprint(cfg, rank=0, local_rank=0):
 Part = collections.namedtuple("Part", "samples pre groups")
 
 
+def split_protocol(cfg):
+    """The run's split protocol; --split single holds out Protocol's default share of the images."""
+    return Protocol(cfg["split"], cfg["folds"], cfg["seed"], inner_frac=cfg["inner_frac"])
+
+
 def manifest_path(cfg, root):
     """--splits, or a manifest in the splits/ folder beside the run folder, shared by the folds of a run."""
     if cfg.get("splits"):
         return Path(cfg["splits"])
-    return default_manifest_path(root, Path(cfg["run_dir"]).parent / "splits", cfg["split"], cfg["folds"],
-                                 cfg["seed"], 0.2)
+    return default_manifest_path(root, Path(cfg["run_dir"]).parent / "splits", split_protocol(cfg))
 
 
 def _fold_ids(cfg, root):
-    train, inner, test = split_ids(root, cfg["split"], cfg["fold"], cfg["folds"], cfg["seed"],
-                                   inner_frac=cfg["inner_frac"], manifest_path=manifest_path(cfg, root))
+    train, inner, test = split_ids(root, split_protocol(cfg), cfg["fold"], manifest_path(cfg, root))
     if cfg["select"] == "last":
         # A fixed schedule selects nothing, so the inner images train too.
         held = set(test)

@@ -9,6 +9,7 @@ it changes the manifest is refused, never silently reused. Its fold lists follow
 config records them, and results are compared by them), so a list edited by hand is refused too: custom folds
 are not supported.
 """
+import collections
 import hashlib
 import json
 from pathlib import Path
@@ -20,6 +21,10 @@ from labels import UserError
 from writes import atomic_write
 
 SPLIT_SCHEMES = ("single", "kfold", "material", "content")
+
+# Everything a split follows from besides the dataset: a manifest records these and is refused when one changes.
+Protocol = collections.namedtuple("Protocol", "scheme folds seed val_frac inner_frac",
+                                  defaults=("kfold", 3, 42, 0.2, 0.15))
 
 
 def _groups(root, scheme, ids):
@@ -73,8 +78,10 @@ def _inner(ids, test, inner_frac, seed, fold):
     return sorted(order[:min(len(train) - 1, max(1, round(len(train) * inner_frac)))])
 
 
-def make_manifest(root, scheme, folds, seed, val_frac, inner_frac):
-    """The manifest of a dataset folder: its inputs (ids, groups, settings) and the test/inner ids per fold."""
+def make_manifest(root, protocol):
+    """The manifest of a dataset folder: its inputs (ids, groups, the protocol) and the test/inner ids per
+    fold."""
+    scheme, folds, seed, val_frac, inner_frac = protocol
     if scheme not in SPLIT_SCHEMES:
         raise UserError(f"--split {scheme}: unknown; use one of {', '.join(SPLIT_SCHEMES)}")
     if not 0 < inner_frac < 1:
@@ -88,13 +95,17 @@ def make_manifest(root, scheme, folds, seed, val_frac, inner_frac):
             "inner": [_inner(ids, part, inner_frac, seed, k) for k, part in enumerate(test)]}
 
 
-def default_manifest_path(root, cache_dir, scheme, folds, seed, val_frac):
+def default_manifest_path(root, cache_dir, protocol):
     """Where a manifest lives unless --splits names one: a cache folder (never the dataset folder, which may
-    be read-only), named by the dataset's folder name and absolute path so two datasets never share one."""
+    be read-only), named by the dataset's folder name and absolute path so two datasets never share one, and
+    by the protocol, so that another --inner-frac gets its own manifest (with the same test folds) rather
+    than a refusal of the first one's."""
+    scheme, folds, seed, val_frac, inner_frac = protocol
     root = Path(root).resolve()
     tag = f"val{round(val_frac * 100)}" if scheme == "single" else folds if scheme == "kfold" else "groups"
+    inner = "" if inner_frac == Protocol().inner_frac else f"-inner{inner_frac:g}"
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
-    return Path(cache_dir) / f"{root.name}-{digest}-{scheme}-{tag}-{seed}.json"
+    return Path(cache_dir) / f"{root.name}-{digest}-{scheme}-{tag}-{seed}{inner}.json"
 
 
 def _difference(stored, fresh):
@@ -143,13 +154,14 @@ def _edited(stored, fresh):
     return None
 
 
-def split_ids(root, scheme="kfold", fold=0, folds=3, seed=42, val_frac=0.2, inner_frac=0.15, manifest_path=None):
-    """(train_ids, inner_ids, test_ids) of one fold, from the manifest at manifest_path (written if absent).
+def split_ids(root, protocol=Protocol(), fold=0, manifest_path=None):
+    """(train_ids, inner_ids, test_ids) of one fold of the protocol, from the manifest at manifest_path
+    (written if absent).
 
     A manifest whose inputs no longer match the dataset (an image added or removed, a corrected material,
     another seed) is a UserError naming what changed, rather than folds that silently leak.
     """
-    fresh = make_manifest(root, scheme, folds, seed, val_frac, inner_frac)
+    fresh = make_manifest(root, protocol)
     path = Path(manifest_path) if manifest_path else None
     if path is not None and path.is_file():
         stored = _read_manifest(path)
@@ -174,7 +186,7 @@ def split_ids(root, scheme="kfold", fold=0, folds=3, seed=42, val_frac=0.2, inne
                             "writable folder") from None
     if not 0 <= fold < fresh["folds"]:
         names = f" ({', '.join(fresh['group_names'])})" if fresh["group_names"] else ""
-        raise UserError(f"--fold {fold}: --split {scheme} has folds 0..{fresh['folds'] - 1}{names}")
+        raise UserError(f"--fold {fold}: --split {protocol.scheme} has folds 0..{fresh['folds'] - 1}{names}")
     test, inner = set(fresh["test"][fold]), set(fresh["inner"][fold])
     ids = fresh["ids"]
     return ([i for i in ids if i not in test and i not in inner], [i for i in ids if i in inner],

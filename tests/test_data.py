@@ -20,6 +20,7 @@ import files
 import prepare
 import preload
 import splits
+from splits import Protocol
 from data import MEAN, STD
 from labels import UserError, artefact_scheme
 
@@ -198,7 +199,7 @@ def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
 
 
 def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset, shm):
-    train_ids, _, val_ids = splits.split_ids(dataset, "kfold", 0, 3)
+    train_ids, _, val_ids = splits.split_ids(dataset, Protocol("kfold", 3))
     by_id = {s.id: s for s in files.list_samples(dataset)}
     with preload.preload([by_id[i] for i in train_ids], 16, ARTEFACT, offline_aug=True) as train, \
             preload.preload([by_id[i] for i in val_ids], 16, ARTEFACT) as val:

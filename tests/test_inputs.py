@@ -20,6 +20,7 @@ import predict
 import prepare
 import preload
 import splits
+from splits import Protocol
 import train
 import weights
 import writes
@@ -61,14 +62,14 @@ def test_a_data_folder_that_is_not_a_dataset_is_refused_in_one_line_and_leaves_n
 def test_a_hand_edited_manifest_is_refused_naming_the_fold(tmp_path):
     root = write_dataset(tmp_path / "ds", count=9)
     manifest = tmp_path / "m.json"
-    splits.split_ids(root, "kfold", 0, 3, manifest_path=manifest)
+    splits.split_ids(root, Protocol("kfold", 3), 0, manifest)
     stored = json.loads(manifest.read_text())
     moved = stored["test"][1][0]
     stored["test"][1].remove(moved)
     stored["test"][0].append(moved)
     manifest.write_text(json.dumps(stored))
     with pytest.raises(UserError) as raised:
-        splits.split_ids(root, "kfold", 2, 3, manifest_path=manifest)
+        splits.split_ids(root, Protocol("kfold", 3), 2, manifest)
     assert str(raised.value) == (f"{manifest}: its fold lists were edited (fold 0 test list: {moved} added); folds "
                                  "follow from the scheme, seed and fractions it records, so an edit would be "
                                  "silently ignored: undo it, or delete the file to re-split (custom folds are not "
