@@ -15,6 +15,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scratch_temp(tmp_path_factory):
+    """The temp folder of every process a test starts: torchrun's launcher leaves an empty torchelastic_* log
+    folder per launch in it, and those go with the session's temp folders instead of piling up in /tmp."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("temp"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     from synthetic import make_synthetic
