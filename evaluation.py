@@ -20,7 +20,7 @@ from losses import hierarchy_targets, label_tables
 from metrics import confusion, confusion_record, eval_metrics
 from runs import per_image_path, write_per_image
 from strips import strip_rows
-from tiles import label_strips, predict_image
+from tiles import Tiling, label_strips, predict_image
 from writes import atomic_write
 
 
@@ -99,8 +99,9 @@ def working_labels(model, part, row, run):
     """A part's image predicted at its working size, whole, with predict.py's overlapping blended tiles at the
     crop size (the run's micro-batch of tiles at a time, its --eval-tta and precision)."""
     cfg = run.cfg
-    return predict_image(model, working_image(part, row, cfg), cfg["img_size"], batch_size=cfg["micro_batch"],
-                         tta=tta_of(cfg), device=run.device, precision=cfg["precision"])
+    tiling = Tiling(cfg["img_size"], batch_size=cfg["micro_batch"], tta=tta_of(cfg), device=run.device,
+                    precision=cfg["precision"])
+    return predict_image(model, working_image(part, row, cfg), tiling)
 
 
 @torch.no_grad()

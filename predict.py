@@ -105,7 +105,7 @@ from objects import alpha_on_disk, find_mask, object_and_truth, object_source
 from folders import WRITE_FIX, claim, claim_outputs, list_images, outputs_of
 from overlay import render_overlay
 from strips import nearest_positions, strip_rows, write_png
-from tiles import label_strips, predict_image, tile_count
+from tiles import Tiling, label_strips, predict_image, tile_count
 from writes import atomic_write, write_error
 
 # Overlays up to this size are full size (a 24 MP camera image); larger ones are reduced by an integer factor.
@@ -177,10 +177,9 @@ def _predict_working(model, path, header, args, keep_alpha):
     working_shape = scaled_shape(header.height, header.width, args.tile, args.work_size)
     working, shown = scaled_copies(path, working_shape, overlay_factor(header.height, header.width), keep_alpha)
     large = tile_count(*working_shape, args.tile, args.overlap) >= PROGRESS_MIN_TILES
-    labels = predict_image(model, working, args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
-                           device=args.device, precision=args.precision,
-                           progress=_progress_printer(path.name) if large else None,
-                           hierarchy=args.scheme if args.consistency else None)
+    tiling = Tiling(args.tile, args.overlap, args.batch_size, args.tta, args.device, args.precision,
+                    args.scheme if args.consistency else None)
+    labels = predict_image(model, working, tiling, _progress_printer(path.name) if large else None)
     return labels, shown
 
 

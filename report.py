@@ -43,7 +43,7 @@ from files import read_image, read_mask
 from labels import UserError, colour_table, run_cli
 from metrics import iou_report, run_names, same_protocol
 from predict import write_mask
-from tiles import predict_at_scale
+from tiles import Tiling, predict_at_scale
 from writes import read_jsonl, write_error
 
 try:
@@ -277,7 +277,8 @@ def predict_panels(checkpoint_path, samples_dir, count, seed, scheme):
     for sample in panel_samples(config, count, seed):
         image = read_image(sample.image)
         image, truth = _shrink(image, read_mask(sample.mask, scheme, image.shape[:2]))
-        pred = predict_at_scale(model, image, config.get("img_size", 384), config.get("work_size", 0), device=device)
+        pred = predict_at_scale(model, image, Tiling(config.get("img_size", 384), device=device),
+                                config.get("work_size", 0))
         pred[truth == scheme.ignore] = scheme.ignore
         write_mask(samples_dir / f"{sample.id}_truth.png", np.ascontiguousarray(truth), scheme)
         write_mask(samples_dir / f"{sample.id}_prediction.png", pred, scheme)

@@ -92,8 +92,9 @@ def accumulator_shape(num_classes, tile, width):
     return num_classes, tile_h, max(width, tile_w)
 
 
-# How predict_image tiles an image, its options travelling together (see there).
-Tiling = collections.namedtuple("Tiling", "tile overlap batch_size tta device precision hierarchy")
+# How predict_image tiles an image: every option but the tile size has a default (see there).
+Tiling = collections.namedtuple("Tiling", "tile overlap batch_size tta device precision hierarchy",
+                                defaults=(OVERLAP, 8, False, None, "fp32", None))
 
 
 @torch.inference_mode()
@@ -147,32 +148,30 @@ def _blended_sums(model, image, tiling, progress):
         model.train(was_training)
 
 
-def predict_image(model, image, tile, overlap=OVERLAP, batch_size=8, tta=False, device=None, precision="fp32",
-                  progress=None, hierarchy=None):
-    """Class ids (uint8 H x W) for a uint8 H x W x 3 image of any size; others as below.
+def predict_image(model, image, tiling, progress=None):
+    """Class ids (uint8 H x W) for a uint8 H x W x 3 image of any size, tiled as the Tiling says.
 
-    ``tile`` is an int or (h, w); up to ``batch_size`` tiles go through the model at once; ``tta`` averages the
-    probabilities over horizontal, vertical and both flips; ``precision`` is bf16, fp16 or fp32 (autocast);
-    ``device`` defaults to the model's; ``progress(done_tiles, total_tiles)`` is called after every batch;
-    ``hierarchy`` (the label scheme) combines the heads of a hierarchical model (see head_probs). The model is
-    in eval mode meanwhile and restored afterwards."""
+    ``tile`` is an int or (h, w) with ``overlap`` between neighbours; up to ``batch_size`` tiles go through the
+    model at once; ``tta`` averages the probabilities over horizontal, vertical and both flips; ``precision`` is
+    bf16, fp16 or fp32 (autocast); ``device`` defaults to the model's; ``hierarchy`` (the label scheme) combines
+    the heads of a hierarchical model (see head_probs). ``progress(done_tiles, total_tiles)`` is called after
+    every batch. The model is in eval mode meanwhile and restored afterwards."""
     labels = np.empty(image.shape[:2], dtype=np.uint8)
     # The per-pixel weight divides every class alike, so the argmax of the sums needs no normalised copy;
     # max(0).indices is that argmax (first maximum on ties) and on CPU several times faster than argmax(0).
-    tiling = Tiling(tile, overlap, batch_size, tta, device, precision, hierarchy)
     for row0, sums in _blended_sums(model, image, tiling, progress):
         labels[row0:row0 + sums.shape[1]] = sums.max(0).indices.to(torch.uint8).cpu().numpy()
     return labels
 
 
-def predict_at_scale(model, image, tile, work_size, **options):
+def predict_at_scale(model, image, tiling, work_size):
     """Class ids (uint8 H x W) of an image of any size, predicted at the scale the model was trained at: the
     image is resized to its working size (files.scaled_shape: long side work_size; 0 squashes it to
-    tile x tile, the earlier prototype's mode), tiled there by predict_image (options as there), and the label
-    map resized back to H x W (nearest)."""
+    tile x tile, the earlier prototype's mode), tiled there by predict_image, and the label map resized back to
+    H x W (nearest)."""
     height, width = image.shape[:2]
-    scaled_h, scaled_w = scaled_shape(height, width, tile, work_size)
-    labels = predict_image(model, resize_image(image, scaled_h, scaled_w), tile, **options)
+    scaled_h, scaled_w = scaled_shape(height, width, tiling.tile, work_size)
+    labels = predict_image(model, resize_image(image, scaled_h, scaled_w), tiling)
     return resize_labels(labels, height, width)
 
 

@@ -17,7 +17,7 @@ from labels import artefact_scheme, scheme_to_dict
 from metrics import iou_report, run_names
 from runs import read_per_image, write_per_image
 from checkpoint import load_checkpoint, model_from_checkpoint
-from tiles import predict_image
+from tiles import Tiling, predict_image
 
 ENCODERS = ("resnet10t", "mit_b0")
 FOLDS = 2
@@ -110,7 +110,7 @@ def test_per_image_matrices_are_each_test_image_counted_once(grid, tiny_set):
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model = model_from_checkpoint(checkpoint, run_dir / "best.pt")
     image, mask = load_working(samples[ids[3]], 32, 48, scheme)
-    labels = predict_image(model, image, 32, batch_size=checkpoint["config"]["micro_batch"]).astype(np.int64)
+    labels = predict_image(model, image, Tiling(32, batch_size=checkpoint["config"]["micro_batch"])).astype(np.int64)
     valid = mask != scheme.ignore
     counted = np.zeros((len(NAMES), len(NAMES)), dtype=np.int64)
     np.add.at(counted, (mask[valid].astype(np.int64), labels[valid]), 1)

@@ -18,7 +18,7 @@ from conftest import module_folder, run_script
 from metrics import confusion
 from predict import load_model, main
 from test_predict import ARTEFACT, CLASS_NAMES, random_image, write_checkpoint
-from tiles import predict_image
+from tiles import Tiling, predict_image
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +174,12 @@ def test_evaluation_at_the_working_scale_pads_thin_images_as_predict_does(thin_s
         height, width = files.scaled_shape(*files.displayed_size(sample.image), 64, 96)
         working = files.scaled_copies(sample.image, (height, width))[0]
         np.testing.assert_array_equal(part.pre.image(row)[:height, :width], working)
-        labels = predict_image(model, working, 64)
+        labels = predict_image(model, working, Tiling(64))
         truth = part.pre.mask(row)[:height, :width]
         expected = expected + confusion(torch.from_numpy(labels.astype(np.int64)),
                                                    torch.from_numpy(truth.astype(np.int64)), 16, 255)
         # What evaluation used to predict: the preload's image, padded with black to a whole tile.
-        changed += int((predict_image(model, part.pre.image(row), 64)[:height, :width] != labels).sum())
+        changed += int((predict_image(model, part.pre.image(row), Tiling(64))[:height, :width] != labels).sum())
     cms = evaluation.evaluate(model, part, Run(cfg, torch.device("cpu")))
     np.testing.assert_array_equal(cms["fine"].numpy(), expected.numpy())
     assert changed > 0, "black padding changes labels, so this test can tell the two apart"

@@ -19,7 +19,7 @@ from labels import UserError, artefact_scheme, scheme_from_dict, scheme_to_dict
 from areas import area_report
 from overlay import render_overlay
 from predict import _progress_printer, main, parse_args, write_mask
-from tiles import predict_image
+from tiles import Tiling, predict_image
 
 ARTEFACT = artefact_scheme()
 CLASS_NAMES, PALETTE, BACKGROUND_COLOUR = list(ARTEFACT.names), list(ARTEFACT.colours), ARTEFACT.ignore_colour
@@ -77,7 +77,7 @@ def assert_labels_match(labels, probs):
 
 def test_image_of_exactly_one_tile_equals_plain_forward():
     model, image = conv_model(), random_image(64, 64)
-    labels = predict_image(model, image, tile=64)
+    labels = predict_image(model, image, Tiling(64))
     assert_labels_match(labels, whole_image_probs(model, image))
 
 
@@ -85,27 +85,27 @@ def test_image_of_exactly_one_tile_equals_plain_forward():
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
 def test_pointwise_model_tiled_equals_whole_image(size, overlap):
     model, image = pointwise_model(), random_image(*size)
-    labels = predict_image(model, image, tile=32, overlap=overlap, batch_size=3)
+    labels = predict_image(model, image, Tiling(32, overlap=overlap, batch_size=3))
     assert_labels_match(labels, whole_image_probs(model, image))
 
 
 def test_blending_hides_tile_borders_of_a_convolutional_model():
     model, image = conv_model(), random_image(160, 200)
-    labels = predict_image(model, image, tile=48, overlap=0.5)
+    labels = predict_image(model, image, Tiling(48, overlap=0.5))
     whole = whole_image_probs(model, image).argmax(0).numpy()
     assert (labels == whole).mean() > 0.999
 
 
 @pytest.mark.parametrize("size", [(97, 131), (1, 1), (20, 45), (63, 64), (64, 64), (65, 200), (150, 97)])
 def test_output_size_equals_input_size(size):
-    labels = predict_image(conv_model(), random_image(*size), tile=64)
+    labels = predict_image(conv_model(), random_image(*size), Tiling(64))
     assert labels.shape == size and labels.dtype == np.uint8
     assert labels.max() < 16
 
 
 def test_image_smaller_than_a_tile_matches_the_pointwise_forward():
     model, image = pointwise_model(), random_image(20, 45)
-    assert_labels_match(predict_image(model, image, tile=64), whole_image_probs(model, image))
+    assert_labels_match(predict_image(model, image, Tiling(64)), whole_image_probs(model, image))
 
 
 def test_tta_with_a_flip_equivariant_model_equals_no_tta():
@@ -115,8 +115,8 @@ def test_tta_with_a_flip_equivariant_model_equals_no_tta():
         w = model.weight
         w.copy_(w + w.flip(-1) + w.flip(-2) + w.flip(-1, -2))
     image = random_image(97, 131)
-    plain = predict_image(model, image, 32, overlap=0.25)
-    flipped = predict_image(model, image, 32, overlap=0.25, tta=True)
+    plain = predict_image(model, image, Tiling(32, overlap=0.25))
+    flipped = predict_image(model, image, Tiling(32, overlap=0.25, tta=True))
     assert (flipped == plain).mean() > 0.999
 
 
@@ -129,14 +129,14 @@ def test_tta_averages_the_four_flipped_predictions():
             views.append(model(x.flip(dims)).softmax(1).flip(dims))
         views.append(model(x).softmax(1))
     expected = torch.stack(views).mean(0)[0]
-    assert_labels_match(predict_image(model, image, 48, tta=True), expected)
+    assert_labels_match(predict_image(model, image, Tiling(48, tta=True)), expected)
 
 
 def test_hierarchical_model_uses_the_fine_head():
     model, image = HierarchicalStandIn(), random_image(40, 56)
     with torch.no_grad():
         fine = model(whole_image_input(image))["fine"][0].softmax(0)
-    assert_labels_match(predict_image(model, image, tile=32), fine)
+    assert_labels_match(predict_image(model, image, Tiling(32)), fine)
 
 
 def test_consistency_weights_fine_classes_by_their_coarse_group_and_damage_probability():
@@ -146,13 +146,13 @@ def test_consistency_weights_fine_classes_by_their_coarse_group_and_damage_proba
     group = torch.tensor(GROUP_OF_FINE)
     joint = out["fine"] * out["coarse"][group] * out["binary"][(group > 0).long()]
     expected = (joint / joint.sum(0)).float()
-    assert_labels_match(predict_image(model, image, 32, hierarchy=ARTEFACT), expected)
+    assert_labels_match(predict_image(model, image, Tiling(32, hierarchy=ARTEFACT)), expected)
     assert not torch.equal(expected.argmax(0), out["fine"].argmax(0))
 
 
 def test_progress_counts_every_tile_once():
     calls = []
-    predict_image(pointwise_model(), random_image(100, 150), tile=32, overlap=0.25, batch_size=4,
+    predict_image(pointwise_model(), random_image(100, 150), Tiling(32, overlap=0.25, batch_size=4),
                   progress=lambda done, total: calls.append((done, total)))
     total = (math.ceil((100 - 32) / 24) + 1) * (math.ceil((150 - 32) / 24) + 1)
     assert calls[-1] == (total, total)
@@ -244,7 +244,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, re, sys
     import numpy as np, torch
     sys.path.insert(0, sys.argv[1])
-    from tiles import predict_image
+    from tiles import Tiling, predict_image
 
     def status(key):
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
@@ -252,9 +252,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.manual_seed(42)
     model = torch.nn.Conv2d(3, 16, 1)
     image = np.random.default_rng(42).integers(0, 256, (3000, 2500, 3), dtype=np.uint8)
-    predict_image(model, image[:300, :300], 64)
+    predict_image(model, image[:300, :300], Tiling(64))
     before = status("VmRSS")
-    labels = predict_image(model, image, 64, overlap=0.25, batch_size=8)
+    labels = predict_image(model, image, Tiling(64, overlap=0.25, batch_size=8))
     grown = status("VmHWM") - before
     crop = image[-200:, -300:]
     with torch.no_grad():
