@@ -25,7 +25,7 @@ from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, de
 from distributed import barrier, broadcast
 from files import dataset_scheme, fingerprint, list_samples, read_metadata
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
-from preload import Preloaded, preload
+from preload import Preloaded, RowFormat, preload
 from splits import Protocol, default_manifest_path, group_names, split_ids
 from synthetic import make_synthetic
 from writes import size_text, write_error
@@ -158,9 +158,8 @@ def load_split(cfg, local_rank=0, local_world=1, needed=("train", "val", "test")
     for name in needed:
         samples = [by_id[i] for i in ids[name]]
         shared = cfg["preload"] == "all" or (cfg["preload"] == "val" and name != "train")
-        pre = preload(samples, cfg["img_size"], scheme, local_rank, local_world,
-                      offline_aug=cfg["offline_aug"] and name == "train",
-                      mode="shm" if shared else "disk", work_size=cfg["work_size"])
+        form = RowFormat(cfg["img_size"], scheme, cfg["work_size"], cfg["offline_aug"] and name == "train")
+        pre = preload(samples, form, "shm" if shared else "disk", (local_rank, local_world))
         parts[name] = Part(samples, pre, _groups(metadata, samples))
     return parts
 

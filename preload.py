@@ -35,6 +35,10 @@ POINTS = 32
 PIXEL = np.dtype("V3")  # one RGB pixel as a unit
 
 Layout = collections.namedtuple("Layout", "shapes image_offsets mask_offsets counts_offset points_offset nbytes")
+# What the rows of a set hold: its images at their working scale for crops of size (work_size 0: squashed to
+# size x size; else long side work_size, padded to at least size), masks read with the label scheme, and with
+# offline_aug each image's hflip, vflip and rot90 copies next to it.
+RowFormat = collections.namedtuple("RowFormat", "size scheme work_size offline_aug", defaults=(0, False))
 
 
 def count_columns(scheme):
@@ -74,7 +78,9 @@ def row_stats(mask, scheme):
     return np.append(counts[:scheme.num_classes], counts[scheme.ignore]).astype(np.int64), points
 
 
-def _fill(samples, size, work_size, buffer, layout, copies, scheme):
+def _fill(samples, form, buffer, layout):
+    size, scheme, work_size, offline_aug = form
+    copies = len(OFFLINE_COPIES) if offline_aug else 1
     counts = np.ndarray((len(layout.shapes), count_columns(scheme)), np.int64, buffer, layout.counts_offset)
     points = np.ndarray((len(layout.shapes), scheme.num_classes, POINTS, 2), np.int32, buffer, layout.points_offset)
     show, done, lock = progress("preload: images", len(samples)), [0], threading.Lock()
@@ -212,6 +218,11 @@ class _Rows:
     """What Preloaded and OnDisk share: rows by index, crops of them, per-row class statistics (by the label
     scheme the masks were read with, self.scheme)."""
 
+    def _take_format(self, samples, form):
+        self.form, (self.size, self.scheme, self.work_size, offline_aug) = form, form
+        self.copies = len(OFFLINE_COPIES) if offline_aug else 1
+        self.ids = [s.id for s in samples for _ in range(self.copies)]
+
     def __len__(self):
         return len(self.ids)
 
@@ -276,16 +287,13 @@ class Preloaded(_Rows):
     next preload on the node; files with a live user are never touched.
     """
 
-    def __init__(self, samples, size, scheme, work_size=0, local_rank=0, local_world=1, offline_aug=False,
-                 timeout=3600.0):
-        self.size, self.work_size, self.scheme = size, work_size, scheme
-        self.copies = len(OFFLINE_COPIES) if offline_aug else 1
-        self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.directory, self.key = _shm_dir(), _cache_key(samples, size, work_size, offline_aug, scheme)
+    def __init__(self, samples, form, node=(0, 1), timeout=3600.0):
+        self._take_format(samples, form)
+        self.directory, self.key = _shm_dir(), _cache_key(samples, form)
         if not self.directory.is_dir():
             raise UserError(f"{self.directory}: no shared-memory folder; use --preload none, or point "
                             "ARTDAMAGE_SHM_DIR at a tmpfs folder")
-        self.layout = row_layout(samples, size, work_size, self.copies, scheme)
+        self.layout = row_layout(samples, self.size, self.work_size, self.copies, self.scheme)
         self.shapes, self.nbytes = self.layout.shapes, self.layout.nbytes
         self.files = _key_files(self.directory, self.key)
         self.path, self._owner, self._closed = self.files["data"], os.getpid(), False
@@ -297,7 +305,7 @@ class Preloaded(_Rows):
             raise _shm_error(self.directory, exc) from None
         atexit.register(self.close)
         try:
-            self._map(samples, local_rank, local_world, timeout)
+            self._map(samples, node, timeout)
         except OSError as exc:
             self.close()
             raise _shm_error(self.directory, exc, self.nbytes) from None
@@ -310,7 +318,8 @@ class Preloaded(_Rows):
         (self.files["users"] / _me()).touch()
         _registered[self.path] += 1
 
-    def _map(self, samples, local_rank, local_world, timeout):
+    def _map(self, samples, node, timeout):
+        local_rank, local_world = node
         deadline = time.monotonic() + timeout
         while True:
             with _Lock(self.directory):
@@ -362,7 +371,7 @@ class Preloaded(_Rows):
                                 f"{size_text(free_bytes(self.directory))} free; use --preload none, a smaller "
                                 "--work-size, or a larger /dev/shm") from None
             buffer = np.memmap(tmp, np.uint8, "r+")
-            _fill(samples, self.size, self.work_size, buffer, self.layout, self.copies, self.scheme)
+            _fill(samples, self.form, buffer, self.layout)
             buffer.flush()
             del buffer
             os.rename(tmp, self.path)
@@ -401,7 +410,8 @@ def _shm_error(directory, exc, needed=None):
     return error
 
 
-def _cache_key(samples, size, work_size, offline_aug, scheme):
+def _cache_key(samples, form):
+    size, scheme, work_size, offline_aug = form
     # The scheme decides how masks are read (ids, palette) and the count columns: another scheme, another file.
     scheme_json = json.dumps(scheme_to_dict(scheme), sort_keys=True)
     digest = hashlib.sha256(f"v3 {size} {work_size} {bool(offline_aug)} {scheme_json}".encode())
@@ -419,11 +429,10 @@ class OnDisk(_Rows):
     """Same interface as Preloaded, but every access decodes and resizes from disk (slow, no RAM cost); the
     per-row class statistics are worked out once, on first use, from the masks alone."""
 
-    def __init__(self, samples, size, scheme, work_size=0, offline_aug=False):
-        self.samples, self.size, self.work_size, self.scheme = samples, size, work_size, scheme
-        self.copies = len(OFFLINE_COPIES) if offline_aug else 1
-        self.ids = [s.id for s in samples for _ in range(self.copies)]
-        self.shapes = row_layout(samples, size, work_size, self.copies, scheme).shapes
+    def __init__(self, samples, form):
+        self.samples = samples
+        self._take_format(samples, form)
+        self.shapes = row_layout(samples, self.size, self.work_size, self.copies, self.scheme).shapes
         self._stats = None
 
     def _row(self, row):
@@ -456,15 +465,13 @@ class OnDisk(_Rows):
         pass
 
 
-def preload(samples, size, scheme, local_rank=0, local_world=1, offline_aug=False, mode="shm", timeout=3600.0,
-            work_size=0):
-    """Samples at their working scale (work_size 0: squashed to size x size; else long side work_size, padded to
-    at least size), masks read with the label scheme: mode "shm" builds/maps the node-shared file (Preloaded),
-    "disk" reads on access (OnDisk).
-    offline_aug adds hflip, vflip and rot90 copies: pass it for training samples only, after the split. Local
-    rank 0 builds; other local ranks wait up to timeout seconds."""
+def preload(samples, form, mode="shm", node=(0, 1), timeout=3600.0):
+    """The samples' rows in the RowFormat form: mode "shm" builds/maps the node-shared file (Preloaded), "disk"
+    reads on access (OnDisk). Pass form.offline_aug for training samples only, after the split. Of the
+    node = (local rank, local world size)'s processes, local rank 0 builds; the others wait up to timeout
+    seconds."""
     if mode == "disk" or not samples:
-        return OnDisk(samples, size, scheme, work_size, offline_aug)
+        return OnDisk(samples, form)
     if mode != "shm":
         raise ValueError(f"preload mode {mode!r}: use 'shm' or 'disk'")
-    return Preloaded(samples, size, scheme, work_size, local_rank, local_world, offline_aug, timeout)
+    return Preloaded(samples, form, node, timeout)

@@ -52,7 +52,8 @@ def crops(pre, corners, sides, flips=None):
 
 
 def test_a_zoomed_crop_puts_every_label_where_the_geometry_says(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)),
+                         preload.RowFormat(SIZE, ARTEFACT, work_size=96)) as pre:
         labels, red = pre.mask(0), pre.image(0)[..., 0]
         # Zoom in by 2 (a 16 px window): each source pixel covers 2 x 2 output pixels.
         images, masks = crops(pre, [(30, 40)], [16])
@@ -80,7 +81,8 @@ def assert_like_pillow(image, window):
 
 
 def test_any_scale_resizes_the_image_as_pillow_does(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)),
+                         preload.RowFormat(SIZE, ARTEFACT, work_size=96)) as pre:
         sides = [11, 23, 32, 45, 77]
         images, _ = crops(pre, [(3, 5)] * len(sides), sides)
         for j, (image, side) in enumerate(zip(images, sides)):
@@ -88,7 +90,8 @@ def test_any_scale_resizes_the_image_as_pillow_does(tmp_path, shm):
 
 
 def test_a_window_larger_than_the_image_is_padded_with_255_outside_it(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path, size=(40, 36))), SIZE, ARTEFACT, work_size=40) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path, size=(40, 36))),
+                         preload.RowFormat(SIZE, ARTEFACT, work_size=40)) as pre:
         assert pre.shapes[0].tolist() == [36, 40]
         # A 64 px window (scale 0.5) with the image at offset (10, 12): output pixel i shows source 2 i + 1.
         images, masks = crops(pre, [(-10, -12)], [64])
@@ -109,7 +112,7 @@ def test_off_the_image_the_mask_holds_the_schemes_ignore_id_on_the_host_and_the_
         mask = np.where(cracks, 1, 0).astype(np.uint8)
         mask[:, 30:] = CRACKS.ignore
         Image.fromarray(mask).save(sample.mask)
-    with preload.preload(files.list_samples(root), SIZE, CRACKS, work_size=40) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(SIZE, CRACKS, work_size=40)) as pre:
         # A 64 px window (scale 0.5) at (-10, -12): output pixel i shows source 2 i + 1 - offset.
         corners, sides = np.array([(-10, -12), (-10, -12)]), np.array([64, 64])
         images, masks = crops(pre, corners, sides)
@@ -126,7 +129,8 @@ def test_off_the_image_the_mask_holds_the_schemes_ignore_id_on_the_host_and_the_
 
 
 def test_flips_of_a_scaled_crop_move_image_and_mask_together(tmp_path, shm):
-    with preload.preload(files.list_samples(pattern_set(tmp_path)), SIZE, ARTEFACT, work_size=96) as pre:
+    with preload.preload(files.list_samples(pattern_set(tmp_path)),
+                         preload.RowFormat(SIZE, ARTEFACT, work_size=96)) as pre:
         plain_images, plain_masks = crops(pre, [(30, 40)] * 3, [16] * 3)
         flips = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 1]], bool)
         images, masks = crops(pre, [(30, 40)] * 3, [16] * 3, flips)
@@ -155,7 +159,7 @@ def epoch(pre, cfg, rank=0, world=1, step0=0, rows=None):
 
 def test_augmented_batches_are_the_same_for_one_and_two_ranks_after_a_resume_and_on_the_device(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=9, size=(90, 50))
-    with preload.preload(files.list_samples(root), SIZE, ARTEFACT, work_size=90) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(SIZE, ARTEFACT, work_size=90)) as pre:
         cfg = crop_cfg()
         one = epoch(pre, cfg)
         assert len(one) == 2 * 2, "2 steps of 2 micro-batches"
@@ -181,7 +185,7 @@ def test_augmented_batches_are_the_same_for_one_and_two_ranks_after_a_resume_and
 
 def test_without_augmentation_the_batches_are_the_plain_crops(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=5, size=(70, 50))
-    with preload.preload(files.list_samples(root), SIZE, ARTEFACT, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(SIZE, ARTEFACT, work_size=70)) as pre:
         cfg = crop_cfg(scale_aug=None, colour_aug=0.0, blur_aug=0.0, seed=3)
         plan = data.epoch_plan(pre, cfg, 1)
         assert (plan.sides == SIZE).all() and plan.photometric is None
@@ -276,7 +280,8 @@ def test_the_draws_are_seeded_within_their_ranges():
 
 def test_rare_crops_centre_scaled_windows_on_damage(tmp_path):
     from test_scale import damage_set
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)),
+                          preload.RowFormat(32, ARTEFACT, work_size=120), mode="disk")
     weights = np.ones(16)
     weights[5] = 50.0
     hair = []
@@ -297,7 +302,7 @@ def test_scaled_windows_almost_all_outside_the_object_are_drawn_again(tmp_path, 
         mask = np.full((100, 100), scheme.ignore, np.uint8)
         mask[:30, :30] = 0
         Image.fromarray(mask).save(sample.mask)
-    pre = preload.preload(files.list_samples(root), 16, scheme, work_size=100, mode="disk")
+    pre = preload.preload(files.list_samples(root), preload.RowFormat(16, scheme, work_size=100), mode="disk")
     side = 24
 
     def good(top, left):
@@ -326,7 +331,8 @@ def test_augmentation_flags_out_of_range_are_refused_naming_the_flag(flags, mess
 def test_device_data_needs_the_preloaded_rows(tmp_path):
     root = write_dataset(tmp_path / "ds", count=2)
     with pytest.raises(UserError, match="--device-data: needs the training images preloaded"):
-        data.rows_on_device(preload.preload(files.list_samples(root), 16, ARTEFACT, mode="disk"), "cpu")
+        data.rows_on_device(preload.preload(files.list_samples(root),
+                                            preload.RowFormat(16, ARTEFACT), mode="disk"), "cpu")
 
 
 def test_an_augmented_run_stopped_mid_epoch_resumes_on_device_data_to_the_uninterrupted_result(synthetic_root,

@@ -174,7 +174,7 @@ def test_resolve_data_names_the_synthetic_folder_by_count_and_size_and_rejects_m
 
 def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16, ARTEFACT) as pre:
+    with preload.preload(samples, preload.RowFormat(16, ARTEFACT)) as pre:
         assert pre.shapes.tolist() == [[16, 16]] * 6
         assert pre.ids == [s.id for s in samples]
         for i, sample in enumerate(samples):
@@ -187,9 +187,8 @@ def test_preload_equals_a_direct_resize_of_each_file(dataset, shm):
 
 def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16, ARTEFACT, offline_aug=True) as pre, \
-            preload.preload(samples, 16, ARTEFACT, offline_aug=True,
-                                                                          mode="disk") as disk:
+    with preload.preload(samples, preload.RowFormat(16, ARTEFACT, offline_aug=True)) as pre, \
+            preload.preload(samples, preload.RowFormat(16, ARTEFACT, offline_aug=True), mode="disk") as disk:
         assert disk.ids == pre.ids
         np.testing.assert_array_equal(disk.counts, pre.counts)
         np.testing.assert_array_equal(disk.points, pre.points)
@@ -201,8 +200,8 @@ def test_disk_mode_gives_the_same_rows_as_shared_memory(dataset, shm):
 def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset, shm):
     train_ids, _, val_ids = splits.split_ids(dataset, Protocol("kfold", 3))
     by_id = {s.id: s for s in files.list_samples(dataset)}
-    with preload.preload([by_id[i] for i in train_ids], 16, ARTEFACT, offline_aug=True) as train, \
-            preload.preload([by_id[i] for i in val_ids], 16, ARTEFACT) as val:
+    with preload.preload([by_id[i] for i in train_ids], preload.RowFormat(16, ARTEFACT, offline_aug=True)) as train, \
+            preload.preload([by_id[i] for i in val_ids], preload.RowFormat(16, ARTEFACT)) as val:
         assert len(train) == 4 * len(train_ids) and len(val) == len(val_ids)
         assert set(train.ids) == set(train_ids) and set(train.ids).isdisjoint(val.ids)
         for k, sample_id in enumerate(train_ids):
@@ -218,11 +217,11 @@ def test_offline_augmentation_adds_three_copies_of_training_images_only(dataset,
 
 def test_second_process_maps_the_same_bytes_without_building(dataset, shm):
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16, ARTEFACT) as pre:
+    with preload.preload(samples, preload.RowFormat(16, ARTEFACT)) as pre:
         child = python(f"""
 import labels, hashlib, files, preload
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme(), local_rank=1, local_world=2,
-                      timeout=20)
+pre = preload.preload(files.list_samples({str(dataset)!r}),
+                      preload.RowFormat(16, labels.artefact_scheme()), node=(1, 2), timeout=20)
 print(pre.path, hashlib.sha256(pre.buffer.tobytes()).hexdigest())
 """)
         out, err = child.communicate(timeout=60)
@@ -240,14 +239,14 @@ def test_waiting_rank_gets_the_builders_error(tmp_path, shm):
     waiter = python(f"""
 import files, labels, preload, sys
 try:
-    preload.preload(files.list_samples({str(root)!r}), 16, labels.artefact_scheme(), local_rank=1, local_world=2,
-                    timeout=30)
+    preload.preload(files.list_samples({str(root)!r}),
+                    preload.RowFormat(16, labels.artefact_scheme()), node=(1, 2), timeout=30)
 except labels.UserError as exc:
     print(exc)
 """)
     wait_for(lambda: any(shm.glob("artdamage-*.users/*")), waiter)
     with pytest.raises(UserError, match="img01.png.*40") as raised:
-        preload.preload(files.list_samples(root), 16, ARTEFACT)
+        preload.preload(files.list_samples(root), preload.RowFormat(16, ARTEFACT))
     out, err = waiter.communicate(timeout=60)
     assert out.strip() == str(raised.value), err
     assert leftovers(shm) == []
@@ -255,7 +254,8 @@ except labels.UserError as exc:
 
 def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
     samples = files.list_samples(dataset)
-    first, second = preload.preload(samples, 16, ARTEFACT), preload.preload(samples, 16, ARTEFACT)
+    form = preload.RowFormat(16, ARTEFACT)
+    first, second = preload.preload(samples, form), preload.preload(samples, form)
     assert first.path == second.path
     first.close()
     first.close()
@@ -268,7 +268,7 @@ def test_segment_is_removed_after_the_last_user_closes(dataset, shm):
 def test_segment_is_removed_when_the_owning_process_dies_of_an_exception(dataset, shm):
     child = python(f"""
 import labels, files, preload
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
+pre = preload.preload(files.list_samples({str(dataset)!r}), preload.RowFormat(16, labels.artefact_scheme()))
 raise RuntimeError("training crashed")
 """)
     out, err = child.communicate(timeout=60)
@@ -279,7 +279,7 @@ raise RuntimeError("training crashed")
 def test_segment_of_a_sigkilled_run_is_reclaimed_by_the_next_run(tmp_path, dataset, shm):
     child = python(f"""
 import labels, files, preload, time
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
+pre = preload.preload(files.list_samples({str(dataset)!r}), preload.RowFormat(16, labels.artefact_scheme()))
 print("ready", flush=True)
 time.sleep(600)
 """)
@@ -288,7 +288,7 @@ time.sleep(600)
     child.communicate()
     assert any(name.endswith(".u8") for name in leftovers(shm))
     other = write_dataset(tmp_path / "other", count=2)
-    with preload.preload(files.list_samples(other), 16, ARTEFACT) as pre:
+    with preload.preload(files.list_samples(other), preload.RowFormat(16, ARTEFACT)) as pre:
         assert leftovers(shm) == sorted([Path(pre.path).name, Path(pre.path).name[:-3] + ".users"])
     assert leftovers(shm) == []
 
@@ -300,14 +300,14 @@ def stall(*args):
     print("building", flush=True)
     time.sleep(600)
 preload._fill = stall
-preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
+preload.preload(files.list_samples({str(dataset)!r}), preload.RowFormat(16, labels.artefact_scheme()))
 """)
     assert child.stdout.readline().strip() == "building"
     assert any(name.endswith(".tmp") for name in leftovers(shm))
     child.send_signal(signal.SIGKILL)
     child.communicate()
     samples = files.list_samples(dataset)
-    with preload.preload(samples, 16, ARTEFACT) as pre:
+    with preload.preload(samples, preload.RowFormat(16, ARTEFACT)) as pre:
         np.testing.assert_array_equal(pre.mask(2), resized(samples[2].mask, 16, Image.NEAREST))
         assert not any(name.endswith(".tmp") for name in leftovers(shm))
     assert leftovers(shm) == []
@@ -316,7 +316,7 @@ preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme
 def test_live_segment_of_another_run_is_never_touched(tmp_path, dataset, shm):
     child = python(f"""
 import labels, files, preload, sys
-pre = preload.preload(files.list_samples({str(dataset)!r}), 16, labels.artefact_scheme())
+pre = preload.preload(files.list_samples({str(dataset)!r}), preload.RowFormat(16, labels.artefact_scheme()))
 print(pre.path, int(pre.buffer.sum()), flush=True)
 sys.stdin.readline()
 print(int(pre.buffer.sum()), flush=True)
@@ -324,7 +324,7 @@ pre.close()
 """, stdin=subprocess.PIPE)
     path, total = child.stdout.readline().split()
     other = write_dataset(tmp_path / "other", count=2)
-    with preload.preload(files.list_samples(other), 16, ARTEFACT):
+    with preload.preload(files.list_samples(other), preload.RowFormat(16, ARTEFACT)):
         pass
     assert Path(path).exists()
     out, err = child.communicate("go\n", timeout=60)
@@ -334,7 +334,7 @@ pre.close()
 
 
 def test_batches_yield_the_requested_rows_in_order_and_stay_valid(dataset, shm):
-    with preload.preload(files.list_samples(dataset), 16, ARTEFACT) as pre:
+    with preload.preload(files.list_samples(dataset), preload.RowFormat(16, ARTEFACT)) as pre:
         order = torch.tensor([5, 0, 3, 3, 1])
         got = list(data.batches(pre, order, 2))
         assert [len(images) for images, _ in got] == [2, 2, 1]
@@ -459,7 +459,7 @@ def test_download_failure_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
 
 def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=5, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(32, ARTEFACT, work_size=70)) as pre:
         rows = np.array([3, 0, 4, 1, 2, 0])
         corners = data.epoch_crops(pre, 32, 42, 0, 0.5, None)[rows]
         flags = torch.rand(len(rows), 3, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -474,7 +474,7 @@ def test_flips_cut_during_the_gather_give_the_same_bytes_as_flipping_the_batch(t
 def test_batches_come_in_order_from_any_number_of_gather_threads_and_a_failed_gather_raises(tmp_path, shm,
                                                                                             monkeypatch):
     root = write_dataset(tmp_path / "ds", count=9, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(32, ARTEFACT, work_size=70)) as pre:
         rows = np.array([8, 1, 4, 4, 0, 7, 2, 5, 3, 6, 1])
         corners = data.epoch_crops(pre, 32, 5, 0, 0.5, None)[rows]
         flips = np.random.default_rng(5).random((len(rows), 3)) < 0.5
@@ -506,7 +506,7 @@ def reversed_crops(pre, seed):
 
 def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_two_loaders(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=8, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(32, ARTEFACT, work_size=70)) as pre:
         rows, crops = reversed_crops(pre, 3)
         fresh = [(i.clone(), m.clone()) for i, m in data.batches(pre, rows, 2, crops)]
         # The batch before the one just taken is still intact, however fast the gather threads run ahead.
@@ -529,7 +529,7 @@ def test_reused_buffers_stay_valid_for_one_more_batch_and_are_never_shared_by_tw
 
 def test_reused_buffers_give_the_same_batches_as_fresh_ones(tmp_path, shm):
     root = write_dataset(tmp_path / "ds", count=7, size=(70, 50))
-    with preload.preload(files.list_samples(root), 32, ARTEFACT, work_size=70) as pre:
+    with preload.preload(files.list_samples(root), preload.RowFormat(32, ARTEFACT, work_size=70)) as pre:
         rows, crops = reversed_crops(pre, 2)
         fresh = [data.to_device_batch(i, m, "cpu") for i, m in data.batches(pre, rows, 2, crops)]
         outputs, reused = None, []

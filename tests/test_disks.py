@@ -177,10 +177,10 @@ def test_a_read_only_or_full_shared_memory_folder_is_one_line(synthetic_root, tm
     monkeypatch.setenv("ARTDAMAGE_SHM_DIR", str(mounts.read_only(tmp_path / "shm")))
     with pytest.raises(UserError, match=r"read-only file system writing artdamage.lock; use --preload none, or point "
                                         r"ARTDAMAGE_SHM_DIR at a writable tmpfs folder"):
-        preload.preload(samples, 64, artefact_scheme())
+        preload.preload(samples, preload.RowFormat(64, artefact_scheme()))
     monkeypatch.setenv("ARTDAMAGE_SHM_DIR", str(mounts.tmpfs("64k")))
     with pytest.raises(UserError, match=r"preload needs \d+ KiB, \d+ KiB free; use --preload none"):
-        preload.preload(samples, 64, artefact_scheme())
+        preload.preload(samples, preload.RowFormat(64, artefact_scheme()))
 
 
 def test_a_read_only_checkout_with_data_synthetic_is_one_line(tmp_path, mounts):

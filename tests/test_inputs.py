@@ -198,7 +198,8 @@ def test_weights_py_counts_a_folds_training_images_at_the_working_scale_like_tra
     # At another working scale the counts are the preload's, which training reads its weights from.
     assert weights.main(["--data", str(synthetic_root), "--img-size", "64", "--work-size", "64", "--out",
                          str(tmp_path / "all.json")]) == 0
-    rows = preload.preload(files.list_samples(synthetic_root), 64, artefact_scheme(), mode="disk", work_size=64)
+    rows = preload.preload(files.list_samples(synthetic_root),
+                           preload.RowFormat(64, artefact_scheme(), work_size=64), mode="disk")
     assert json.loads((tmp_path / "all.json").read_text())["counts"] == rows.counts[:, :16].sum(0).tolist()
     assert json.loads((tmp_path / "all.json").read_text())["images"] == "all"
 

@@ -148,7 +148,7 @@ def test_eval_full_res_and_predict_truth_give_identical_labels_on_thin_images(th
                       thin_set / "annotations", "--threads", "1")
     assert done.returncode == 0, done.stderr
     samples = files.list_samples(thin_set)
-    part = data.Part(samples, preload.preload(samples, 64, ARTEFACT, work_size=96, mode="disk"), {})
+    part = data.Part(samples, preload.preload(samples, preload.RowFormat(64, ARTEFACT, work_size=96), mode="disk"), {})
     cfg = {"heads": "fine", "img_size": 64, "work_size": 96, "micro_batch": 8, "precision": "fp32"}
     model = load_model(varied, torch.device("cpu"))[0]
     total = 0
@@ -166,7 +166,7 @@ def test_eval_full_res_and_predict_truth_give_identical_labels_on_thin_images(th
 
 def test_evaluation_at_the_working_scale_pads_thin_images_as_predict_does(thin_set, varied):
     samples = files.list_samples(thin_set)
-    part = data.Part(samples, preload.preload(samples, 64, ARTEFACT, work_size=96, mode="disk"), {})
+    part = data.Part(samples, preload.preload(samples, preload.RowFormat(64, ARTEFACT, work_size=96), mode="disk"), {})
     cfg = {"heads": "fine", "img_size": 64, "work_size": 96, "micro_batch": 8, "precision": "fp32"}
     model = load_model(varied, torch.device("cpu"))[0]
     expected, changed = 0, 0

@@ -167,7 +167,7 @@ def test_ema_is_the_hand_computed_average_of_the_weights_after_each_step(synthet
 
 def _batch(root, cfg):
     samples = files.list_samples(root)[:2]
-    pre = preload.preload(samples, 64, artefact_scheme(), mode="disk")
+    pre = preload.preload(samples, preload.RowFormat(64, artefact_scheme()), mode="disk")
     images, masks = next(iter(data.batches(pre, [0, 1], 2, pin=False)))
     return data.to_device_batch(images, masks, CPU, channels_last=cfg["channels_last"])
 

@@ -19,7 +19,7 @@ def test_working_scale_keeps_the_aspect_ratio_and_pads_small_images_to_a_crop(tm
     root = write_dataset(tmp_path / "wide", count=2, size=(200, 120))
     small = write_dataset(tmp_path / "small", count=1, size=(20, 30))
     samples = files.list_samples(root) + files.list_samples(small)
-    pre = preload.preload(samples, 32, ARTEFACT, work_size=100, mode="disk")
+    pre = preload.preload(samples, preload.RowFormat(32, ARTEFACT, work_size=100), mode="disk")
     assert pre.shapes.tolist() == [[60, 100], [60, 100], [32, 32]]
     for row, sample in enumerate(samples[:2]):
         with Image.open(sample.image) as image:
@@ -44,7 +44,8 @@ def damage_set(tmp_path, count=6, size=(120, 90)):
 
 
 def test_epoch_crops_are_seeded_in_bounds_and_change_each_epoch(tmp_path):
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)),
+                          preload.RowFormat(32, ARTEFACT, work_size=120), mode="disk")
     first = data.epoch_crops(pre, 32, 42, 0, 0.5, None)
     np.testing.assert_array_equal(first, data.epoch_crops(pre, 32, 42, 0, 0.5, None))
     assert not np.array_equal(first, data.epoch_crops(pre, 32, 42, 1, 0.5, None))
@@ -54,7 +55,8 @@ def test_epoch_crops_are_seeded_in_bounds_and_change_each_epoch(tmp_path):
 
 
 def test_rare_crops_centre_on_damage_and_favour_the_rarer_class(tmp_path):
-    pre = preload.preload(files.list_samples(damage_set(tmp_path)), 32, ARTEFACT, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(damage_set(tmp_path)),
+                          preload.RowFormat(32, ARTEFACT, work_size=120), mode="disk")
     weights = np.ones(16)
     weights[5] = 50.0
     hair = []
@@ -78,7 +80,7 @@ def test_rare_crops_follow_the_schemes_clean_id_not_id_0(tmp_path):
         mask[:, :20], mask[:, 110:] = 0, 9
         mask[60 + i:66 + i, 90:96] = 3
         Image.fromarray(mask).save(sample.mask)
-    pre = preload.preload(files.list_samples(root), 32, scheme, work_size=120, mode="disk")
+    pre = preload.preload(files.list_samples(root), preload.RowFormat(32, scheme, work_size=120), mode="disk")
     crack = []
     for epoch in range(10):
         for row, (top, left) in enumerate(data.epoch_crops(pre, 32, 42, epoch, 1.0, [50.0, 1.0, 1.0, 1.0]).tolist()):
@@ -96,7 +98,7 @@ def test_crops_almost_all_outside_the_object_are_drawn_again(tmp_path):
         mask = np.full((100, 100), 255, np.uint8)
         mask[:30, :30] = 0
         Image.fromarray(mask).save(sample.mask)
-    pre = preload.preload(files.list_samples(root), 16, ARTEFACT, work_size=100, mode="disk")
+    pre = preload.preload(files.list_samples(root), preload.RowFormat(16, ARTEFACT, work_size=100), mode="disk")
     def good(row, top, left):
         return (pre.mask(row)[top:top + 16, left:left + 16] != 255).mean() >= data.MIN_VALID
 
@@ -124,7 +126,7 @@ def test_rows_without_ignored_pixels_get_the_crops_counting_their_pixels_gives(t
             if name == "one":
                 mask[20, 30] = 255
             Image.fromarray(mask).save(sample.mask)
-        pre = preload.preload(files.list_samples(root), 40, ARTEFACT, work_size=60, mode="disk")
+        pre = preload.preload(files.list_samples(root), preload.RowFormat(40, ARTEFACT, work_size=60), mode="disk")
         assert pre.shapes.tolist() == [[40, 60]] * 10 and (pre.counts[:, -1] == (name == "one")).all()
         crops[name] = np.stack([data.epoch_crops(pre, sides[epoch], seed, epoch, 0.0, None)
                                 for seed in (1, 42) for epoch in range(12)])
@@ -206,7 +208,7 @@ def test_a_long_evaluation_reports_its_progress(tmp_path, capsys):
     import evaluation
     root = write_dataset(tmp_path / "ds", count=evaluation.PROGRESS_MIN_IMAGES, size=(32, 32))
     samples = files.list_samples(root)
-    part = data.Part(samples, preload.preload(samples, 32, ARTEFACT, work_size=32, mode="disk"), {})
+    part = data.Part(samples, preload.preload(samples, preload.RowFormat(32, ARTEFACT, work_size=32), mode="disk"), {})
     cfg = {"heads": "fine", "img_size": 32, "micro_batch": 4, "precision": "fp32"}
     cms = evaluation.evaluate(torch.nn.Conv2d(3, 16, 1), part, Run(cfg, torch.device("cpu")))
     assert int(cms["fine"].sum()) == sum(int((part.pre.mask(i) != 255).sum()) for i in range(len(samples)))

@@ -237,7 +237,7 @@ def test_overfitting_a_handful_of_images_drives_miou_high(synthetic_root):
                                                  "--batch-size", "4", "--lr", "0.1"]),
                                1, torch.device("cpu"))
     samples = files.list_samples(synthetic_root)[:4]
-    pre = preload.preload(samples, 64, ARTEFACT)
+    pre = preload.preload(samples, preload.RowFormat(64, ARTEFACT))
     parts = step.build_training(dict(cfg, epochs=1), step.build_network(cfg, torch.device("cpu"), 1), 1,
                                  torch.device("cpu"), 250)
     images, masks = next(iter(data.batches(pre, torch.arange(4), 4, pin=False)))

@@ -53,7 +53,7 @@ def tiny_cfg(*flags):
 
 def global_batch(data_root, cfg):
     samples = files.list_samples(data_root)[:4]
-    pre = preload.preload(samples, 64, data.run_scheme(cfg), mode="disk")
+    pre = preload.preload(samples, preload.RowFormat(64, data.run_scheme(cfg)), mode="disk")
     images, masks = next(iter(data.batches(pre, list(range(4)), 4, pin=False)))
     return data.to_device_batch(images, masks, "cpu", torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]),
                                 channels_last=cfg["channels_last"])
