@@ -64,7 +64,7 @@ from files import dataset_scheme, list_samples
 from labels import artefact_scheme
 from logs import peak_memory_mb
 from model import autocast
-from preload import cores, preload
+from preload import RowFormat, cores, preload
 from step import build_network, build_training, make_criterion, train_step
 from train import run_main
 
@@ -315,7 +315,7 @@ def _touch(pre):
 
 
 def _second_rank(samples, size, scheme, work_size, conn):
-    pre = preload(samples, size, scheme, local_rank=1, local_world=2, work_size=work_size)
+    pre = preload(samples, RowFormat(size, scheme, work_size=work_size), node=(1, 2))
     _touch(pre)
     conn.send((*mapped_pss(pre.path), rollup_pss_shmem()))
     conn.recv()
@@ -397,23 +397,28 @@ def _shared_memory(pre, samples, size, scheme, work_size):
     return result
 
 
-def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, epochs=8, work_size=1024):
-    """Training data path throughput, measured in one run, each path after an untimed epoch: the host path
+def bench_loader(args, epochs=8):
+    """Training data path throughput of --img-size crops, batches of --batch-size (32 unless given), from
+    --data or --loader-count generated --loader-source-size PNGs at --work-size, measured in one run, each
+    path after an untimed epoch (ours over epochs epochs, torchvision's over a quarter of them): the host path
     (data.train_batches on the CPU, what CPU training runs) without augmentation, with each kind and with all
     (LOADER_AUGMENTATIONS); on a GPU also the host-cut path (crops cut on the host, one pinned copy per batch,
     augmented and normalised on the GPU) and --device-data (the rows on the GPU, crops cut there), plain and with
     all; a torchvision transforms.v2 + DataLoader (2 workers) PNG loader, plain and with the equivalent
     augmentation; the shared file's PSS."""
+    size, batch, folder, work_size = args.img_size, int(args.batch_size or 32), args.data, args.work_size
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", count, source_size)
+        root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", args.loader_count,
+                                                       args.loader_source_size)
         samples = list_samples(root)
         # The generated set paints ARTeFACT's damage ids.
         scheme = dataset_scheme(root)[0] if folder else artefact_scheme()
         start = time.perf_counter()
-        pre = preload(samples, size, scheme, work_size=work_size)
+        pre = preload(samples, RowFormat(size, scheme, work_size=work_size))
         result = {"size": size, "work_size": work_size, "images": len(samples), "batch": batch,
-                  "source": str(folder or f"{source_size} px PNG"), "torch_threads": torch.get_num_threads(),
-                  "cores": cores(), "build_s": round(time.perf_counter() - start, 2)}
+                  "source": str(folder or f"{args.loader_source_size} px PNG"),
+                  "torch_threads": torch.get_num_threads(), "cores": cores(),
+                  "build_s": round(time.perf_counter() - start, 2)}
         for name, augmentation in LOADER_AUGMENTATIONS.items():
             run = Run(_loader_cfg(size, batch, augmentation), torch.device("cpu"))
             # Untimed: the first epoch maps the reused buffers, which a run does once, not every epoch.
@@ -440,8 +445,7 @@ def bench_loader(size=384, count=64, source_size=1024, batch=32, folder=None, ep
 def main(argv=None):
     args = build_bench_parser().parse_args(argv)
     if args.loader:
-        print(json.dumps(bench_loader(args.img_size, args.loader_count, args.loader_source_size,
-                                      int(args.batch_size or 32), args.data, work_size=args.work_size)))
+        print(json.dumps(bench_loader(args)))
         return 0
     return run_main(args, bench)
 

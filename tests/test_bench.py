@@ -1,8 +1,11 @@
 """bench.sh as users rely on it: one command gives throughput tables on stdout and bench.json with every field."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +106,35 @@ def test_reference_and_compiled_rows_appear_with_ratios_when_smp_is_importable(t
     assert (f"| ref smp tu-resnet10t | smp Unet | 2 | {row['precision']} | False | {row['ref_train_img_s']:,.1f} |"
             in result.stdout)
     assert "native bf16" in result.stdout.splitlines()[0] and "intra-op threads" in result.stdout.splitlines()[0]
+
+
+def test_the_loader_bench_reports_every_path_against_torchvisions_and_the_rows_shared_once(tmp_path):
+    shm = Path("/dev/shm") / f"pytest-artdamage-{uuid.uuid4().hex[:8]}"
+    shm.mkdir()
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--loader", "--loader-count", "4",
+                               "--loader-source-size", "512", "--work-size", "512", "--img-size", "64",
+                               "--batch-size", "2"], cwd=tmp_path, env=dict(os.environ, ARTDAMAGE_SHM_DIR=str(shm)),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert [p.name for p in shm.iterdir()] == ["artdamage.lock"], "the rows file is gone with its last user"
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (result["images"], result["batch"], result["size"], result["work_size"]) == (4, 2, 64, 512)
+    for path in ("plain", "scale", "colour", "blur", "all"):
+        assert result[f"host_{path}_img_s"] > 0, path
+    # Each ratio is the quotient of the rates beside it (each rounded to 0.1 img/s).
+    plain, augmented = result["torchvision_png_img_s"], result["torchvision_aug_img_s"]
+    assert result["x_torchvision"] == pytest.approx(result["host_plain_img_s"] / plain, abs=0.051 + 0.05 / plain)
+    assert result["x_torchvision_aug"] == pytest.approx(result["host_all_img_s"] / augmented,
+                                                        abs=0.051 + 0.05 / augmented)
+    # Four 512 x 512 rows of RGB and mask bytes, 4 MiB, and their small statistics: mapped by two processes,
+    # each is charged half and together they hold one copy.
+    assert result["array_mib"] == 4.0
+    assert result["pss_1proc_mib"] == pytest.approx(4.0, abs=0.1)
+    assert all(1.9 <= pss <= 2.1 for pss in result["pss_2proc_mib"]), result["pss_2proc_mib"]
+    assert result["pss_2proc_total_mib"] == pytest.approx(4.0, abs=0.1)
 
 
 def test_a_failing_row_is_reported_and_sets_the_exit_status(tmp_path):
