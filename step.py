@@ -6,6 +6,7 @@ train.py runs these steps epoch by epoch; bench.py, profile_step.py and the --ba
 """
 import collections
 import contextlib
+import warnings
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -119,6 +120,16 @@ def accumulate_gradients(parts, micro_batches, cfg, device):
     return loss.detach()
 
 
+def advance(scheduler):
+    """One schedule step per training step, taken or skipped: the LR follows the step count, so a resumed run
+    matches. torch warns when the first step's optimizer step was skipped (a non-finite loss, or fp16's scaler
+    skipping an overflow) as if the schedule were called out of order; here it is not, so that warning alone is
+    silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
 def train_step(parts, micro_batches, cfg, device):
     """One optimizer step over the micro-batches (accumulate_gradients, then AdamW, the EMA and the schedule).
     Returns the global batch's loss as a device tensor: reading it is left to the logging points, so the step
@@ -127,7 +138,7 @@ def train_step(parts, micro_batches, cfg, device):
     loss_sum = accumulate_gradients(parts, micro_batches, cfg, device)
     if cfg["skip_nonfinite"] and not torch.isfinite(loss_sum):
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        advance(scheduler)
         return loss_sum
     if cfg["clip"]:
         scaler.unscale_(optimizer)
@@ -137,5 +148,5 @@ def train_step(parts, micro_batches, cfg, device):
     optimizer.zero_grad(set_to_none=True)
     if parts.ema is not None:
         update_ema(parts.ema, parts.raw_model)
-    scheduler.step()
+    advance(scheduler)
     return loss_sum

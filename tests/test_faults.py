@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 import checkpoint
 import files
 import prepare
+import step
 import train
 import writes
 from conftest import ROOT, run_script
@@ -200,6 +202,24 @@ def test_skip_nonfinite_gives_up_after_max_skipped_consecutive_steps(synthetic_r
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("preload:")]
     assert code == 2 and len(err) == 1 and "3 consecutive steps had a non-finite loss" in err[0]
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_out_of_order_warning():
+    def fresh():
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
+
+    optimizer, schedule = fresh()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step.advance(schedule)
+    assert [str(w.message) for w in caught] == [] and optimizer.param_groups[0]["lr"] == 0.5
+    # The warning it silences is torch's, as torch words it today: a bare step still raises it.
+    _, schedule = fresh()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schedule.step()
+    assert any("lr_scheduler.step()` before `optimizer.step()`" in str(w.message) for w in caught)
 
 
 def test_nonfinite_before_any_checkpoint_says_none_was_written(synthetic_root, tmp_path, monkeypatch, capsys):
