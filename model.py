@@ -1,5 +1,6 @@
 """Segmentation networks: a timm encoder (features_only) under a hand-written UNet or UPerNet decoder with
 either one fine head or binary/coarse/fine heads, plus loading encoder weights from local files or the hub."""
+import collections
 import math
 import re
 import sys
@@ -180,18 +181,21 @@ class UPerNetDecoder(nn.Module):
         return self.fuse(torch.cat([_resize(level, finest) for level in levels], dim=1))
 
 
+# How an encoder takes its input: whether its features come channels-last (nhwc), the multiple its input sides
+# must be, and the one side it was built for (encoders of one input size only) or None.
+InputRule = collections.namedtuple("InputRule", "nhwc multiple size")
+
+
 class SegmentationModel(nn.Module):
     """Encoder -> decoder -> 1 or 3 heads; logits resized to the input resolution."""
 
-    def __init__(self, encoder_name, encoder, decoder, heads, nhwc, input_multiple, input_size):
+    def __init__(self, encoder_name, encoder, decoder, heads, rule):
         super().__init__()
         self.encoder_name = encoder_name
         self.encoder = encoder
         self.decoder = decoder
         self.heads = heads
-        self.nhwc = nhwc
-        self.input_multiple = input_multiple
-        self.input_size = input_size
+        self.nhwc, self.input_multiple, self.input_size = rule
 
     def check_input(self, height, width):
         if self.input_size is not None and (height, width) != (self.input_size, self.input_size):
@@ -250,11 +254,9 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
     head_modules = nn.ModuleDict({name: nn.Conv2d(body.out_channels, n, kernel, padding=kernel // 2)
                                   for name, n in head_classes.items()})
     rule = spec.get("input_rule", "stride")
-    model = SegmentationModel(
-        encoder, features, body, head_modules,
+    model = SegmentationModel(encoder, features, body, head_modules, InputRule(
         nhwc=spec["nhwc"] or getattr(features, "output_fmt", "NCHW") == "NHWC",
-        input_multiple=img_size if rule == "tiles" else max(reductions),
-        input_size=img_size if rule == "exact" else None)
+        multiple=img_size if rule == "tiles" else max(reductions), size=img_size if rule == "exact" else None))
     if weights is not None:
         load_encoder_weights(model, weights)
     elif from_hub and mit:
