@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from config import build_parser, label_scheme
+from config import build_parser, check_numbers, label_scheme
 
 
 def build_bench_parser():
@@ -61,7 +61,7 @@ import data
 import profile_step
 from distributed import Run
 from files import dataset_scheme, list_samples
-from labels import artefact_scheme
+from labels import UserError, artefact_scheme, run_cli
 from logs import peak_memory_mb
 from model import autocast
 from preload import RowFormat, cores, preload
@@ -397,20 +397,41 @@ def _shared_memory(pre, samples, size, scheme, work_size):
     return result
 
 
+def _loader_batch(args):
+    """--batch-size for --loader (32 unless given), after the flags' range checks."""
+    check_numbers(args)
+    if args.loader_count < 1:
+        raise UserError(f"--loader-count {args.loader_count}: must be at least 1 (images)")
+    if args.loader_source_size < args.img_size:
+        raise UserError(f"--loader-source-size {args.loader_source_size}: must be at least --img-size "
+                        f"{args.img_size}")
+    try:
+        batch = int(args.batch_size or 32)
+    except ValueError:
+        raise UserError(f"--batch-size {args.batch_size}: --loader takes a number of images") from None
+    if batch < 1:
+        raise UserError(f"--batch-size {batch}: must be at least 1")
+    return batch
+
+
 def bench_loader(args, epochs=8):
     """Training data path throughput of --img-size crops, batches of --batch-size (32 unless given), from
-    --data or --loader-count generated --loader-source-size PNGs at --work-size, measured in one run, each
-    path after an untimed epoch (ours over epochs epochs, torchvision's over a quarter of them): the host path
-    (data.train_batches on the CPU, what CPU training runs) without augmentation, with each kind and with all
-    (LOADER_AUGMENTATIONS); on a GPU also the host-cut path (crops cut on the host, one pinned copy per batch,
-    augmented and normalised on the GPU) and --device-data (the rows on the GPU, crops cut there), plain and with
-    all; a torchvision transforms.v2 + DataLoader (2 workers) PNG loader, plain and with the equivalent
-    augmentation; the shared file's PSS."""
-    size, batch, folder, work_size = args.img_size, int(args.batch_size or 32), args.data, args.work_size
+    --data (a folder or synthetic) or --loader-count generated --loader-source-size PNGs at --work-size,
+    measured in one run, each path after an untimed epoch (ours over epochs epochs, torchvision's over a
+    quarter of them): the host path (data.train_batches on the CPU, what CPU training runs) without
+    augmentation, with each kind and with all (LOADER_AUGMENTATIONS); on a GPU also the host-cut path (crops
+    cut on the host, one pinned copy per batch, augmented and normalised on the GPU) and --device-data (the rows
+    on the GPU, crops cut there), plain and with all; a torchvision transforms.v2 + DataLoader (2 workers) PNG
+    loader, plain and with the equivalent augmentation; the shared file's PSS."""
+    size, batch, work_size = args.img_size, _loader_batch(args), args.work_size
+    folder = data.resolve_data(args.data, args.synthetic_count, args.synthetic_size) if args.data else None
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(folder) if folder else _bench_data(Path(scratch) / "bench", args.loader_count,
                                                        args.loader_source_size)
         samples = list_samples(root)
+        if len(samples) < batch:
+            raise UserError(f"--batch-size {batch}: more than the {len(samples)} images of "
+                            f"{folder or f'--loader-count {args.loader_count}'}; lower it or give more images")
         # The generated set paints ARTeFACT's damage ids.
         scheme = dataset_scheme(root)[0] if folder else artefact_scheme()
         start = time.perf_counter()
@@ -445,8 +466,7 @@ def bench_loader(args, epochs=8):
 def main(argv=None):
     args = build_bench_parser().parse_args(argv)
     if args.loader:
-        print(json.dumps(bench_loader(args)))
-        return 0
+        return run_cli(lambda: print(json.dumps(bench_loader(args))))
     return run_main(args, bench)
 
 

@@ -232,7 +232,7 @@ def auto_precision(device):
     return "fp16" if torch.cuda.get_device_capability(device)[0] >= 7 else "fp32"
 
 
-def _check_numbers(args):
+def check_numbers(args):
     """Every numeric flag in its range, or one line naming the flag and what it takes."""
     def finite(x):
         return x is not None and math.isfinite(x)
@@ -285,7 +285,7 @@ def resolve_config(args, world_size, device):
     """Checks flags that need no data and derives batch, LR and precision; raises UserError naming the flag."""
     from model import check_img_size
 
-    _check_numbers(args)
+    check_numbers(args)
     cfg = vars(args).copy()
     if args.data is not None and not args.data.strip():
         raise UserError(f"--data {args.data!r}: empty (an unset variable in a job script?); pass a dataset folder or "

@@ -137,6 +137,23 @@ def test_the_loader_bench_reports_every_path_against_torchvisions_and_the_rows_s
     assert result["pss_2proc_total_mib"] == pytest.approx(4.0, abs=0.1)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--data", "missing"], "--data missing: folder not found; pass a dataset folder"),
+    (["--work-size", "32", "--img-size", "64"], "--work-size 32: must be 0 (squash to --img-size) or at least"),
+    (["--loader-count", "0"], "--loader-count 0: must be at least 1 (images)"),
+    (["--loader-count", "2", "--batch-size", "4", "--img-size", "32", "--loader-source-size", "32",
+      "--work-size", "32"], "--batch-size 4: more than the 2 images of --loader-count 2; lower it"),
+    (["--batch-size", "auto"], "--batch-size auto: --loader takes a number of images"),
+    (["--loader-source-size", "16", "--img-size", "64"], "--loader-source-size 16: must be at least --img-size 64"),
+])
+def test_the_loader_bench_refuses_what_it_cannot_measure_in_one_line(tmp_path, flags, words):
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--loader", *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and done.stdout == "" and len(lines) == 1 and lines[0].startswith(f"error: {words}"), \
+        done.stderr
+
+
 def test_a_failing_row_is_reported_and_sets_the_exit_status(tmp_path):
     result = bench("--quick", "--encoders", "not_a_model", "--ablations", "none", "--out", "bench.json",
                    cwd=tmp_path)
