@@ -124,7 +124,12 @@ def advance(scheduler):
     """One schedule step per training step, taken or skipped: the LR follows the step count, so a resumed run
     matches. torch warns when the first step's optimizer step was skipped (a non-finite loss, or fp16's scaler
     skipping an overflow) as if the schedule were called out of order; here it is not, so that warning alone is
-    silenced."""
+    silenced. torch checks on the schedule's first step only (last_epoch 0), and only that one is wrapped:
+    leaving catch_warnings resets Python's memory of warnings already shown, so wrapping every step would print
+    any other repeating warning once per step instead of once."""
+    if scheduler.last_epoch > 0:
+        scheduler.step()
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         scheduler.step()

@@ -222,6 +222,20 @@ def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_out_of_order_
     assert any("lr_scheduler.step()` before `optimizer.step()`" in str(w.message) for w in caught)
 
 
+def test_stepping_the_schedule_leaves_a_repeating_warning_shown_once():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        step.advance(schedule)
+        for _ in range(3):
+            warnings.warn("a warning some step raises every time", UserWarning)
+            optimizer.step()
+            step.advance(schedule)
+    assert [str(w.message) for w in caught] == ["a warning some step raises every time"]
+    assert optimizer.param_groups[0]["lr"] == 0.2
+
+
 def test_nonfinite_before_any_checkpoint_says_none_was_written(synthetic_root, tmp_path, monkeypatch, capsys):
     poison_loss_at_call(monkeypatch, 1)
     assert train.main(tiny(synthetic_root, tmp_path)[1:]) == 2
