@@ -314,8 +314,8 @@ def _touch(pre):
     return int(pre.buffer.sum(dtype=np.uint64))
 
 
-def _second_rank(samples, size, scheme, work_size, conn):
-    pre = preload(samples, RowFormat(size, scheme, work_size=work_size), node=(1, 2))
+def _second_rank(samples, form, conn):
+    pre = preload(samples, form, node=(1, 2))
     _touch(pre)
     conn.send((*mapped_pss(pre.path), rollup_pss_shmem()))
     conn.recv()
@@ -377,7 +377,7 @@ def _torchvision_img_s(root, size, batch, epochs, augmented=False):
     return round(seen / (time.perf_counter() - start), 1)
 
 
-def _shared_memory(pre, samples, size, scheme, work_size):
+def _shared_memory(pre, samples):
     """The shared file's PSS (MiB) mapped by this process alone, then by this one and a second one."""
     _touch(pre)
     mib = 2 ** 20
@@ -385,7 +385,7 @@ def _shared_memory(pre, samples, size, scheme, work_size):
               "rollup_pss_shmem_1proc_mib": round(rollup_pss_shmem() / mib, 1)}
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    other = context.Process(target=_second_rank, args=(samples, size, scheme, work_size, child))
+    other = context.Process(target=_second_rank, args=(samples, pre.form, child))
     other.start()
     _, other_pss, other_rollup = parent.recv()
     mine = mapped_pss(pre.path)[1]
@@ -458,7 +458,7 @@ def bench_loader(args, epochs=8):
         result["torchvision_aug_img_s"] = _torchvision_img_s(root, size, batch, max(1, epochs // 4), augmented=True)
         result["x_torchvision"] = round(result["host_plain_img_s"] / result["torchvision_png_img_s"], 1)
         result["x_torchvision_aug"] = round(result["host_all_img_s"] / result["torchvision_aug_img_s"], 1)
-        result.update(_shared_memory(pre, samples, size, scheme, work_size))
+        result.update(_shared_memory(pre, samples))
         pre.close()
     return result
 

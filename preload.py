@@ -78,9 +78,14 @@ def row_stats(mask, scheme):
     return np.append(counts[:scheme.num_classes], counts[scheme.ignore]).astype(np.int64), points
 
 
+def _copies_of(form):
+    """Rows per sample: the image alone, or with offline_aug also its OFFLINE_COPIES flips."""
+    return len(OFFLINE_COPIES) if form.offline_aug else 1
+
+
 def _fill(samples, form, buffer, layout):
-    size, scheme, work_size, offline_aug = form
-    copies = len(OFFLINE_COPIES) if offline_aug else 1
+    size, scheme, work_size, _ = form
+    copies = _copies_of(form)
     counts = np.ndarray((len(layout.shapes), count_columns(scheme)), np.int64, buffer, layout.counts_offset)
     points = np.ndarray((len(layout.shapes), scheme.num_classes, POINTS, 2), np.int32, buffer, layout.points_offset)
     show, done, lock = progress("preload: images", len(samples)), [0], threading.Lock()
@@ -219,8 +224,8 @@ class _Rows:
     scheme the masks were read with, self.scheme)."""
 
     def _take_format(self, samples, form):
-        self.form, (self.size, self.scheme, self.work_size, offline_aug) = form, form
-        self.copies = len(OFFLINE_COPIES) if offline_aug else 1
+        self.form, (self.size, self.scheme, self.work_size, _) = form, form
+        self.copies = _copies_of(form)
         self.ids = [s.id for s in samples for _ in range(self.copies)]
 
     def __len__(self):
