@@ -154,15 +154,18 @@ def install_chromium():
     return shutil.which("chromium")
 
 
-def chromium(tmp_path, url, *action):
-    """Runs headless Chromium on url with a fresh profile and no network side channels; returns the console
-    lines ("message", source) it logged and its stdout."""
+def headless(tmp_path, *flags):
+    """A headless Chromium command with a fresh profile, a fixed window and no network side channels."""
     profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
-    done = subprocess.run([install_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=1",
-                           "--hide-scrollbars", "--window-size=1400,1600", "--virtual-time-budget=5000", *action, url],
-                          capture_output=True, text=True, timeout=120)
+    return [install_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+            "--hide-scrollbars", "--window-size=1400,1600", *flags]
+
+
+def chromium(tmp_path, url, *action):
+    """Runs headless Chromium on url; returns the console lines ("message", source) it logged and its stdout."""
+    done = subprocess.run(headless(tmp_path, "--enable-logging=stderr", "--v=1", "--virtual-time-budget=5000",
+                                   *action, url), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return re.findall(r':CONSOLE:\d+\] "(.*)", source: ', done.stderr), done.stdout
 
@@ -219,16 +222,12 @@ def onto(fd, target):
 def screenshot(tmp_path, url):
     """The page at url as Chromium paints it once the gallery is ready, driven over DevTools: the fixed
     --virtual-time-budget of `chromium` can end before the last image is decoded on a loaded machine."""
-    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
     read_commands, write_commands = os.pipe()
     read_replies, write_replies = os.pipe()
     # Chromium reads commands on fd 3 and writes replies on fd 4; close_fds would close those two again after
     # preexec_fn has put the pipes there.
     process = subprocess.Popen(
-        [install_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--hide-scrollbars", "--window-size=1400,1600", "--remote-debugging-pipe", "about:blank"],
-        close_fds=False, stderr=subprocess.DEVNULL,
+        headless(tmp_path, "--remote-debugging-pipe", "about:blank"), close_fds=False, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: (onto(read_commands, 3), onto(write_replies, 4)))
     os.close(read_commands)
     os.close(write_replies)
