@@ -64,12 +64,18 @@ def _qualifies(conv):
             and min(kernel) >= MIN_KERNEL)
 
 
-def use_depthwise(module):
-    """module with every stride-1 'same'-padded depthwise nn.Conv2d of a kernel of MIN_KERNEL or more as a DepthwiseConv2d holding the same
-    parameters (names, shapes and values unchanged); returns how many were swapped."""
+def swap_convs(module, qualifies, fast):
+    """Every convolution of module that qualifies becomes the nn.Conv2d subclass fast, holding the same parameters
+    (names, shapes and values unchanged); returns how many were swapped."""
     swapped = 0
     for conv in module.modules():
-        if _qualifies(conv):
-            conv.__class__ = DepthwiseConv2d
+        if qualifies(conv):
+            conv.__class__ = fast
             swapped += 1
     return swapped
+
+
+def use_depthwise(module):
+    """module with every stride-1 'same'-padded depthwise nn.Conv2d of a kernel of MIN_KERNEL or more as a
+    DepthwiseConv2d; returns how many were swapped."""
+    return swap_convs(module, _qualifies, DepthwiseConv2d)

@@ -15,6 +15,7 @@ from depthwise import use_depthwise
 from encoders import ENCODERS
 from hub import loaded, weights_file
 from labels import UserError
+from patchify import use_patch_product
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 UPERNET_CHANNELS = 256
@@ -242,6 +243,7 @@ def build_model(encoder, num_classes, decoder="unet", heads="fine", pretrained=F
     mit = encoder in ENCODERS and encoder.startswith("mit_b")
     features = _create_encoder(encoder, spec, img_size, from_hub and not mit, drop_path)
     use_depthwise(features)  # the same convolutions and parameters, a faster CPU backward
+    use_patch_product(features)  # the same again, kernel-equals-stride convolutions as one matrix product
     channels, reductions = features.feature_info.channels(), features.feature_info.reduction()
     if decoder == "unet":
         body = UNetDecoder(channels, reductions, norm)

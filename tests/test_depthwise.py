@@ -61,11 +61,22 @@ def test_only_stride_one_same_padded_depthwise_convs_of_7x7_and_up_are_swapped()
     assert [type(c) is DepthwiseConv2d for c in convs] == [True, True] + [False] * 6
 
 
-def as_plain(model):
-    """A copy of model with every DepthwiseConv2d back to nn.Conv2d: today's network."""
+def assert_compiled_matches(plain, fast, x, grad_out):
+    """fast compiled in one graph (fullgraph) computes plain's value and gradients."""
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    out, grad_x, grads = value_and_grads(plain, x, grad_out)
+    fast_out, fast_grad_x, fast_grads = value_and_grads(compiled, x, grad_out)
+    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad_x, grad_x, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(fast_grads["_orig_mod." + name], grads[name], rtol=1e-4, atol=1e-4)
+
+
+def as_plain(model, fast=DepthwiseConv2d):
+    """A copy of model with every convolution of the class fast back to nn.Conv2d: today's network."""
     plain = copy.deepcopy(model)
     for module in plain.modules():
-        if type(module) is DepthwiseConv2d:
+        if type(module) is fast:
             module.__class__ = nn.Conv2d
     return plain
 
@@ -104,10 +115,4 @@ def test_compiled_training_traces_it_in_one_graph_with_the_same_gradients():
     plain, fast = conv_pair(6, (7, 7), True, 4)
     x = torch.randn(2, 6, 9, 7)
     grad_out = torch.randn(2, 6, 9, 7)
-    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
-    out, grad_x, grads = value_and_grads(plain, x, grad_out)
-    fast_out, fast_grad_x, fast_grads = value_and_grads(compiled, x, grad_out)
-    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_grad_x, grad_x, rtol=1e-5, atol=1e-5)
-    for name in grads:
-        torch.testing.assert_close(fast_grads["_orig_mod." + name], grads[name], rtol=1e-4, atol=1e-4)
+    assert_compiled_matches(plain, fast, x, grad_out)
