@@ -1,7 +1,8 @@
 """Convolutions whose kernel equals their stride (MiT's spatial reduction before attention, ConvNeXt's
 downsampling, every 1x1 convolution: MaxViT's MBConv) computed on CPU as one matrix product over the image's
 non-overlapping patches: the same function and the same parameters as nn.Conv2d, and faster where oneDNN's
-convolution is slow, on small maps (BENCHMARKS.md, "Lever: kernel-equals-stride convolutions as a matrix product").
+convolution is slow, on small maps (BENCHMARKS.md, "Lever: kernel-equals-stride and 1x1 convolutions as a
+matrix product").
 
 Such a convolution reads each input pixel once, so it is a Linear layer over (kernel x kernel x channels) patches
 (for a 1x1 kernel over a channels_last map, a view of the map itself). oneDNN's weight gradient for it is slow
