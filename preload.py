@@ -250,10 +250,11 @@ class _Rows:
                     image, mask = scratch
                 _copy_pixels(images[j], image, turn)
             else:
-                planes, mask = resize_window(window(self.image(row), top, left, side, 0),
-                                             window(self.mask(row), top, left, side, self.scheme.ignore), size)
-                for c, plane in enumerate(planes):
-                    images[j][..., c] = _flipped(plane, turn)
+                image, mask = resize_window(window(self.image(row), top, left, side, 0),
+                                            window(self.mask(row), top, left, side, self.scheme.ignore), size,
+                                            scratch[0] if any(turn) else images[j])
+                if any(turn):
+                    _copy_pixels(images[j], image, turn)
             masks[j] = _flipped(mask, turn)
 
     def __enter__(self):

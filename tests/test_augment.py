@@ -250,15 +250,17 @@ def test_values_beyond_the_range_are_clipped_to_it():
     torch.testing.assert_close(denormalize(x), torch.ones(1, 3, 4, 4), atol=1e-6, rtol=0)
 
 
-def test_blur_is_torchvisions_gaussian_blur_of_the_drawn_sigma_and_spares_the_others():
+@pytest.mark.parametrize("height, width, sigma", [(20, 24, 1.3), (13, 97, 2.0), (71, 7, 0.9)])
+def test_blur_is_torchvisions_gaussian_blur_of_the_drawn_sigma_and_spares_the_others(height, width, sigma):
     from torchvision.transforms.v2 import functional as TF
     rng = np.random.default_rng(2)
-    images = torch.from_numpy(rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8))
-    masks = torch.from_numpy(rng.integers(0, 16, (3, 20, 24), dtype=np.uint8))
-    params = np.array([[1, 1, 1, 0, 1.3], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0.4]])
+    images = torch.from_numpy(rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8))
+    masks = torch.from_numpy(rng.integers(0, 16, (3, height, width), dtype=np.uint8))
+    params = np.array([[1, 1, 1, 0, sigma], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0.4]])
     x, y = data.to_device_batch(images, masks, "cpu", photometric=params)
     plain, _ = data.to_device_batch(images, masks, "cpu")
     assert torch.equal(y, masks.long()) and torch.equal(x[1], plain[1])
+    assert x.is_contiguous(memory_format=torch.channels_last)
     for b in (0, 2):
         side = 2 * int(np.ceil(3 * params[b, 4])) + 1
         expected = TF.gaussian_blur(plain[b:b + 1].contiguous(), [side, side], [params[b, 4]] * 2)
