@@ -218,18 +218,18 @@ def blur_(x, sigmas):
     """Gaussian blur of the images of x (B, 3, H, W), NHWC in memory, whose sigma (B,) is positive, in place,
     with reflected edges and a kernel of radius ceil(3 sigma): an image's result depends on its own sigma alone.
     Down the columns every (column, channel) of the image is one channel of a depthwise convolution, which keeps
-    the vector lanes full where the image's 3 channels would not; along the rows, its 3 channels (1.7x faster an
-    image than both passes over 3 channels, the same sums in the same order)."""
+    the vector lanes full where the image's 3 channels would not; along the rows, its 3 channels (1.5x faster an
+    image on a CPU than both passes over 3 channels, the same sums in the same order)."""
     sigmas = np.asarray(sigmas, np.float64)
     for j in np.flatnonzero(sigmas > 0).tolist():
         radius = int(np.ceil(3 * sigmas[j]))
         taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigmas[j] ** 2))
         kernel = torch.as_tensor(taps / taps.sum(), dtype=torch.float32).to(x.device, non_blocking=True)
         padded = _reflected(x[j].permute(1, 2, 0), radius)
-        height, width = padded.shape[0] - 2 * radius, padded.shape[1]
-        columns = padded.view(1, -1, 1, width * 3).permute(0, 3, 1, 2)
-        down = F.conv2d(columns, kernel.view(1, 1, -1, 1).expand(width * 3, 1, -1, 1), groups=width * 3)
-        down = down.permute(0, 2, 3, 1).view(1, height, width, 3).permute(0, 3, 1, 2)
+        height, lanes = x.shape[2], padded.shape[1] * 3
+        by_column = padded.view(1, -1, 1, lanes).permute(0, 3, 1, 2)
+        down = F.conv2d(by_column, kernel.view(1, 1, -1, 1).expand(lanes, 1, -1, 1), groups=lanes)
+        down = down.permute(0, 2, 3, 1).view(1, height, -1, 3).permute(0, 3, 1, 2)
         x[j] = F.conv2d(down, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)[0]
     return x
 
@@ -238,6 +238,8 @@ def _reflected(image, radius):
     """(H, W, 3) -> (H + 2 radius, W + 2 radius, 3), contiguous: image with radius pixels mirrored at each edge
     (the edge pixel itself not repeated), as F.pad's "reflect", which costs 2-4x this on an NHWC image."""
     height, width, r = image.shape[0], image.shape[1], radius
+    if r >= min(height, width):
+        raise ValueError(f"a reflected edge of {r} pixels needs an image larger than {height} x {width}")
     out = torch.empty((height + 2 * r, width + 2 * r, 3), dtype=image.dtype, device=image.device)
     out[r:r + height, r:r + width] = image
     out[r:r + height, :r] = out[r:r + height, r + 1:2 * r + 1].flip(1)
