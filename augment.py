@@ -205,8 +205,8 @@ def colour_normalize(images_u8, params, mean, std, out=None):
     for start in range(0, batch, chunk):
         part = slice(start, min(start + chunk, batch))
         pixels = scratch[:part.stop - start]
-        pixels[..., :3 * k].copy_(images_u8[part].view(-1, height * width // k, 3 * k))
-        mean_grey = pixels[..., :3 * k].sum(1).view(-1, k, 3).sum(1).double() @ grey / (height * width)
+        values = pixels[..., :3 * k].copy_(images_u8[part].view(-1, height * width // k, 3 * k))
+        mean_grey = values.sum(1).view(-1, k, 3).sum(1).double() @ grey / (height * width)
         weights[part, 3 * k] = (mean_grey[:, None] * offsets[part] + shift).float().repeat(1, k)
         torch.bmm(pixels, weights[part], out=x[part].view(len(pixels), -1, 3 * k))
         rows = x[part].view(-1, width * 3)
