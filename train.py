@@ -29,6 +29,7 @@ from config import with_batch
 from distributed import (MAX, PeerLost, Preemption, Run, all_reduce, as_peer_lost, broadcast_buffers,
                          broadcast_module, setup_distributed, teardown)
 from evaluation import eval_only, evaluate, scores, test_full_res
+from heap import keep_freed_memory
 from labels import UserError, run_cli, scheme_summary
 from logs import epoch_line, header_lines, peak_memory_mb, progress_line, schedule_lr
 from metrics import confusion_record, summary
@@ -219,6 +220,9 @@ def prepare_fit(run, resume):
     note = check_images(cfg["class_weights"], cfg) if cfg["class_weights"] not in METHODS else None
     if note and rank == 0:
         print(note, file=sys.stderr, flush=True)
+    if device.type == "cpu":
+        # Once the data is loaded: what the heap keeps from here on is the steps' memory, reused every step.
+        keep_freed_memory()
     parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
     # best: (inner mIoU, epoch) of the selected checkpoint, best.pt.
     start_epoch, start_step, best, carried = (restore(parts, resume, run_dir, rank) if resume
