@@ -1,4 +1,4 @@
-"""The host heap of CPU training: freed memory is kept, so a step after the first faults in no fresh pages.
+"""The host heap of CPU training: freed memory is kept, so the steps after the first few fault in no fresh pages.
 
 Each check runs in a process of its own: the setting is process-wide and would change this one's memory."""
 import json
