@@ -163,8 +163,7 @@ def bench(run):
     cfg["data"] = "synthetic"
     cfg.update(label_scheme("synthetic", None, cfg["heads"]))
     train_pre = data.load_split(cfg, run.local_rank, run.local_world, needed=("train",))["train"].pre
-    if device.type == "cpu":
-        keep_freed_memory()  # as train.py's CPU runs; the reference in this process gets it too
+    keep_freed_memory(device)  # as train.py's CPU runs; the reference in this process gets it too
     steps, warmup = cfg["bench_steps"], max(2, cfg["bench_steps"] // 4)
     rounds = max(1, cfg["bench_rounds"]) if cfg["reference"] else 1
     parts = build_training(dict(cfg, epochs=1), build_network(cfg, device, world), world, device,

@@ -220,9 +220,8 @@ def prepare_fit(run, resume):
     note = check_images(cfg["class_weights"], cfg) if cfg["class_weights"] not in METHODS else None
     if note and rank == 0:
         print(note, file=sys.stderr, flush=True)
-    if device.type == "cpu":
-        # Once the data is loaded: what the heap keeps from here on is the steps' memory, reused every step.
-        keep_freed_memory()
+    # Once the data is loaded: what the heap keeps from here on is the steps' memory, reused every step.
+    keep_freed_memory(device)
     parts = build_training(cfg, network, world, device, n_train // cfg["batch_size"], class_weights)
     # best: (inner mIoU, epoch) of the selected checkpoint, best.pt.
     start_epoch, start_step, best, carried = (restore(parts, resume, run_dir, rank) if resume

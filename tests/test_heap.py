@@ -12,7 +12,7 @@ STEPS = """
 import json, resource, sys
 import torch
 from heap import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "kept" else None
+kept = keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "kept" else None
 def step():
     blocks = [torch.empty(mib << 18).fill_(1.0) for mib in (48, 4, 24, 1, 12)]
     return sum(len(block) for block in blocks)
@@ -61,8 +61,19 @@ def test_a_step_after_the_first_few_reuses_the_freed_blocks_without_faulting_pag
 
 def test_off_glibc_nothing_is_changed(monkeypatch):
     import heap
+    import torch
     monkeypatch.setattr(heap.os, "confstr", lambda name: None)
-    assert heap.keep_freed_memory() is False
+    assert heap.keep_freed_memory(torch.device("cpu")) is False
+
+
+def test_a_gpu_run_leaves_glibc_as_it_is(monkeypatch):
+    import heap
+    import torch
+
+    def refuse(*args):
+        raise AssertionError("glibc was asked on a GPU device")
+    monkeypatch.setattr(heap.os, "confstr", refuse)
+    assert heap.keep_freed_memory(torch.device("cuda")) is False
 
 
 def test_train_py_steps_after_the_first_fault_in_almost_no_pages(synthetic_root, tmp_path):
