@@ -213,7 +213,8 @@ def bench(run):
 
 def _time_rounds(parts, micro, ref, run, timing):
     """Seconds per round of ours and the reference (a Reference), alternating (train, then inference), and our
-    peak memory."""
+    peak memory. Ours runs first in even rounds and the reference first in odd ones, so that neither is always
+    timed on the other's heels (a warm cache, a heap the other just grew); round 0 warms both up, ours first."""
     cfg, device, (rounds, steps, warmup) = run.cfg, run.device, timing
     x = micro[0][0]
     # With --compile, inference is timed compiled too (the raw model compiled on its own, as for training).
@@ -230,19 +231,21 @@ def _time_rounds(parts, micro, ref, run, timing):
     def train_ours():
         model.train()
         train_step(parts, micro, cfg, device)
+    mine = {"train": train_ours, "infer": infer_of(model)}
+    theirs = {} if ref.model is None else {"ref_train": lambda: ref.step(micro), "ref_infer": infer_of(ref.model)}
     times = {"train": [], "infer": [], "ref_train": [], "ref_infer": []}
     peak = None
     for r in range(rounds):
-        # Ours, then the reference: the same warm-up in round 0, the same steps in every round.
-        times["train"].append(_timed(train_ours, steps, warmup if r == 0 else 0, device))
-        peak = peak if peak is not None else peak_memory_mb(device)
-        if ref.model is not None:
-            times["ref_train"].append(_timed(lambda: ref.step(micro), steps, warmup if r == 0 else 0, device))
-        model.eval()
-        times["infer"].append(_timed(infer_of(model), steps, warmup if r == 0 else 0, device))
-        if ref.model is not None:
-            ref.model.eval()
-            times["ref_infer"].append(_timed(infer_of(ref.model), steps, warmup if r == 0 else 0, device))
+        for kind in ("train", "infer"):
+            if kind == "infer":  # the training steps set train mode themselves
+                for net in (model, ref.model):
+                    if net is not None:
+                        net.eval()
+            pair = [(kind, mine[kind]), ("ref_" + kind, theirs.get("ref_" + kind))]
+            for name, fn in pair if r % 2 == 0 else pair[::-1]:
+                if fn is not None:
+                    times[name].append(_timed(fn, steps, warmup if r == 0 else 0, device))
+                    peak = peak if peak is not None else peak_memory_mb(device)  # ours, before the reference ran
     return times, peak
 
 

@@ -77,6 +77,33 @@ def test_reference_compile_compiles_the_references_step_and_inference_as_compile
     assert row["ref_params_m"] == eager["ref_params_m"], "compiling changes no parameter of the reference"
     assert abs(row["train_x_ref"] - row["train_img_s"] / row["ref_train_img_s"]) < 1e-9
 
+def test_ours_and_the_reference_take_turns_going_first(monkeypatch, capsys):
+    smp = pytest.importorskip("segmentation_models_pytorch", reason="test-only oracle, requirements-dev.txt")
+    import torch
+    import bench as bench_py
+    import model
+    timed, real_timed = [], bench_py._timed
+
+    def logged(fn, steps, warmup, device):
+        timed.append([])
+        return real_timed(fn, steps, warmup, device)
+    monkeypatch.setattr(bench_py, "_timed", logged)
+    for cls, who in ((smp.Unet, "ref"), (model.SegmentationModel, "ours")):
+        def forward(self, *args, _real=cls.forward, _who=who, **kwargs):
+            if timed:
+                timed[-1].append((_who, "train" if torch.is_grad_enabled() else "infer"))
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", forward)
+    flags = ["--encoder", "resnet10t", "--img-size", "32", "--batch-size", "2", "--bench-steps", "2",
+             "--bench-rounds", "3", "--reference"]
+    assert bench_py.main(flags) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["rounds"] == 3
+    even = [("ours", "train"), ("ref", "train"), ("ours", "infer"), ("ref", "infer")]
+    odd = [("ref", "train"), ("ours", "train"), ("ref", "infer"), ("ours", "infer")]
+    assert [calls[0] for calls in timed] == even + odd + even
+    assert all(len(set(calls)) == 1 for calls in timed[:-1]), "each timed call runs one model, one way"
+
+
 def test_reference_and_compiled_rows_appear_with_ratios_when_smp_is_importable(tmp_path):
     try:
         import segmentation_models_pytorch  # noqa: F401  (test-only oracle, requirements-dev.txt)
