@@ -77,6 +77,7 @@ def test_reference_compile_compiles_the_references_step_and_inference_as_compile
     assert row["ref_params_m"] == eager["ref_params_m"], "compiling changes no parameter of the reference"
     assert abs(row["train_x_ref"] - row["train_img_s"] / row["ref_train_img_s"]) < 1e-9
 
+
 def test_ours_and_the_reference_take_turns_going_first(monkeypatch, capsys):
     smp = pytest.importorskip("segmentation_models_pytorch", reason="test-only oracle, requirements-dev.txt")
     import torch
