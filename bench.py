@@ -231,21 +231,21 @@ def _time_rounds(parts, micro, ref, run, timing):
     def train_ours():
         model.train()
         train_step(parts, micro, cfg, device)
-    mine = {"train": train_ours, "infer": infer_of(model)}
-    theirs = {} if ref.model is None else {"ref_train": lambda: ref.step(micro), "ref_infer": infer_of(ref.model)}
+    calls, nets = {"train": train_ours, "infer": infer_of(model)}, [model]
+    if ref.model is not None:
+        calls.update(ref_train=lambda: ref.step(micro), ref_infer=infer_of(ref.model))
+        nets.append(ref.model)
     times = {"train": [], "infer": [], "ref_train": [], "ref_infer": []}
     peak = None
     for r in range(rounds):
         for kind in ("train", "infer"):
             if kind == "infer":  # the training steps set train mode themselves
-                for net in (model, ref.model):
-                    if net is not None:
-                        net.eval()
-            pair = [(kind, mine[kind]), ("ref_" + kind, theirs.get("ref_" + kind))]
-            for name, fn in pair if r % 2 == 0 else pair[::-1]:
-                if fn is not None:
-                    times[name].append(_timed(fn, steps, warmup if r == 0 else 0, device))
-                    peak = peak if peak is not None else peak_memory_mb(device)  # ours, before the reference ran
+                for net in nets:
+                    net.eval()
+            order = (kind, "ref_" + kind) if r % 2 == 0 else ("ref_" + kind, kind)
+            for name in (name for name in order if name in calls):
+                times[name].append(_timed(calls[name], steps, warmup if r == 0 else 0, device))
+                peak = peak if peak is not None else peak_memory_mb(device)  # ours, before the reference ran
     return times, peak
 
 
