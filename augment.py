@@ -12,6 +12,7 @@ Every parameter of a row comes from numpy generators seeded with [seed, epoch, s
 and a resumed run see the same crops.
 """
 import collections
+import sys
 import warnings
 
 import numpy as np
@@ -171,47 +172,110 @@ def colour_maps(params):
     return c * b * hue @ saturation, (1 - c[:, 0, 0]) * b[:, 0, 0]
 
 
-# Pixels per block of colour_normalize's block-diagonal matrices: a 3 x 3 product per pixel is too small for a
-# matrix kernel, (PIXELS_PER_BLOCK x 3)^2 blocks keep it busy. On a CPU, images go CPU_CHUNK at a time, so that
-# each pass over them stays in the cache.
-PIXELS_PER_BLOCK, CPU_CHUNK = 16, 4
+# A pixel's three outputs read its own three bytes of the interleaved RGB stream, at offsets -2..2 from each
+# output's place: five shifted multiply-adds with taps that repeat every pixel, a pass of contiguous loads that a
+# compiled loop vectorises (a 3 x 3 product per pixel is too small for a matrix kernel, and broadcasting over an
+# innermost 3 keeps the lanes empty). The stream carries STREAM_MARGIN bytes either side for the first and last
+# pixel's shifted reads, whose taps there are 0.
+SHIFTS, STREAM_MARGIN = 5, 2
+# Pixels a row of the passes takes: the largest of these that divides an image's pixel count.
+LANE_PIXELS = (16, 8, 4, 2, 1)
+# Compiled passes by function; None: True once compiling failed.
+_COMPILED = {}
 
 
 def colour_normalize(images_u8, params, mean, std, out=None):
     """uint8 (B, H, W, 3) -> float (B, 3, H, W), NHWC in memory: each image's colour map (colour_maps) and the
     normalisation by mean and std folded into one affine map per image, clipped to the normalised 0-255 range.
-    out: a float (B, H, W, 3) buffer to write into."""
+    On a CPU its two passes over the batch are compiled (torch.compile: ~4 s once a process, ~15 s where
+    inductor's cache is empty); elsewhere eager ops. out: a float (B, H, W, 3) buffer to write into."""
     batch, height, width, _ = images_u8.shape
     device = images_u8.device
     maps, offsets = colour_maps(np.asarray(params, np.float64))
     scale = 1 / (255 * np.asarray(std, np.float64))
     shift = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
-    # x_c = sum_k scale_c A_ck u_k + scale_c offset g + shift_c: u @ M for M = (scale A)^T, k pixels at a time,
-    # plus a last row of M, the bias, met by a column of ones after the pixels: baddbmm would first copy the bias
-    # over the whole output, a pass more.
-    k = PIXELS_PER_BLOCK if height * width % PIXELS_PER_BLOCK == 0 else 1
-    blocks = np.einsum("ij,bkl->bikjl", np.eye(k), (maps * scale[None, :, None]).transpose(0, 2, 1))
-    weights = torch.empty((batch, 3 * k + 1, 3 * k), dtype=torch.float32, device=device)
-    weights[:, :3 * k] = torch.as_tensor(blocks.reshape(batch, 3 * k, 3 * k), dtype=torch.float32).to(
-        device, non_blocking=True)
-    offsets = torch.as_tensor(offsets[:, None] * scale, device=device)
-    shift, grey = torch.as_tensor(shift, device=device), torch.as_tensor(GREY, device=device)
-    low = shift.float().repeat(width)
-    high = low + torch.as_tensor(255 * scale, dtype=torch.float32, device=device).repeat(width)
+    pixels = next(n for n in LANE_PIXELS if height * width % n == 0)
+
+    def lanes(values):
+        return torch.as_tensor(np.tile(values, pixels), dtype=torch.float32).to(device, non_blocking=True)
+
+    stream = _stream(images_u8)
     x = torch.empty((batch, height, width, 3), dtype=torch.float32, device=device) if out is None else out
-    chunk = CPU_CHUNK if device.type == "cpu" else batch
-    scratch = torch.empty((min(chunk, batch), height * width // k, 3 * k + 1), dtype=torch.float32, device=device)
-    scratch[..., 3 * k] = 1
-    for start in range(0, batch, chunk):
-        part = slice(start, min(start + chunk, batch))
-        pixels = scratch[:part.stop - start]
-        values = pixels[..., :3 * k].copy_(images_u8[part].view(-1, height * width // k, 3 * k))
-        mean_grey = values.sum(1).view(-1, k, 3).sum(1).double() @ grey / (height * width)
-        weights[part, 3 * k] = (mean_grey[:, None] * offsets[part] + shift).float().repeat(1, k)
-        torch.bmm(pixels, weights[part], out=x[part].view(len(pixels), -1, 3 * k))
-        rows = x[part].view(-1, width * 3)
-        torch.clamp(rows, low, high, out=rows)
+    rows = x.view(batch, -1, 3 * pixels)
+    # The channel sums in integers: a float32 sum of a large image's bytes loses units.
+    exact = torch.int32 if 255 * rows.shape[1] < 2**31 else torch.int64
+    sums = _compiled(channel_sums, device)(stream, rows, exact).view(batch, -1, 3).sum(1)
+    grey = sums.double() @ torch.as_tensor(GREY / (height * width), device=device)
+    # x_c = sum_k scale_c A_ck u_k + scale_c offset g + shift_c.
+    bias = grey[:, None] * torch.as_tensor(offsets[:, None] * scale, device=device) + torch.as_tensor(shift).to(grey)
+    _compiled(colour_pass, device)(stream, lanes(_taps(maps * scale[None, :, None])), bias.float().repeat(1, pixels),
+                                   lanes(shift), lanes(shift + 255 * scale), rows)
     return x.permute(0, 3, 1, 2)
+
+
+def _taps(weights):
+    """(B, 3, 3) per-image maps W (x_c = sum_k W_ck u_k) -> (B, SHIFTS, 3) taps: output c of a pixel takes its
+    byte k from STREAM_MARGIN + k - c places on in the stream; the taps that would leave the pixel are 0."""
+    taps = np.zeros((len(weights), SHIFTS, 3))
+    for c in range(3):
+        for k in range(3):
+            taps[:, k - c + STREAM_MARGIN, c] = weights[:, c, k]
+    return taps
+
+
+def _stream(images):
+    """images' bytes as one flat tensor with STREAM_MARGIN bytes either side: a view where images lies inside a
+    buffer with room for them (data's host batches), else a copy."""
+    n, at = images.numel(), images.storage_offset()
+    if images.is_contiguous() and at >= STREAM_MARGIN and images.untyped_storage().nbytes() >= at + n + STREAM_MARGIN:
+        return images.as_strided((n + 2 * STREAM_MARGIN,), (1,), at - STREAM_MARGIN)
+    stream = images.new_empty(n + 2 * STREAM_MARGIN)
+    stream[:STREAM_MARGIN] = stream[n + STREAM_MARGIN:] = 0
+    stream[STREAM_MARGIN:n + STREAM_MARGIN] = images.reshape(-1)
+    return stream
+
+
+def _compiled(function, device):
+    """function compiled once per process on a CPU, where its eager ops take ~70 times longer (a pass over the
+    batch for each op); on a GPU the eager ops are memory-bound and brief. Where the compiler fails (no working
+    C++ compiler, say), eager ops from then on, said once on stderr."""
+    if device.type != "cpu" or _COMPILED.get(None):
+        return function
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+    compiled = _COMPILED.setdefault(function, torch.compile(function, dynamic=True, fullgraph=True))
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except (BackendCompilerFailed, InductorError) as error:
+            _COMPILED[None] = True
+            reason = str(error).strip().splitlines()[0]
+            print(f"note: the colour augmentation runs uncompiled, ~70 times slower on a CPU: torch.compile "
+                  f"failed ({reason})", file=sys.stderr)
+            return function(*args)
+    return call
+
+
+def _rows(stream, shape, shift=STREAM_MARGIN):
+    """The batch's bytes from stream, shift bytes on, as rows shaped like shape (B, G, L)."""
+    batch, groups, width = shape
+    return stream[shift:shift + batch * groups * width].view(batch, groups, width)
+
+
+def channel_sums(stream, rows, dtype):
+    """(B, L) sums in dtype of each image's bytes down rows (B, G, L), L / 3 pixels a row."""
+    return _rows(stream, rows.shape).sum(1, dtype=dtype)
+
+
+def colour_pass(stream, taps, bias, low, high, out):
+    """out (B, G, L) float: a batch's normalised colours, L / 3 pixels a row, from stream (its bytes with
+    STREAM_MARGIN either side) and rows of L values: an image's taps (B, SHIFTS, L) and bias (B, L), clipped to
+    [low, high] (L)."""
+    x = bias[:, None]
+    for d in range(SHIFTS):
+        x = x + _rows(stream, out.shape, d).float() * taps[:, None, d]
+    return out.copy_(torch.clamp(x, low, high))
 
 
 def blur_(x, sigmas):

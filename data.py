@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment import SIGMA, blur_, colour_normalize, crop_sides, device_crops, device_rows, photometric_params
+from augment import (SIGMA, STREAM_MARGIN, blur_, colour_normalize, crop_sides, device_crops, device_rows,
+                     photometric_params)
 from distributed import barrier, broadcast
 from files import dataset_scheme, fingerprint, list_samples, read_metadata
 from labels import ARTEFACT_SOURCE, GROUP_COLUMNS, UserError, artefact_scheme, scheme_from_dict
@@ -242,7 +243,9 @@ def _batch_buffers(size, pin, ring):
     else the (k mod RING_SIZE)-th of ring (a dict), reused."""
 
     def fresh(n):
-        return (torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin),
+        # Margins either side let augment.colour_normalize read the images in place.
+        images = torch.empty(n * size * size * 3 + 2 * STREAM_MARGIN, dtype=torch.uint8, pin_memory=pin)
+        return (images[STREAM_MARGIN:-STREAM_MARGIN].view(n, size, size, 3),
                 torch.empty((n, size, size), dtype=torch.uint8, pin_memory=pin))
 
     def buffers(k, n):

@@ -14,7 +14,7 @@ from distributed import Run
 import files
 import preload
 from data import MEAN, STD
-from conftest import run_script, sigterm_at_step
+from conftest import ROOT, run_script, sigterm_at_step
 from labels import UserError, artefact_scheme, scheme_from_dict
 import test_data
 from test_data import write_dataset
@@ -264,6 +264,59 @@ def test_values_beyond_the_range_are_clipped_to_it():
     x, _ = data.to_device_batch(images, torch.zeros(1, 4, 4, dtype=torch.uint8), "cpu",
                                 photometric=np.array([[1.4, 1, 1, 0, 0]]))
     torch.testing.assert_close(denormalize(x), torch.ones(1, 3, 4, 4), atol=1e-6, rtol=0)
+
+
+def colour_oracle(images, params):
+    """float64 numpy: each image's colour map A u + k g (g its mean grey), normalised, clipped to the normalised
+    0-255 range; (B, H, W, 3)."""
+    maps, offsets = augment.colour_maps(params)
+    u = images.numpy().astype(np.float64)
+    grey = (u @ augment.GREY).mean((1, 2))
+    coloured = np.einsum("bck,bhwk->bhwc", maps, u) + (offsets * grey)[:, None, None, None]
+    return (np.clip(coloured, 0, 255) / 255 - np.array(MEAN)) / np.array(STD)
+
+
+@pytest.mark.parametrize("batch, height, width", [(3, 1, 1), (2, 1, 97), (1, 61, 1), (3, 13, 17), (2, 32, 32),
+                                                  (1, 7, 384), (2, 48, 40)])
+def test_the_colour_map_is_each_images_affine_map_on_any_shape(batch, height, width):
+    rng = np.random.default_rng(height * 1000 + width)
+    images = torch.from_numpy(rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8))
+    params = augment.photometric_params(batch, 0.4, 0.0, height, width)
+    params[0, :4] = (1.4, 0.6, 1.4, 0.1)  # the range's corner, clipped here and there
+    expected = colour_oracle(images, params)
+    got = augment.colour_normalize(images, params, MEAN, STD).permute(0, 2, 3, 1).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+
+
+def test_a_batch_is_read_in_place_from_its_host_buffer_and_its_neighbours_bytes_do_not_matter(monkeypatch):
+    rng = np.random.default_rng(7)
+    buffer = torch.from_numpy(rng.integers(0, 256, 5 * 24 * 24 * 3, dtype=np.uint8))
+    images = buffer[24 * 24 * 3:4 * 24 * 24 * 3].view(3, 24, 24, 3)  # images 1-3 of 5, random ones either side
+    params = augment.photometric_params(3, 0.4, 0.0, 42, 1)
+    assert augment._stream(images).data_ptr() == images.data_ptr() - augment.STREAM_MARGIN
+    in_place = augment.colour_normalize(images, params, MEAN, STD)
+    alone = augment.colour_normalize(images.clone(), params, MEAN, STD)
+    assert torch.equal(in_place, alone)
+    host, _ = data._batch_buffers(24, False, None)(0, 3)
+    assert augment._stream(host).data_ptr() == host.data_ptr() - augment.STREAM_MARGIN, "the loader's batches too"
+    monkeypatch.setitem(augment._COMPILED, None, True)  # the eager ops, as on a GPU
+    torch.testing.assert_close(augment.colour_normalize(images, params, MEAN, STD), alone, atol=1e-6, rtol=0)
+
+
+def test_without_a_working_compiler_the_colour_map_runs_eager_and_says_so_once(tmp_path):
+    script = ("import numpy as np, torch, augment\n"
+              "from data import MEAN, STD\n"
+              "images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 9, 11, 3), dtype=np.uint8))\n"
+              "params = augment.photometric_params(2, 0.4, 0.0, 42, 1)\n"
+              "x = [augment.colour_normalize(images, params, MEAN, STD) for _ in range(2)]\n"
+              "augment._COMPILED[None] = True\n"
+              "print(float((x[1] - augment.colour_normalize(images, params, MEAN, STD)).abs().max()))\n")
+    result = run_script("-c", script, env={"CXX": str(tmp_path / "no-such-g++"),
+                                          "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "runs uncompiled" in notes[0] and "no-such-g++" in notes[0], result.stderr
+    assert float(result.stdout) == 0.0
 
 
 @pytest.mark.parametrize("height, width, sigma", [(20, 24, 1.3), (13, 97, 2.0), (71, 7, 0.9)])
