@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,14 +19,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session", autouse=True)
 def scratch_temp(tmp_path_factory):
     """The temp folder of every process a test starts: torchrun's launcher leaves an empty torchelastic_* log
-    folder per launch in it, and those go with the session's temp folders instead of piling up in /tmp."""
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("temp"))
+    folder per launch in it, and those go with the session's temp folders instead of piling up in /tmp; so does
+    torch.compile's cache (the colour augmentation's passes, the compiled rows), which this process would
+    otherwise put under the /tmp it saw first."""
+    settings = {"TMPDIR": tmp_path_factory.mktemp("temp"),
+                "TORCHINDUCTOR_CACHE_DIR": tmp_path_factory.mktemp("inductor")}
+    before, first_temp = {name: os.environ.get(name) for name in settings}, tempfile.tempdir
+    os.environ.update({name: str(path) for name, path in settings.items()})
+    tempfile.tempdir = None  # read TMPDIR again (inductor puts its C++ headers under tempfile.gettempdir())
     yield
-    if before is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = before
+    tempfile.tempdir = first_temp
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
