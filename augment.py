@@ -243,7 +243,9 @@ def _compiled(function, device):
         return function
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
-    compiled = _COMPILED.setdefault(function, torch.compile(function, dynamic=True, fullgraph=True))
+    if function not in _COMPILED:
+        _COMPILED[function] = torch.compile(function, dynamic=True, fullgraph=True)
+    compiled = _COMPILED[function]
 
     def call(*args):
         try:
@@ -257,10 +259,10 @@ def _compiled(function, device):
     return call
 
 
-def _rows(stream, shape, shift=STREAM_MARGIN):
-    """The batch's bytes from stream, shift bytes on, as rows shaped like shape (B, G, L)."""
+def _rows(stream, shape, start=STREAM_MARGIN):
+    """The batch's bytes from stream, start bytes on, as rows shaped like shape (B, G, L)."""
     batch, groups, width = shape
-    return stream[shift:shift + batch * groups * width].view(batch, groups, width)
+    return stream[start:start + batch * groups * width].view(batch, groups, width)
 
 
 def channel_sums(stream, rows, dtype):
