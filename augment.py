@@ -237,11 +237,11 @@ def _stream(images):
 
 def _compiled(function, device):
     """function compiled once per process on a CPU, where its eager ops take ~70 times longer (a pass over the
-    batch for each op); on a GPU the eager ops are memory-bound and brief. Where the compiler fails (no working
-    C++ compiler, say), eager ops from then on, said once on stderr."""
+    batch for each op); on a GPU the eager ops are memory-bound and brief. Where compiling fails (no working C++
+    compiler, or more kinds of shape than dynamo keeps graphs for), eager ops from then on, said once on stderr."""
     if device.type != "cpu" or _COMPILED.get(None):
         return function
-    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
     from torch._inductor.exc import InductorError
     if function not in _COMPILED:
         _COMPILED[function] = torch.compile(function, dynamic=True, fullgraph=True)
@@ -250,7 +250,9 @@ def _compiled(function, device):
     def call(*args):
         try:
             return compiled(*args)
-        except (BackendCompilerFailed, InductorError) as error:
+        # Also past dynamo's limit of graphs (8), which fullgraph=True makes an error: a process that colours
+        # batches of many shapes (training has one or two).
+        except (BackendCompilerFailed, FailOnRecompileLimitHit, InductorError) as error:
             _COMPILED[None] = True
             reason = str(error).strip().splitlines()[0]
             print(f"note: the colour augmentation runs uncompiled, ~70 times slower on a CPU: torch.compile "
